@@ -1,0 +1,26 @@
+# Two quick-start targets: `make demo` (main job) and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= out/demo
+
+.PHONY: setup demo test clean
+
+$(BIN)/redlens-compile: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch pinned exactly: the CPU wheel; a looser spec pulls a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(BIN)/redlens-compile
+
+demo: setup
+	$(BIN)/redlens-compile demo --out $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,130 @@
+"""Run the family's own vision + merge code and catch what it hands to the decoder.
+
+A forward pre-hook on the language model records its keyword arguments (the merged
+`inputs_embeds`, the attention mask, the position ids the family computed: M-RoPE for
+Qwen2-VL) and stops the forward there. This is exact by construction and needs no
+per-family re-implementation of the token merge.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import CaptureError, NoImageTokensError
+from .families import FamilyAdapter
+
+logger = logging.getLogger(__name__)
+
+
+class _DecoderReached(Exception):
+    """Raised by the pre-hook to stop the forward once the decoder inputs are known."""
+
+
+@dataclass
+class DecoderInputs:
+    """The canonical inputs of the decoder graph; every field is a tensor (no None)."""
+
+    inputs_embeds: torch.Tensor  # [B, S, D]
+    attention_mask: torch.Tensor  # [B, S], 1 = attend
+    position_ids: torch.Tensor  # [B, S], or [3, B, S] for M-RoPE
+    visual_mask: torch.Tensor  # [B, S] bool, True at visual-token positions
+
+    def as_args(self) -> tuple[torch.Tensor, ...]:
+        return (self.inputs_embeds, self.attention_mask, self.position_ids, self.visual_mask)
+
+    @property
+    def batch_size(self) -> int:
+        return self.inputs_embeds.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.inputs_embeds.shape[1]
+
+    def repeat_batch(self, times: int) -> "DecoderInputs":
+        pos_dim = self.position_ids.dim() - 2
+        return DecoderInputs(
+            inputs_embeds=self.inputs_embeds.repeat(times, 1, 1),
+            attention_mask=self.attention_mask.repeat(times, 1),
+            position_ids=torch.cat([self.position_ids] * times, dim=pos_dim),
+            visual_mask=self.visual_mask.repeat(times, 1),
+        )
+
+
+def _canonical_position_ids(
+    position_ids: torch.Tensor | None, adapter: FamilyAdapter, batch: int, seq: int, device: torch.device
+) -> torch.Tensor:
+    rows = adapter.position_rows
+    if position_ids is None:
+        # What the decoder does itself when given none (no cache): 0..S-1 for every row.
+        base = torch.arange(seq, device=device)
+        return base.expand(batch, seq).clone() if rows == 1 else base.expand(rows, batch, seq).clone()
+    if rows == 1:
+        if position_ids.dim() != 2:
+            raise CaptureError(f"expected 2-D position ids [batch, seq], got shape {tuple(position_ids.shape)}")
+        return position_ids.expand(batch, seq).clone()
+    if position_ids.dim() == 2:
+        return position_ids[None].expand(rows, batch, seq).clone()
+    if position_ids.shape[0] == rows + 1:
+        # transformers' generate prepends a text-position row; with an explicit attention
+        # mask the decoder only uses the M-RoPE rows.
+        position_ids = position_ids[1:]
+    if position_ids.shape[0] != rows:
+        raise CaptureError(f"expected {rows}-row position ids, got shape {tuple(position_ids.shape)}")
+    return position_ids.expand(rows, batch, seq).clone()
+
+
+def capture_decoder_inputs(
+    model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[str, Any], require_visual: bool = True
+) -> DecoderInputs:
+    """Run `model`'s forward up to its decoder and return the decoder's canonical inputs."""
+    input_ids = inputs.get("input_ids")
+    if input_ids is None:
+        raise CaptureError("inputs need 'input_ids' (the dict a processor returns) to locate visual tokens")
+    visual_mask = adapter.visual_mask(model, input_ids)
+    if require_visual and not bool(visual_mask.any()):
+        raise NoImageTokensError(
+            f"the inputs hold no image token (ids {adapter.visual_token_ids(model)}): there is nothing visual "
+            "to optimize. Build the prompt with the processor, passing images= and a text that contains the "
+            "image placeholder (e.g. processor.image_token)."
+        )
+
+    seen: dict[str, Any] = {}
+
+    def hook(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
+        seen.update(kwargs)
+        raise _DecoderReached
+
+    kwargs = dict(inputs)
+    kwargs["use_cache"] = False
+    handle = adapter.language_model(model).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    except _DecoderReached:
+        pass
+    finally:
+        handle.remove()
+    if "inputs_embeds" not in seen or seen["inputs_embeds"] is None:
+        raise CaptureError(
+            f"{type(model).__name__}.forward did not call its language model with inputs_embeds; "
+            "this transformers version may have changed the family's forward"
+        )
+
+    embeds: torch.Tensor = seen["inputs_embeds"]
+    batch, seq = embeds.shape[:2]
+    mask = seen.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(batch, seq, dtype=torch.long, device=embeds.device)
+    elif not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise CaptureError("only 2-D attention masks [batch, seq] are supported (got a 4-D or mapping mask)")
+    return DecoderInputs(
+        inputs_embeds=embeds,
+        attention_mask=mask.to(torch.long),
+        position_ids=_canonical_position_ids(seen.get("position_ids"), adapter, batch, seq, embeds.device),
+        visual_mask=visual_mask.to(embeds.device),
+    )

@@ -1,0 +1,215 @@
+"""Command line: `redlens-compile {audit,optimize,demo}`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+logger = logging.getLogger("redlens_compile")
+
+DEFAULT_QUESTION = "what is the colour of the shape ?"
+
+
+def _load(model_dir: str):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json; pass a directory written by save_pretrained")
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    return model, processor
+
+
+def _build_inputs(processor, image_path: str | None, prompt: str | None) -> dict[str, Any]:
+    from PIL import Image
+
+    from .models.demo import demo_image
+
+    if image_path is not None:
+        if not Path(image_path).is_file():
+            raise FileNotFoundError(f"--image {image_path}: no such file")
+        image = Image.open(image_path).convert("RGB")
+    else:
+        image = demo_image()
+    image_token = getattr(processor, "image_token", "<image>")
+    text = prompt if prompt is not None else f"USER: {image_token}\n{DEFAULT_QUESTION} ASSISTANT:"
+    if image_token not in text:
+        text = f"{image_token}\n{text}"
+    return dict(processor(images=image, text=text, return_tensors="pt"))
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .config import RedLensConfig
+
+    if args.identity:
+        return RedLensConfig.identity()
+    if args.config is None:
+        return RedLensConfig.identity()
+    source = Path(args.config)
+    text = source.read_text() if source.is_file() else args.config
+    return RedLensConfig.from_json(text)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: int, repeats: int) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from .api import optimize
+
+    with tqdm(total=6, desc="optimize", unit="step", file=sys.stderr) as bar:
+        def progress(stage: str) -> None:
+            bar.set_postfix_str(stage)
+            bar.update(1)
+
+        opt = optimize(model, inputs, config=config, progress=progress)
+        bar.set_postfix_str("writing report")
+        opt.report.save(out)
+        bar.update(bar.total - bar.n)
+
+    with torch.no_grad():
+        latency_before = _median_seconds(lambda: model(**inputs), repeats)
+        latency_after = _median_seconds(lambda: opt(**inputs), repeats)
+        logits_diff = (model(**inputs).logits - opt(**inputs).logits).abs().max().item()
+        ref_ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    opt_ids = opt.generate(**inputs, max_new_tokens=max_new_tokens)
+    prompt_len = inputs["input_ids"].shape[1]
+    report = opt.report
+    summary = {
+        "model": report.model["class"],
+        "family": report.model["family"],
+        "visual_tokens": report.inputs["visual_tokens"],
+        "seq_len": report.inputs["seq_len"],
+        "config": config.to_dict(),
+        "decoder_prefill_flops_before": report.decoder_flops_before,
+        "decoder_prefill_flops_after": report.decoder_flops_after,
+        "decoder_prefill_flops_ratio": report.flops_ratio,
+        "prefill_latency_s_before": latency_before,
+        "prefill_latency_s_after": latency_after,
+        "max_abs_logit_diff": logits_diff,
+        "generated_before": processor.tokenizer.decode(ref_ids[0, prompt_len:]),
+        "generated_after": processor.tokenizer.decode(opt_ids[0, prompt_len:]),
+        "generated_tokens_equal": bool(torch.equal(ref_ids, opt_ids)),
+        "report_dir": str(out),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"model            {summary['model']} ({summary['family']}), {summary['visual_tokens']} visual tokens "
+          f"of {summary['seq_len']}")
+    print(f"decoder FLOPs    {summary['decoder_prefill_flops_before']:.4g} -> "
+          f"{summary['decoder_prefill_flops_after']:.4g} (ratio {summary['decoder_prefill_flops_ratio']:.3f}, fvcore)")
+    print(f"prefill latency  {summary['prefill_latency_s_before'] * 1e3:.1f} ms -> "
+          f"{summary['prefill_latency_s_after'] * 1e3:.1f} ms (median, this machine)")
+    print(f"logits           max abs diff {summary['max_abs_logit_diff']:.3g}")
+    print(f"generate         {'same tokens' if summary['generated_tokens_equal'] else 'tokens differ'}: "
+          f"{summary['generated_after']!r}")
+    print(f"report           {summary['report_dir']}/report.md, report.json, flops.png, summary.json")
+
+
+def _check_image_arg(args: argparse.Namespace) -> None:
+    if getattr(args, "image", None) is not None and not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image {args.image}: no such file")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .api import audit
+
+    _check_image_arg(args)
+    model, processor = _load(args.model_dir)
+    inputs = _build_inputs(processor, args.image, args.prompt)
+    report = audit(model, inputs)
+    report.save(args.out)
+    print(report.summary())
+    print(f"report written to {args.out}/report.md, report.json, flops.png")
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)  # bad configs fail before the model loads
+    _check_image_arg(args)
+    model, processor = _load(args.model_dir)
+    inputs = _build_inputs(processor, args.image, args.prompt)
+    summary = _run_optimize(model, processor, inputs, config, Path(args.out),
+                            args.max_new_tokens, args.repeats)
+    _print_summary(summary)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .models.demo import ensure_default_model
+
+    config = _config_from_args(args)
+    model_dir = ensure_default_model()
+    print(f"default model    {model_dir} (random weights until the trained proof model ships)")
+    model, processor = _load(str(model_dir))
+    inputs = _build_inputs(processor, None, None)
+    summary = _run_optimize(model, processor, inputs, config, Path(args.out), args.max_new_tokens, args.repeats)
+    _print_summary(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="redlens-compile", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each stage")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, with_model: bool = True) -> None:
+        if with_model:
+            p.add_argument("model_dir", help="a local directory written by save_pretrained (model + processor)")
+            p.add_argument("--image", help="an image file (default: a generated test picture)")
+            p.add_argument("--prompt", help="the prompt text; the image placeholder is added if missing")
+        p.add_argument("--out", required=True, help="output folder for the report")
+
+    def reductions(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="RedLensConfig as JSON text or a JSON file (default: identity)")
+        p.add_argument("--identity", action="store_true", help="RedLensConfig.identity(): change no number")
+        p.add_argument("--max-new-tokens", type=int, default=8)
+        p.add_argument("--repeats", type=int, default=5, help="timed prefill runs (median)")
+
+    p_audit = sub.add_parser("audit", help="FLOPs audit of the unmodified model")
+    common(p_audit)
+    p_audit.set_defaults(func=cmd_audit)
+    p_opt = sub.add_parser("optimize", help="optimize a model and write its audit report")
+    common(p_opt)
+    reductions(p_opt)
+    p_opt.set_defaults(func=cmd_optimize)
+    p_demo = sub.add_parser("demo", help="optimize the bundled default model (the quick start)")
+    common(p_demo, with_model=False)
+    reductions(p_demo)
+    p_demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import RedLensError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (RedLensError, FileNotFoundError, OSError, ValueError) as exc:
+        print(f"redlens-compile: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

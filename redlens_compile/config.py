@@ -1,0 +1,147 @@
+"""RedLensConfig: every knob of the compiler, validated at construction, JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+RANKING_METRICS = ("jsd", "kl", "activation", "variance", "gradient")
+PRUNE_METHODS = ("codebook", "fastv", "vtw", "random")
+# A hollow window this wide is larger than any visual span a model can hold.
+UNBOUNDED_WINDOW = 2**31 - 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _count_or_fraction(name: str, value: Any) -> None:
+    """A field that is either a positive count (int) or a fraction in (0, 1] (float)."""
+    if _is_int(value):
+        if value < 1:
+            raise ConfigError(f"{name}={value!r}: a count must be >= 1 (or give a fraction in (0, 1] as a float)")
+        return
+    if isinstance(value, float) and math.isfinite(value):
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"{name}={value!r}: a fraction must lie in (0, 1] (or give a count as an int >= 1)")
+        return
+    raise ConfigError(f"{name}={value!r}: expected an int count >= 1 or a float fraction in (0, 1]")
+
+
+@dataclass
+class RedLensConfig:
+    """What to reduce and how much.
+
+    flops_budget: decoder prefill FLOPs after/before, 0 < b <= 1.
+    ffn_keep: fraction of FFN channels kept for visual tokens in reduced layers.
+    probe_tokens: M probe rows of the dynamic FFN (int, or fraction of the visual tokens).
+    hollow_window: w, the visual-to-visual attention window of reduced layers.
+    layers: "auto" (ranking + budget), "all", or explicit layer indices ([] reduces none).
+    ranking: the layer-ranking metric, one of RANKING_METRICS.
+    prune: None or one of PRUNE_METHODS (token pruning before/within the decoder).
+    prune_keep: visual tokens kept by pruning (int count or float fraction).
+    prune_layer: K, the layer after which `fastv` and `vtw` prune.
+    codebook: path of a redundancy codebook (safetensors), required by prune="codebook".
+    """
+
+    flops_budget: float = 0.5
+    ffn_keep: float = 0.5
+    probe_tokens: int | float = 0.1
+    hollow_window: int = 64
+    layers: str | list[int] = "auto"
+    ranking: str = "jsd"
+    prune: str | None = None
+    prune_keep: int | float = 0.25
+    prune_layer: int = 2
+    codebook: str | None = None
+    # Not a user knob: a note of where the config came from, kept out of equality.
+    source: str = field(default="user", compare=False)
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.flops_budget) or not 0.0 < self.flops_budget <= 1.0:
+            raise ConfigError(f"flops_budget={self.flops_budget!r}: must be a number with 0 < flops_budget <= 1")
+        if not _is_number(self.ffn_keep) or not 0.0 < self.ffn_keep <= 1.0:
+            raise ConfigError(f"ffn_keep={self.ffn_keep!r}: must be a fraction with 0 < ffn_keep <= 1")
+        _count_or_fraction("probe_tokens", self.probe_tokens)
+        if not _is_int(self.hollow_window) or self.hollow_window < 1:
+            raise ConfigError(f"hollow_window={self.hollow_window!r}: must be an int >= 1")
+        self._validate_layers()
+        if self.ranking not in RANKING_METRICS:
+            raise ConfigError(f"ranking={self.ranking!r}: must be one of {', '.join(RANKING_METRICS)}")
+        if self.prune is not None and self.prune not in PRUNE_METHODS:
+            raise ConfigError(f"prune={self.prune!r}: must be None or one of {', '.join(PRUNE_METHODS)}")
+        _count_or_fraction("prune_keep", self.prune_keep)
+        if not _is_int(self.prune_layer) or self.prune_layer < 0:
+            raise ConfigError(f"prune_layer={self.prune_layer!r}: must be an int >= 0")
+        if self.codebook is not None and not isinstance(self.codebook, (str, Path)):
+            raise ConfigError(f"codebook={self.codebook!r}: must be a path (str) or None")
+        if self.codebook is not None:
+            self.codebook = str(self.codebook)
+        if self.prune == "codebook" and self.codebook is None:
+            raise ConfigError("prune='codebook' needs codebook=PATH (a redundancy codebook .safetensors)")
+
+    def _validate_layers(self) -> None:
+        if isinstance(self.layers, str):
+            if self.layers not in ("auto", "all"):
+                raise ConfigError(f"layers={self.layers!r}: must be 'auto', 'all' or a list of layer indices")
+            return
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
+        if not isinstance(self.layers, list) or not all(_is_int(i) and i >= 0 for i in self.layers):
+            raise ConfigError(f"layers={self.layers!r}: a list of layer indices must hold ints >= 0")
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"layers={self.layers!r}: layer indices must be unique")
+
+    @classmethod
+    def identity(cls) -> "RedLensConfig":
+        """Every pass runs on every layer, and every reduction is set so that no number changes."""
+        return cls(
+            flops_budget=1.0,
+            ffn_keep=1.0,
+            probe_tokens=1.0,
+            hollow_window=UNBOUNDED_WINDOW,
+            layers="all",
+            prune=None,
+            prune_keep=1.0,
+            source="identity",
+        )
+
+    @property
+    def is_identity(self) -> bool:
+        return self.ffn_keep == 1.0 and self.hollow_window == UNBOUNDED_WINDOW and self.prune is None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RedLensConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; valid fields are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RedLensConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)

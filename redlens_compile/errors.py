@@ -1,0 +1,25 @@
+"""Exceptions raised for bad input; each message names the problem and the fix."""
+
+
+class RedLensError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class UnsupportedModelError(RedLensError, TypeError):
+    """The model class belongs to no supported family."""
+
+
+class NoImageTokensError(RedLensError, ValueError):
+    """The inputs hold no image placeholder token, so there is nothing visual to optimize."""
+
+
+class ConfigError(RedLensError, ValueError):
+    """A RedLensConfig field has an invalid value (raised at construction)."""
+
+
+class CaptureError(RedLensError, RuntimeError):
+    """The decoder could not be captured into a graph."""
+
+
+class ReductionUnavailableError(RedLensError, NotImplementedError):
+    """The config asks for a reduction whose pass is not part of this build."""

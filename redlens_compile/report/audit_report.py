@@ -1,0 +1,215 @@
+"""AuditReport: before/after FLOPs per decoder layer, components, passes; saved as JSON/MD/PNG."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..analysis.flops import FLOP_CONVENTION, GROUPS
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    import fvcore  # noqa: F401  (fvcore has no __version__; ask the package metadata)
+    import torch
+    import transformers
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .. import __version__
+
+    def dist_version(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "redlens_compile": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "fvcore": dist_version("fvcore"),
+        "python": platform.python_version(),
+    }
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _layer_sum(groups: dict[str, dict[str, float]], kind: str | None = None) -> float:
+    kinds = (kind,) if kind else ("visual", "text")
+    return sum(groups.get(g, {}).get(k, 0.0) for g in GROUPS for k in kinds)
+
+
+@dataclass
+class AuditReport:
+    """What the decoder costs before and after optimization, and what was done to it."""
+
+    model: dict[str, Any]
+    inputs: dict[str, Any]
+    layers: list[dict[str, Any]]  # {"layer", "before": {group: {visual, text}}, "after": ..., "reduced"}
+    components: dict[str, Any]  # vision_tower, projector, lm_head_before/after, other_before/after
+    totals: dict[str, Any]
+    config: dict[str, Any] | None = None
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    ranking: dict[str, Any] = field(default_factory=dict)
+    chosen_layers: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=library_versions)
+    flops_convention: str = FLOP_CONVENTION
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def decoder_flops_before(self) -> float:
+        return self.totals["decoder_prefill_before"]
+
+    @property
+    def decoder_flops_after(self) -> float:
+        return self.totals["decoder_prefill_after"]
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.totals["decoder_prefill_ratio"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "versions": self.versions,
+            "flops_convention": self.flops_convention,
+            "model": self.model,
+            "inputs": self.inputs,
+            "config": self.config,
+            "totals": self.totals,
+            "components": self.components,
+            "layers": self.layers,
+            "ranking": self.ranking,
+            "chosen_layers": self.chosen_layers,
+            "passes": self.passes,
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AuditReport":
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(
+                f"report schema_version {data.get('schema_version')!r} is not {SCHEMA_VERSION}; "
+                "re-run the audit with this version of redlens-compile"
+            )
+        keys = ("model", "inputs", "layers", "components", "totals", "config", "passes", "ranking",
+                "chosen_layers", "notes", "versions", "flops_convention")
+        return cls(**{k: data[k] for k in keys if k in data})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AuditReport":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    # ---- rendering -------------------------------------------------------------------
+
+    def to_markdown(self) -> str:
+        t = self.totals
+        lines = [
+            f"# redlens-compile audit: {self.model.get('class', '?')} ({self.model.get('family', '?')})",
+            "",
+            f"{self.flops_convention}",
+            "",
+            f"- inputs: batch {self.inputs['batch']}, sequence {self.inputs['seq_len']}, "
+            f"visual tokens {self.inputs['visual_tokens']}, text tokens {self.inputs['text_tokens']}",
+            f"- decoder prefill FLOPs: before {t['decoder_prefill_before']:.4g}, after "
+            f"{t['decoder_prefill_after']:.4g}, ratio {t['decoder_prefill_ratio']:.4f}",
+            f"- cross-check, fvcore on the eager decoder: {t.get('eager_fvcore_decoder', float('nan')):.4g}",
+        ]
+        comp = self.components
+        for key in ("vision_tower", "projector", "lm_head_before", "lm_head_after"):
+            value = comp.get(key)
+            lines.append(f"- {key}: {'not counted' if value is None else f'{value:.4g}'}")
+        if comp.get("vision_note"):
+            lines.append(f"- vision note: {comp['vision_note']}")
+        if self.config is not None:
+            lines.append(f"- config: `{json.dumps(self.config, sort_keys=True)}`")
+        lines.append(f"- reduced layers: {self.chosen_layers if self.chosen_layers else 'none'}")
+        lines += ["", "## Decoder layers (FLOPs)", "",
+                  "| layer | visual before | text before | visual after | text after | after/before | reduced |",
+                  "|---:|---:|---:|---:|---:|---:|:---:|"]
+        for row in self.layers:
+            vb, tb = _layer_sum(row["before"], "visual"), _layer_sum(row["before"], "text")
+            va, ta = _layer_sum(row["after"], "visual"), _layer_sum(row["after"], "text")
+            ratio = (va + ta) / (vb + tb) if vb + tb else float("nan")
+            lines.append(f"| {row['layer']} | {vb:.4g} | {tb:.4g} | {va:.4g} | {ta:.4g} | {ratio:.3f} | "
+                         f"{'yes' if row.get('reduced') else ''} |")
+        lines += ["", "## Per group, before (visual / text)", "", "| layer | proj | attn core | ffn |", "|---:|---:|---:|---:|"]
+        for row in self.layers:
+            cells = [f"{row['before'][g]['visual']:.3g} / {row['before'][g]['text']:.3g}" for g in GROUPS]
+            lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
+        if self.ranking:
+            lines += ["", "## Layer ranking", "", f"```json\n{json.dumps(self.ranking, indent=1)}\n```"]
+        if self.passes:
+            lines += ["", "## Passes", "", "| pass | modified | nodes before | nodes after |", "|---|:---:|---:|---:|"]
+            for p in self.passes:
+                lines.append(f"| {p['name']} | {p['modified']} | {p['nodes_before']} | {p['nodes_after']} |")
+        if self.notes:
+            lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
+        v = self.versions
+        lines += ["", f"_versions: {', '.join(f'{k} {val}' for k, val in v.items())}_", ""]
+        return "\n".join(lines)
+
+    def _plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        layers = [row["layer"] for row in self.layers]
+        width = 0.4
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(layers) + 3), 4))
+        for offset, phase, alpha in ((-width / 2, "before", 1.0), (width / 2, "after", 0.6)):
+            xs = [x + offset for x in layers]
+            visual = [_layer_sum(r[phase], "visual") for r in self.layers]
+            text = [_layer_sum(r[phase], "text") for r in self.layers]
+            ax.bar(xs, visual, width, label=f"visual ({phase})", color="tab:orange", alpha=alpha)
+            ax.bar(xs, text, width, bottom=visual, label=f"text ({phase})", color="tab:blue", alpha=alpha)
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("FLOPs (fvcore, multiply-add = 1)")
+        ax.set_title(f"{self.model.get('class', '')}: decoder prefill FLOPs per layer")
+        ax.set_xticks(layers)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, format="png", dpi=100)
+        plt.close(fig)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write report.json, report.md and flops.png into `directory`; returns the folder."""
+        out = Path(directory)
+        payload = json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        atomic_write(out / "report.json", lambda p: p.write_text(payload))
+        markdown = self.to_markdown()
+        atomic_write(out / "report.md", lambda p: p.write_text(markdown))
+        atomic_write(out / "flops.png", self._plot)
+        logger.info("report written to %s", out)
+        return out
+
+    def summary(self) -> str:
+        t = self.totals
+        return (
+            f"decoder prefill FLOPs {t['decoder_prefill_before']:.4g} -> {t['decoder_prefill_after']:.4g} "
+            f"(ratio {t['decoder_prefill_ratio']:.3f}); visual tokens {self.inputs['visual_tokens']} of "
+            f"{self.inputs['seq_len'] * self.inputs['batch']}"
+        )

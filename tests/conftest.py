@@ -1,0 +1,44 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_families import FAMILIES, build_and_reload, make_inputs  # noqa: E402
+
+import redlens_compile as rc  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    """family name -> model built from a tiny config, saved and loaded back (built once)."""
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = build_and_reload(name, tmp_path_factory.mktemp(name.replace("-", "_")))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def identity_optimized(family_models):
+    """family name -> (model, example inputs, OptimizedModel under RedLensConfig.identity())."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = family_models(name)
+            example = make_inputs(name, model)
+            cache[name] = (model, example, rc.optimize(model, example, config=rc.RedLensConfig.identity()))
+        return cache[name]
+
+    return get
+
+
+ALL_FAMILIES = list(FAMILIES)

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from redlens_compile.cli import main
+from redlens_compile.models.demo import build_demo_model
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return build_demo_model(tmp_path_factory.mktemp("demo") / "model")
+
+
+def test_optimize_cli_writes_report_and_summary(demo_dir, tmp_path, capsys):
+    out = tmp_path / "opt"
+    assert main(["optimize", str(demo_dir), "--identity", "--out", str(out), "--repeats", "1",
+                 "--max-new-tokens", "3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["visual_tokens"] == 256
+    assert summary["max_abs_logit_diff"] <= 1e-5
+    assert summary["generated_tokens_equal"] is True
+    assert summary["decoder_prefill_flops_ratio"] == 1.0
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "flops.png", "summary.json"}
+    assert "decoder FLOPs" in capsys.readouterr().out
+
+
+def test_audit_cli_with_prompt(demo_dir, tmp_path):
+    out = tmp_path / "audit"
+    assert main(["audit", str(demo_dir), "--prompt", "how many shapes ?", "--out", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["inputs"]["visual_tokens"] == 256
+    assert data["config"] is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["audit", "/no/such/dir", "--out", "x"], "no config.json"),
+        (["optimize", "{model}", "--config", '{"flops_budget": 2}', "--out", "x"], "flops_budget=2"),
+        (["optimize", "{model}", "--config", '{"flops_budget": 0.5}', "--out", "x"], "not part of this build"),
+        (["audit", "{model}", "--image", "/no/such.png", "--out", "x"], "--image /no/such.png: no such file"),
+    ],
+)
+def test_bad_input_is_one_line_error_and_nonzero_exit(demo_dir, tmp_path, capsys, argv, message):
+    argv = [a.replace("{model}", str(demo_dir)).replace("x", str(tmp_path / "o")) if a in ("{model}", "x") else a
+            for a in argv]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after any loading progress bar
+    assert last.startswith("redlens-compile: error:") and message in last

@@ -1,0 +1,33 @@
+import json
+
+import pytest
+
+import redlens_compile as rc
+from redlens_compile.config import UNBOUNDED_WINDOW
+
+
+def test_json_round_trip_preserves_every_field():
+    cfg = rc.RedLensConfig(flops_budget=0.4, ffn_keep=0.25, probe_tokens=16, hollow_window=32, layers=[3, 1],
+                           ranking="kl", prune="fastv", prune_keep=0.3, prune_layer=1)
+    back = rc.RedLensConfig.from_json(cfg.to_json())
+    assert back == cfg
+    assert json.loads(cfg.to_json())["layers"] == [3, 1]
+
+
+def test_identity_settings_change_no_number():
+    cfg = rc.RedLensConfig.identity()
+    assert (cfg.ffn_keep, cfg.hollow_window, cfg.prune, cfg.layers, cfg.flops_budget) == (1.0, UNBOUNDED_WINDOW, None, "all", 1.0)
+    assert cfg.is_identity
+    assert rc.RedLensConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_unknown_field_and_bad_json_are_rejected():
+    with pytest.raises(rc.ConfigError, match=r"unknown config field\(s\) \['budget'\]"):
+        rc.RedLensConfig.from_dict({"budget": 0.5})
+    with pytest.raises(rc.ConfigError, match="not valid JSON"):
+        rc.RedLensConfig.from_json("{flops_budget: 0.5")
+
+
+def test_bool_is_not_a_count():
+    with pytest.raises(rc.ConfigError, match="hollow_window=True"):
+        rc.RedLensConfig(hollow_window=True)

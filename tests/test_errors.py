@@ -1,0 +1,79 @@
+"""Must show 3: unsupported models, inputs without image tokens and bad configs fail clearly."""
+
+import pytest
+import torch
+from tiny_families import IMAGE_TOKEN, make_inputs
+from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
+
+import redlens_compile as rc
+
+
+def test_text_only_llama_is_rejected_with_family_list():
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=64))
+    with pytest.raises(rc.UnsupportedModelError) as err:
+        rc.optimize(model, {"input_ids": torch.tensor([[1, 2, 3]])}, config=rc.RedLensConfig.identity())
+    msg = str(err.value)
+    assert "LlamaForCausalLM" in msg
+    for name in ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration", "InternVLForConditionalGeneration"):
+        assert name in msg
+
+
+def test_clip_model_is_rejected():
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+    )
+    with pytest.raises(rc.UnsupportedModelError, match="CLIPModel is not a supported multimodal model"):
+        rc.audit(CLIPModel(cfg), {"input_ids": torch.tensor([[1, 2]])})
+
+
+def test_inputs_without_image_tokens_are_rejected(family_models):
+    model = family_models("llava")
+    inputs = make_inputs("llava", model)
+    text_only = {"input_ids": inputs["input_ids"][:, :4], "attention_mask": inputs["attention_mask"][:, :4]}
+    assert not (text_only["input_ids"] == IMAGE_TOKEN).any()
+    with pytest.raises(rc.NoImageTokensError, match=r"no image token \(ids \[100\]\)"):
+        rc.optimize(model, text_only, config=rc.RedLensConfig.identity())
+    with pytest.raises(rc.NoImageTokensError, match="image placeholder"):
+        rc.audit(model, text_only)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"flops_budget": 0.0}, "flops_budget"),
+        ({"flops_budget": 1.5}, "flops_budget"),
+        ({"ffn_keep": -0.1}, "ffn_keep"),
+        ({"probe_tokens": 0}, "probe_tokens"),
+        ({"hollow_window": 0}, "hollow_window"),
+        ({"layers": "some"}, "layers"),
+        ({"layers": [1, 1]}, "layers"),
+        ({"ranking": "magic"}, "ranking"),
+        ({"prune": "everything"}, "prune"),
+        ({"prune_keep": 1.5}, "prune_keep"),
+        ({"prune_layer": -1}, "prune_layer"),
+        ({"prune": "codebook"}, "codebook"),
+    ],
+)
+def test_bad_config_value_names_the_field(kwargs, field):
+    with pytest.raises(ValueError) as err:
+        rc.RedLensConfig(**kwargs)
+    assert isinstance(err.value, rc.ConfigError)
+    assert str(err.value).split(":")[0].find(field) >= 0, str(err.value)
+
+
+def test_layer_index_out_of_range_is_a_config_error(family_models):
+    model = family_models("llava")
+    cfg = rc.RedLensConfig(flops_budget=1.0, ffn_keep=1.0, hollow_window=2**31 - 1, layers=[0, 7])
+    with pytest.raises(rc.ConfigError, match=r"layers=\[0, 7\]: indices \[7\] are out of range; the decoder has 3"):
+        rc.optimize(model, make_inputs("llava", model), config=cfg)
+
+
+def test_reduction_without_its_pass_is_an_error_not_a_silent_no_op(family_models):
+    model = family_models("llava")
+    with pytest.raises(rc.ReductionUnavailableError, match="RedLensConfig.identity"):
+        rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(flops_budget=0.5))
+    with pytest.raises(rc.ReductionUnavailableError, match="prune='fastv'"):
+        rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(prune="fastv"))

@@ -1,0 +1,178 @@
+"""Tiny random models of the four supported families and inputs for them.
+
+Each model is built from a small config, saved with save_pretrained and loaded back with
+from_pretrained, so the tests go through the real loading path. Inputs are made by hand
+(input ids with the right number of image placeholders, pixel values, and the extras each
+family needs), with optional left padding to test batches of mixed lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    CLIPVisionConfig,
+    InternVLConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaNextConfig,
+    Qwen2VLConfig,
+)
+
+VOCAB = 128
+PAD, BOS, EOS = 0, 1, 2
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 100, 101, 102, 103
+
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=512,
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+    pad_token_id=PAD,
+)
+
+
+def llava_config() -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=4, projection_dim=32,
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=LlamaConfig(**TEXT), image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        pad_token_id=PAD,
+    )
+
+
+def llava_next_config() -> LlavaNextConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=16, patch_size=4, projection_dim=32,
+    )
+    return LlavaNextConfig(
+        vision_config=vision, text_config=LlamaConfig(**TEXT), image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], vision_feature_layer=-1,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu", pad_token_id=PAD,
+    )
+
+
+def qwen2_vl_config() -> Qwen2VLConfig:
+    text = dict(TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, mlp_ratio=2)
+    return Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+    )
+
+
+def internvl_config() -> InternVLConfig:
+    text = dict(TEXT, model_type="qwen2")
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  image_size=[32, 32], patch_size=[4, 4])
+    return InternVLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, downsample_ratio=0.5)
+
+
+@dataclass
+class Family:
+    name: str
+    make_config: Callable
+    image_tokens: Callable  # model, batch -> (vision kwargs, tokens per image)
+
+
+def _llava_vision(model, batch: int, generator: torch.Generator):
+    size = model.config.vision_config.image_size
+    patch = model.config.vision_config.patch_size
+    pixels = torch.randn(batch, 3, size, size, generator=generator)
+    return {"pixel_values": pixels}, (size // patch) ** 2
+
+
+def _llava_next_vision(model, batch: int, generator: torch.Generator):
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.config
+    image_size = [32, 16]  # (height, width): best fit [32, 16] -> 2 tiles + the base view
+    patches = image_size_to_num_patches(image_size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+    pixels = torch.randn(batch, patches, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=generator)
+    sizes = torch.tensor([image_size] * batch)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixels, sizes, return_dict=True).pooler_output
+    return {"pixel_values": pixels, "image_sizes": sizes}, feats[0].shape[0]
+
+
+def _qwen2_vl_vision(model, batch: int, generator: torch.Generator):
+    vc = model.config.vision_config
+    grid = (1, 8, 8)
+    per_image = grid[0] * grid[1] * grid[2]
+    dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    pixels = torch.randn(batch * per_image, dim, generator=generator)
+    thw = torch.tensor([grid] * batch)
+    return {"pixel_values": pixels, "image_grid_thw": thw}, per_image // vc.spatial_merge_size**2
+
+
+def _internvl_vision(model, batch: int, generator: torch.Generator):
+    vc = model.config.vision_config
+    size = vc.image_size[0]
+    pixels = torch.randn(batch, 3, size, size, generator=generator)
+    tokens = int(((size // vc.patch_size[0]) ** 2) * model.config.downsample_ratio**2)
+    return {"pixel_values": pixels}, tokens
+
+
+FAMILIES = {
+    "llava": Family("llava", llava_config, _llava_vision),
+    "llava-next": Family("llava-next", llava_next_config, _llava_next_vision),
+    "qwen2-vl": Family("qwen2-vl", qwen2_vl_config, _qwen2_vl_vision),
+    "internvl": Family("internvl", internvl_config, _internvl_vision),
+}
+
+
+def build_and_reload(family: str, directory: Path, seed: int = 0):
+    """Random weights from the family's tiny config, saved and loaded back from `directory`."""
+    torch.manual_seed(seed)
+    config = FAMILIES[family].make_config()
+    model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
+    model.save_pretrained(directory)
+    loaded = AutoModelForImageTextToText.from_pretrained(directory, attn_implementation="sdpa")
+    return loaded.eval()
+
+
+def make_inputs(family: str, model, text_before: int = 3, text_after: int = 4, batch: int = 1,
+                pad_left: tuple[int, ...] = (), seed: int = 0) -> dict[str, torch.Tensor]:
+    """input_ids = [BOS, text..., (VISION_START), image tokens, (VISION_END), text...].
+
+    Row i is `pad_left[i]` tokens shorter than the longest row and is left-padded with PAD
+    (attention mask 0 there).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    vision, n_image = FAMILIES[family].image_tokens(model, batch, generator)
+    qwen = family == "qwen2-vl"
+    pads = list(pad_left) + [0] * (batch - len(pad_left))
+    rows = []
+    for b in range(batch):
+        before = torch.randint(3, 90, (text_before + max(pads) - pads[b],), generator=generator)
+        after = torch.randint(3, 90, (text_after,), generator=generator)
+        image = torch.full((n_image,), IMAGE_TOKEN)
+        parts = [torch.tensor([BOS]), before]
+        parts += [torch.tensor([VISION_START]), image, torch.tensor([VISION_END])] if qwen else [image]
+        parts.append(after)
+        rows.append(torch.cat(parts))
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((batch, length), PAD)
+    attention_mask = torch.zeros(batch, length, dtype=torch.long)
+    for b, row in enumerate(rows):
+        start = length - len(row)
+        input_ids[b, start:] = row
+        attention_mask[b, start:] = 1
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **vision}
+    if qwen:
+        inputs["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).to(torch.int)
+    return inputs
