@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +64,6 @@ class RedLensConfig:
     prune_keep: int | float = 0.25
     prune_layer: int = 2
     codebook: str | None = None
-    # Not a user knob: a note of where the config came from, kept out of equality.
-    source: str = field(default="user", compare=False)
 
     def __post_init__(self) -> None:
         if not _is_number(self.flops_budget) or not 0.0 < self.flops_budget <= 1.0:
@@ -113,7 +111,6 @@ class RedLensConfig:
             layers="all",
             prune=None,
             prune_keep=1.0,
-            source="identity",
         )
 
     @property
@@ -121,15 +118,13 @@ class RedLensConfig:
         return self.ffn_keep == 1.0 and self.hollow_window == UNBOUNDED_WINDOW and self.prune is None
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data.pop("source")
-        return data
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RedLensConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config field(s) {unknown}; valid fields are {sorted(known)}")

@@ -24,7 +24,7 @@ from fvcore.nn.jit_handles import get_shape
 from torch import fx, nn
 
 from ..capture.annotate import NodeAnnotation, annotation
-from ..capture.decoder_inputs import DecoderInputs
+from ..capture.decoder_inputs import DecoderInputs, DecoderReached
 from ..capture.decoder_module import LogitsOnly
 from ..capture.families import FamilyAdapter
 
@@ -156,9 +156,6 @@ class GraphFlops:
         kinds = (kind,) if kind else ("visual", "text")
         return sum(groups.get(g, {}).get(k, 0.0) for g in GROUPS for k in kinds)
 
-    def to_rows(self) -> dict[int, dict[str, dict[str, float]]]:
-        return {layer: {g: dict(v) for g, v in groups.items()} for layer, groups in sorted(self.layers.items())}
-
 
 def _attribute(per_node: Mapping[str, float], names: Mapping[str, NodeAnnotation], split: TokenSplit) -> GraphFlops:
     layers: dict[int, dict[str, dict[str, float]]] = defaultdict(
@@ -216,10 +213,19 @@ class _KwargsCall(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
 
 
-def _record_calls(model: nn.Module, paths: Iterable[str], run: Callable[[], Any]) -> dict[str, tuple]:
-    """The (args, tensor kwargs) of the first call of each module in `paths` during `run()`."""
+def _record_calls(
+    model: nn.Module, paths: Iterable[str], run: Callable[[], Any], stop_at: nn.Module
+) -> dict[str, tuple]:
+    """The (args, kwargs) of the first call of each module in `paths` during `run()`.
+
+    The run stops when it reaches `stop_at` (the decoder), which the vision path precedes.
+    """
     calls: dict[str, tuple] = {}
-    handles = []
+
+    def stop(_m: nn.Module, _args: tuple, _kwargs: dict) -> None:
+        raise DecoderReached
+
+    handles = [stop_at.register_forward_pre_hook(stop, with_kwargs=True)]
     for path in paths:
         def hook(_m: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
             calls.setdefault(path, (args, kwargs))
@@ -227,6 +233,8 @@ def _record_calls(model: nn.Module, paths: Iterable[str], run: Callable[[], Any]
     try:
         with torch.no_grad():
             run()
+    except DecoderReached:
+        pass
     finally:
         for handle in handles:
             handle.remove()
@@ -258,7 +266,9 @@ def count_vision_flops(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping
     if "pixel_values" not in vision_keys:
         return VisionFlops(None, None, "no pixel_values in the inputs")
     paths = (adapter.vision_tower_path, *adapter.projector_paths)
-    calls = _record_calls(model, paths, lambda: model(**dict(inputs), use_cache=False))
+    calls = _record_calls(
+        model, paths, lambda: model(**dict(inputs), use_cache=False), stop_at=adapter.language_model(model)
+    )
     try:
         counts = {path: _module_flops(model.get_submodule(path), *calls[path]) for path in paths}
     except Exception as exc:  # fvcore's jit tracer rejects some modules; say so instead of guessing
@@ -269,7 +279,3 @@ def count_vision_flops(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping
     # A projector that lives inside the vision module (Qwen2-VL's merger) is already in its count.
     nested = sum(counts[p] for p in adapter.projector_paths if p.startswith(adapter.vision_tower_path + "."))
     return VisionFlops(vision_tower=tower - nested, projector=projector)
-
-
-def sum_rows(rows: Iterable[Mapping[str, Mapping[str, float]]], kind: str) -> float:
-    return sum(groups[g][kind] for groups in rows for g in GROUPS if g in groups)

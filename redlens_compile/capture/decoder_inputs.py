@@ -21,7 +21,7 @@ from .families import FamilyAdapter
 logger = logging.getLogger(__name__)
 
 
-class _DecoderReached(Exception):
+class DecoderReached(Exception):
     """Raised by the pre-hook to stop the forward once the decoder inputs are known."""
 
 
@@ -97,7 +97,7 @@ def capture_decoder_inputs(
 
     def hook(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
         seen.update(kwargs)
-        raise _DecoderReached
+        raise DecoderReached
 
     kwargs = dict(inputs)
     kwargs["use_cache"] = False
@@ -105,7 +105,7 @@ def capture_decoder_inputs(
     try:
         with torch.no_grad():
             model(**kwargs)
-    except _DecoderReached:
+    except DecoderReached:
         pass
     finally:
         handle.remove()

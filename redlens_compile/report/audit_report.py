@@ -19,7 +19,6 @@ SCHEMA_VERSION = 1
 
 
 def library_versions() -> dict[str, str]:
-    import fvcore  # noqa: F401  (fvcore has no __version__; ask the package metadata)
     import torch
     import transformers
     from importlib.metadata import PackageNotFoundError, version
