@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 logger = logging.getLogger("redlens_compile")
 
-DEFAULT_QUESTION = "what is the colour of the shape ?"
+DEFAULT_QUESTION = "what colour is the circle ?"
 
 
 def _load(model_dir: str):
@@ -48,13 +48,9 @@ def _build_inputs(processor, image_path: str | None, prompt: str | None) -> dict
 def _config_from_args(args: argparse.Namespace):
     from .config import RedLensConfig
 
-    if args.identity:
+    if args.identity or args.config is None:
         return RedLensConfig.identity()
-    if args.config is None:
-        return RedLensConfig.identity()
-    source = Path(args.config)
-    text = source.read_text() if source.is_file() else args.config
-    return RedLensConfig.from_json(text)
+    return RedLensConfig.parse(args.config)
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -67,7 +63,8 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: int, repeats: int) -> dict:
+def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: int, repeats: int,
+                  questions: int = 0) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -108,8 +105,23 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
         "generated_tokens_equal": bool(torch.equal(ref_ids, opt_ids)),
         "report_dir": str(out),
     }
+    if questions:
+        summary.update(_task_accuracy(model, opt, processor, questions))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _task_accuracy(model, opt, processor, questions: int) -> dict:
+    """Held-out accuracy of the proof task, original vs optimized, with greedy generate."""
+    from .models.evaluate import accuracy_by_type, answer_questions
+    from .models.shapes_task import heldout_questions
+
+    items = heldout_questions(questions)
+    return {
+        "heldout_questions": questions,
+        "accuracy_before": accuracy_by_type(items, answer_questions(model.generate, processor, items)),
+        "accuracy_after": accuracy_by_type(items, answer_questions(opt.generate, processor, items)),
+    }
 
 
 def _print_summary(summary: dict) -> None:
@@ -122,6 +134,9 @@ def _print_summary(summary: dict) -> None:
     print(f"logits           max abs diff {summary['max_abs_logit_diff']:.3g}")
     print(f"generate         {'same tokens' if summary['generated_tokens_equal'] else 'tokens differ'}: "
           f"{summary['generated_after']!r}")
+    if "accuracy_before" in summary:
+        print(f"accuracy         {100 * summary['accuracy_before']['overall']:.1f}% -> "
+              f"{100 * summary['accuracy_after']['overall']:.1f}% on {summary['heldout_questions']} held-out questions")
     print(f"report           {summary['report_dir']}/report.md, report.json, flops.png, summary.json")
 
 
@@ -158,11 +173,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .models.demo import ensure_default_model
 
     config = _config_from_args(args)
+    from .models.shapes_task import heldout_questions, prompt
+
     model_dir = ensure_default_model()
-    print(f"default model    {model_dir} (random weights until the trained proof model ships)")
+    meta = json.loads((model_dir / "redlens_model.json").read_text())
+    print(f"default model    {model_dir} ({meta['weights']} weights)")
     model, processor = _load(str(model_dir))
-    inputs = _build_inputs(processor, None, None)
-    summary = _run_optimize(model, processor, inputs, config, Path(args.out), args.max_new_tokens, args.repeats)
+    image, qa = heldout_questions(1)[0]
+    inputs = dict(processor(images=image, text=prompt(qa.question, processor.image_token), return_tensors="pt"))
+    questions = args.questions if meta["weights"] == "trained" else 0  # random weights: accuracy means nothing
+    summary = _run_optimize(model, processor, inputs, config, Path(args.out), args.max_new_tokens, args.repeats,
+                            questions)
     _print_summary(summary)
     return 0
 
@@ -180,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output folder for the report")
 
     def reductions(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="RedLensConfig as JSON text or a JSON file (default: identity)")
+        p.add_argument("--config", help="a preset name, JSON text or a JSON file (default: identity)")
         p.add_argument("--identity", action="store_true", help="RedLensConfig.identity(): change no number")
         p.add_argument("--max-new-tokens", type=int, default=8)
         p.add_argument("--repeats", type=int, default=5, help="timed prefill runs (median)")
@@ -195,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo = sub.add_parser("demo", help="optimize the bundled default model (the quick start)")
     common(p_demo, with_model=False)
     reductions(p_demo)
+    p_demo.add_argument("--questions", type=int, default=200, help="held-out questions for the accuracy check")
     p_demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -117,6 +117,27 @@ class RedLensConfig:
     def is_identity(self) -> bool:
         return self.ffn_keep == 1.0 and self.hollow_window == UNBOUNDED_WINDOW and self.prune is None
 
+    @classmethod
+    def preset(cls, name: str) -> "RedLensConfig":
+        """A named config (benchmarks and the CLI take these names); grows as reductions land."""
+        presets = {"identity": cls.identity}
+        if name not in presets:
+            raise ConfigError(f"unknown config preset {name!r}; presets: {', '.join(sorted(presets))}")
+        return presets[name]()
+
+    @classmethod
+    def parse(cls, spec: str) -> "RedLensConfig":
+        """A preset name, JSON text, or the path of a JSON file."""
+        spec = spec.strip()
+        if spec.startswith("{"):
+            return cls.from_json(spec)
+        path = Path(spec)
+        if path.suffix == ".json" or path.is_file():
+            if not path.is_file():
+                raise ConfigError(f"config file {spec}: no such file")
+            return cls.from_json(path.read_text())
+        return cls.preset(spec)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

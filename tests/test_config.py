@@ -31,3 +31,15 @@ def test_unknown_field_and_bad_json_are_rejected():
 def test_bool_is_not_a_count():
     with pytest.raises(rc.ConfigError, match="hollow_window=True"):
         rc.RedLensConfig(hollow_window=True)
+
+
+def test_parse_preset_json_text_and_file(tmp_path):
+    assert rc.RedLensConfig.parse("identity") == rc.RedLensConfig.identity()
+    assert rc.RedLensConfig.parse('{"flops_budget": 0.7}').flops_budget == 0.7
+    path = tmp_path / "cfg.json"
+    path.write_text('{"ffn_keep": 0.25}')
+    assert rc.RedLensConfig.parse(str(path)).ffn_keep == 0.25
+    with pytest.raises(rc.ConfigError, match="unknown config preset 'fast'; presets: identity"):
+        rc.RedLensConfig.parse("fast")
+    with pytest.raises(rc.ConfigError, match="no such file"):
+        rc.RedLensConfig.parse(str(tmp_path / "missing.json"))

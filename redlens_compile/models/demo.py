@@ -1,10 +1,10 @@
 """The default model of the demo: a small LlavaForConditionalGeneration with its processor.
 
-Until the trained proof model ships (its weights go into the package), the default model is
-built deterministically from a fixed seed with random weights and saved, with a real
-word-level tokenizer and a LlavaProcessor, so that `from_pretrained` and `AutoProcessor`
-load it from a directory like any hub checkpoint. Random weights prove exactness and
-FLOPs, never accuracy.
+The trained proof model ships inside the package (`proof_llava/`, written by
+scripts/train_proof_model.py). `build_llava` is its architecture; `build_demo_model` saves the
+same architecture with random weights (tests use it: random weights prove exactness and FLOPs,
+never accuracy). Models are saved with a word-level tokenizer and a LlavaProcessor, so that
+`from_pretrained` and `AutoProcessor` load them from a directory like any hub checkpoint.
 """
 
 from __future__ import annotations
@@ -18,19 +18,15 @@ from pathlib import Path
 
 import torch
 
+from .shapes_task import CELL as PATCH_SIZE
+from .shapes_task import IMAGE_SIZE
+
 logger = logging.getLogger(__name__)
 
-DEMO_MODEL_VERSION = "random-llava-v1"
-IMAGE_SIZE = 64
-PATCH_SIZE = 4  # (64 / 4)^2 = 256 visual tokens per image
-
-WORDS = (
-    "USER: ASSISTANT: what is the colour shape of in on image picture left right above below how many "
-    "are there a an and or yes no red green blue yellow purple orange white black gray circle square "
-    "triangle star cross one two three four five six shapes object objects describe word answer with "
-    "? . , :"
-).split()
+DEMO_MODEL_VERSION = "random-llava-v2"
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+# The trained proof model ships here (weights, tokenizer, processor); see scripts/train_proof_model.py.
+SHIPPED_MODEL_DIR = Path(__file__).parent / "proof_llava"
 
 
 def default_model_dir() -> Path:
@@ -38,11 +34,12 @@ def default_model_dir() -> Path:
     return root / DEMO_MODEL_VERSION
 
 
-def _tokenizer():
+def make_tokenizer(words: list[str]):
+    """A word-level tokenizer over `words`: every prompt word and answer is one token."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + list(dict.fromkeys(WORDS)))}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + [w for w in dict.fromkeys(words) if w not in SPECIAL])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
@@ -51,8 +48,9 @@ def _tokenizer():
     )
 
 
-def build_demo_model(directory: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the demo model + processor into `directory` (atomically: temp folder, then rename)."""
+def build_llava(tokenizer, seed: int = 0):
+    """The proof model's architecture: a CLIP-style vision tower (128x128 images, 8x8 patches:
+    256 visual tokens) and a 4-layer Llama decoder; random weights from `seed`."""
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
@@ -62,10 +60,6 @@ def build_demo_model(directory: str | os.PathLike, seed: int = 0) -> Path:
         LlavaProcessor,
     )
 
-    target = Path(directory)
-    tokenizer = _tokenizer()
-    vocab_size = len(tokenizer)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     torch.manual_seed(seed)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
@@ -74,18 +68,19 @@ def build_demo_model(directory: str | os.PathLike, seed: int = 0) -> Path:
         ),
         text_config=LlamaConfig(
             hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=1024,
+            num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
         ),
-        image_token_id=image_token_id,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlavaForConditionalGeneration(config).eval()
+    model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
     )
@@ -93,44 +88,50 @@ def build_demo_model(directory: str | os.PathLike, seed: int = 0) -> Path:
         image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
     )
+    return model, processor
+
+
+def save_model_dir(model, processor, directory: str | os.PathLike, meta: dict) -> Path:
+    """save_pretrained model + processor into `directory` atomically (temp folder, then rename)."""
+    target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        (staging / "redlens_demo.json").write_text(
-            json.dumps({"version": DEMO_MODEL_VERSION, "seed": seed, "weights": "random"}, indent=2)
-        )
+        (staging / "redlens_model.json").write_text(json.dumps(meta, indent=2))
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("demo model written to %s", target)
+    logger.info("model written to %s", target)
     return target
 
 
+def build_demo_model(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """The proof model's architecture with random weights, saved with its processor."""
+    from .shapes_task import vocabulary
+
+    model, processor = build_llava(make_tokenizer(vocabulary()), seed)
+    meta = {"version": DEMO_MODEL_VERSION, "seed": seed, "weights": "random"}
+    return save_model_dir(model.eval(), processor, directory, meta)
+
+
 def ensure_default_model() -> Path:
-    """The default model's directory, built on first use."""
+    """The shipped trained model if present, else a random-weight one built on first use."""
+    if (SHIPPED_MODEL_DIR / "model.safetensors").is_file():
+        return SHIPPED_MODEL_DIR
     directory = default_model_dir()
-    if not (directory / "redlens_demo.json").exists():
+    if not (directory / "redlens_model.json").exists():
         build_demo_model(directory)
     return directory
 
 
 def demo_image(seed: int = 0):
-    """A deterministic test picture: coloured shapes on a textured background."""
-    import numpy as np
-    from PIL import Image, ImageDraw
+    """A deterministic held-out picture of the proof task."""
+    from .shapes_task import sample
 
-    rng = np.random.default_rng(seed)
-    background = (rng.integers(90, 140, (IMAGE_SIZE, IMAGE_SIZE, 3))).astype("uint8")
-    image = Image.fromarray(background)
-    draw = ImageDraw.Draw(image)
-    colours = [(220, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40)]
-    for i in range(3):
-        x, y = (int(v) for v in rng.integers(4, IMAGE_SIZE - 16, 2))
-        box = (x, y, x + 10, y + 10)
-        (draw.ellipse if i % 2 else draw.rectangle)(box, fill=colours[i % len(colours)])
-    return image
+    item, image_seed = sample("test", seed)
+    return item.image(image_seed)

@@ -1,0 +1,103 @@
+"""Accuracy against decoder FLOPs on the proof task, for the original model and any configs.
+
+    python benchmarks/quality.py [--configs identity '{"flops_budget": 0.5}' ...] [--questions 1000]
+
+For each row: held-out accuracy (overall and per question type) with greedy generate, and
+the decoder prefill FLOPs ratio from the audit (after/before, fvcore). Also the image-blind
+baseline (the original model with a blank image). Prints JSON, then a markdown table, and
+draws accuracy against FLOPs into --plot. Configs are preset names, JSON text or JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import redlens_compile as rc  # noqa: E402
+from redlens_compile.models.demo import ensure_default_model  # noqa: E402
+from redlens_compile.models.evaluate import accuracy_by_type, answer_questions, blank_like  # noqa: E402
+from redlens_compile.models.shapes_task import QUESTION_TYPES, heldout_questions, prompt  # noqa: E402
+
+
+def example_inputs(processor, items):
+    image, qa = items[0]
+    return dict(processor(images=image, text=prompt(qa.question, processor.image_token), return_tensors="pt"))
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| method | decoder FLOPs ratio | overall | " + " | ".join(QUESTION_TYPES) + " |"
+    sep = "|---|---:|---:|" + "---:|" * len(QUESTION_TYPES)
+    lines = [head, sep]
+    for r in rows:
+        acc = r["accuracy"]
+        ratio = "n/a" if r["flops_ratio"] is None else f"{r['flops_ratio']:.3f}"
+        cells = " | ".join(f"{100 * acc[t]:.1f}" for t in QUESTION_TYPES)
+        lines.append(f"| {r['name']} | {ratio} | {100 * acc['overall']:.1f} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["flops_ratio"] is None:
+            ax.axhline(100 * r["accuracy"]["overall"], linestyle="--", color="gray", label=r["name"])
+        else:
+            ax.scatter([r["flops_ratio"]], [100 * r["accuracy"]["overall"]], label=r["name"])
+    ax.set_xlabel("decoder prefill FLOPs, after / before (fvcore)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", nargs="*", default=["identity"])
+    parser.add_argument("--questions", type=int, default=1000)
+    parser.add_argument("--model-dir", default=None, help="default: the bundled proof model")
+    parser.add_argument("--plot", default="benchmarks/results/quality.png")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model_dir = Path(args.model_dir) if args.model_dir else ensure_default_model()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    items = heldout_questions(args.questions)
+    example = example_inputs(processor, items)
+
+    rows = []
+    start = time.time()
+    rows.append({"name": "original", "flops_ratio": 1.0,
+                 "accuracy": accuracy_by_type(items, answer_questions(model.generate, processor, items))})
+    rows.append({"name": "image-blind (blank image)", "flops_ratio": None,
+                 "accuracy": accuracy_by_type(items, answer_questions(model.generate, processor, blank_like(items)))})
+    for spec in args.configs:
+        config = rc.RedLensConfig.parse(spec)
+        opt = rc.optimize(model, example, config=config)
+        acc = accuracy_by_type(items, answer_questions(opt.generate, processor, items))
+        rows.append({"name": spec, "config": config.to_dict(), "flops_ratio": opt.report.flops_ratio, "accuracy": acc})
+    result = {"model_dir": str(model_dir), "questions": len(items), "seconds": time.time() - start, "rows": rows}
+    plot(rows, Path(args.plot))
+    print(json.dumps(result, indent=2))
+    print()
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Accuracy of a model (original or optimized) on the proof task, with greedy generate."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .shapes_task import QA, QUESTION_TYPES, prompt
+
+logger = logging.getLogger(__name__)
+
+Generate = Callable[..., torch.Tensor]
+
+
+@torch.no_grad()
+def answer_questions(
+    generate: Generate, processor: Any, items: Sequence[tuple[Image.Image, QA]], batch_size: int = 25,
+    progress: bool = False,
+) -> list[str]:
+    """The first greedily generated word for each (image, question), batched with left padding."""
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    image_token = getattr(processor, "image_token", "<image>")
+    answers: list[str] = []
+    batches = range(0, len(items), batch_size)
+    for start in tqdm(batches, desc="answering", unit="batch", disable=not progress):
+        chunk = items[start:start + batch_size]
+        enc = processor(images=[img for img, _ in chunk], text=[prompt(qa.question, image_token) for _, qa in chunk],
+                        padding=True, return_tensors="pt")
+        ids = generate(**enc, max_new_tokens=1, do_sample=False)
+        answers.extend(tokenizer.convert_ids_to_tokens(ids[:, -1].tolist()))
+    return answers
+
+
+def accuracy_by_type(items: Sequence[tuple[Image.Image, QA]], answers: Sequence[str]) -> dict[str, float]:
+    right: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    for (_, qa), ans in zip(items, answers):
+        total[qa.qtype] += 1
+        right[qa.qtype] += int(ans == qa.answer)
+    out = {t: right[t] / total[t] for t in QUESTION_TYPES if total[t]}
+    out["overall"] = sum(right.values()) / max(1, sum(total.values()))
+    return out
+
+
+def blank_like(items: Sequence[tuple[Image.Image, QA]]) -> list[tuple[Image.Image, QA]]:
+    """The same questions with the image replaced by a blank grey one (the image-blind baseline)."""
+    return [(Image.new("RGB", img.size, (110, 110, 110)), qa) for img, qa in items]
