@@ -11,27 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import redlens_compile as rc
+from redlens_compile.analysis.timing import interleaved_medians
 from redlens_compile.cli import _build_inputs
 from redlens_compile.models.demo import ensure_default_model
-
-
-def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:

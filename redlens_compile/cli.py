@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,21 +51,12 @@ def _config_from_args(args: argparse.Namespace):
     return RedLensConfig.parse(args.config)
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: int, repeats: int,
                   questions: int = 0) -> dict:
     import torch
     from tqdm import tqdm
 
+    from .analysis.timing import interleaved_medians
     from .api import optimize
 
     with tqdm(total=6, desc="optimize", unit="step", file=sys.stderr) as bar:
@@ -81,8 +70,7 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
         bar.update(bar.total - bar.n)
 
     with torch.no_grad():
-        latency_before = _median_seconds(lambda: model(**inputs), repeats)
-        latency_after = _median_seconds(lambda: opt(**inputs), repeats)
+        latency = interleaved_medians({"before": lambda: model(**inputs), "after": lambda: opt(**inputs)}, repeats)
         logits_diff = (model(**inputs).logits - opt(**inputs).logits).abs().max().item()
         ref_ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     opt_ids = opt.generate(**inputs, max_new_tokens=max_new_tokens)
@@ -97,8 +85,8 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
         "decoder_prefill_flops_before": report.decoder_flops_before,
         "decoder_prefill_flops_after": report.decoder_flops_after,
         "decoder_prefill_flops_ratio": report.flops_ratio,
-        "prefill_latency_s_before": latency_before,
-        "prefill_latency_s_after": latency_after,
+        "prefill_latency_s_before": latency["before"],
+        "prefill_latency_s_after": latency["after"],
         "max_abs_logit_diff": logits_diff,
         "generated_before": processor.tokenizer.decode(ref_ids[0, prompt_len:]),
         "generated_after": processor.tokenizer.decode(opt_ids[0, prompt_len:]),
@@ -130,7 +118,7 @@ def _print_summary(summary: dict) -> None:
     print(f"decoder FLOPs    {summary['decoder_prefill_flops_before']:.4g} -> "
           f"{summary['decoder_prefill_flops_after']:.4g} (ratio {summary['decoder_prefill_flops_ratio']:.3f}, fvcore)")
     print(f"prefill latency  {summary['prefill_latency_s_before'] * 1e3:.1f} ms -> "
-          f"{summary['prefill_latency_s_after'] * 1e3:.1f} ms (median, this machine)")
+          f"{summary['prefill_latency_s_after'] * 1e3:.1f} ms (median of interleaved runs, this machine)")
     print(f"logits           max abs diff {summary['max_abs_logit_diff']:.3g}")
     print(f"generate         {'same tokens' if summary['generated_tokens_equal'] else 'tokens differ'}: "
           f"{summary['generated_after']!r}")
@@ -204,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="a preset name, JSON text or a JSON file (default: identity)")
         p.add_argument("--identity", action="store_true", help="RedLensConfig.identity(): change no number")
         p.add_argument("--max-new-tokens", type=int, default=8)
-        p.add_argument("--repeats", type=int, default=5, help="timed prefill runs (median)")
+        p.add_argument("--repeats", type=int, default=20, help="timed prefill runs, interleaved (median)")
 
     p_audit = sub.add_parser("audit", help="FLOPs audit of the unmodified model")
     common(p_audit)

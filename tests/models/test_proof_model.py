@@ -1,0 +1,24 @@
+"""The shipped proof model loads like a hub checkpoint and still answers as measured at training."""
+
+import json
+
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from redlens_compile.models.demo import SHIPPED_MODEL_DIR, ensure_default_model
+from redlens_compile.models.evaluate import accuracy_by_type, answer_questions
+from redlens_compile.models.shapes_task import heldout_questions
+
+
+def test_shipped_model_answers_fixed_heldout_questions_as_trained():
+    assert ensure_default_model() == SHIPPED_MODEL_DIR  # the default model is the trained one
+    meta = json.loads((SHIPPED_MODEL_DIR / "redlens_model.json").read_text())
+    assert meta["weights"] == "trained"
+    weights = SHIPPED_MODEL_DIR / "model.safetensors"
+    assert weights.stat().st_size <= 10 * 1024 * 1024
+    model = AutoModelForImageTextToText.from_pretrained(SHIPPED_MODEL_DIR).eval()
+    processor = AutoProcessor.from_pretrained(SHIPPED_MODEL_DIR)
+    items = heldout_questions(50)
+    accuracy = accuracy_by_type(items, answer_questions(model.generate, processor, items))["overall"]
+    assert abs(accuracy - meta["fixed50_accuracy"]) <= 0.02
+    # and far above chance: the task needs the image
+    assert accuracy >= meta["image_blind_accuracy"]["overall"] + 0.15
