@@ -111,17 +111,15 @@ def _unique(objects: list[SceneObject], key) -> list[SceneObject]:
 
 def ask(rng: random.Random, objects: list[SceneObject], qtype: str) -> QA | None:
     """One question of `qtype` about the scene, or None when the scene cannot support it."""
-    if qtype == "colour":
-        candidates = _unique(objects, lambda o: o.shape)
+    if qtype in ("colour", "shape"):
+        # Ask for one attribute of the object named by the other, which must be unique.
+        named_by = (lambda o: o.shape) if qtype == "colour" else (lambda o: o.colour)
+        candidates = _unique(objects, named_by)
         if not candidates:
             return None
         obj = rng.choice(candidates)
-        return QA(f"what colour is the {obj.shape} ?", obj.colour, qtype)
-    if qtype == "shape":
-        candidates = _unique(objects, lambda o: o.colour)
-        if not candidates:
-            return None
-        obj = rng.choice(candidates)
+        if qtype == "colour":
+            return QA(f"what colour is the {obj.shape} ?", obj.colour, qtype)
         return QA(f"what shape is the {obj.colour} object ?", obj.shape, qtype)
     if qtype == "count":
         if rng.random() < 0.5:
