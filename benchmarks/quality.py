@@ -23,13 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redlens_compile as rc  # noqa: E402
 from redlens_compile.models.demo import ensure_default_model  # noqa: E402
-from redlens_compile.models.evaluate import accuracy_by_type, answer_questions, blank_like  # noqa: E402
-from redlens_compile.models.shapes_task import QUESTION_TYPES, heldout_questions, prompt  # noqa: E402
-
-
-def example_inputs(processor, items):
-    image, qa = items[0]
-    return dict(processor(images=image, text=prompt(qa.question, processor.image_token), return_tensors="pt"))
+from redlens_compile.models.evaluate import (  # noqa: E402
+    accuracy_by_type, answer_questions, blank_like, encode_questions,
+)
+from redlens_compile.models.shapes_task import QUESTION_TYPES, heldout_questions  # noqa: E402
 
 
 def markdown(rows: list[dict]) -> str:
@@ -79,7 +76,7 @@ def main() -> None:
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     items = heldout_questions(args.questions)
-    example = example_inputs(processor, items)
+    example = encode_questions(processor, [items[0][0]], [items[0][1].question])
 
     rows = []
     start = time.time()

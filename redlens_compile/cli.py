@@ -29,6 +29,7 @@ def _build_inputs(processor, image_path: str | None, prompt: str | None) -> dict
     from PIL import Image
 
     from .models.demo import demo_image
+    from .models.shapes_task import prompt as task_prompt
 
     if image_path is not None:
         if not Path(image_path).is_file():
@@ -37,7 +38,7 @@ def _build_inputs(processor, image_path: str | None, prompt: str | None) -> dict
     else:
         image = demo_image()
     image_token = getattr(processor, "image_token", "<image>")
-    text = prompt if prompt is not None else f"USER: {image_token}\n{DEFAULT_QUESTION} ASSISTANT:"
+    text = prompt if prompt is not None else task_prompt(DEFAULT_QUESTION, image_token)
     if image_token not in text:
         text = f"{image_token}\n{text}"
     return dict(processor(images=image, text=text, return_tensors="pt"))
@@ -159,16 +160,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .models.demo import ensure_default_model
+    from .models.evaluate import encode_questions
+    from .models.shapes_task import heldout_questions
 
     config = _config_from_args(args)
-    from .models.shapes_task import heldout_questions, prompt
-
     model_dir = ensure_default_model()
     meta = json.loads((model_dir / "redlens_model.json").read_text())
     print(f"default model    {model_dir} ({meta['weights']} weights)")
     model, processor = _load(str(model_dir))
     image, qa = heldout_questions(1)[0]
-    inputs = dict(processor(images=image, text=prompt(qa.question, processor.image_token), return_tensors="pt"))
+    inputs = encode_questions(processor, [image], [qa.question])
     questions = args.questions if meta["weights"] == "trained" else 0  # random weights: accuracy means nothing
     summary = _run_optimize(model, processor, inputs, config, Path(args.out), args.max_new_tokens, args.repeats,
                             questions)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from fvcore.nn import FlopCountAnalysis
@@ -24,7 +24,7 @@ from fvcore.nn.jit_handles import get_shape
 from torch import fx, nn
 
 from ..capture.annotate import NodeAnnotation, annotation
-from ..capture.decoder_inputs import DecoderInputs, DecoderReached
+from ..capture.decoder_inputs import DecoderInputs, run_to_decoder
 from ..capture.decoder_module import LogitsOnly
 from ..capture.families import FamilyAdapter
 
@@ -213,28 +213,17 @@ class _KwargsCall(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
 
 
-def _record_calls(
-    model: nn.Module, paths: Iterable[str], run: Callable[[], Any], stop_at: nn.Module
-) -> dict[str, tuple]:
-    """The (args, kwargs) of the first call of each module in `paths` during `run()`.
-
-    The run stops when it reaches `stop_at` (the decoder), which the vision path precedes.
-    """
+def _record_calls(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[str, Any],
+                  paths: Iterable[str]) -> dict[str, tuple]:
+    """The (args, kwargs) of the first call of each module in `paths` during the vision path."""
     calls: dict[str, tuple] = {}
-
-    def stop(_m: nn.Module, _args: tuple, _kwargs: dict) -> None:
-        raise DecoderReached
-
-    handles = [stop_at.register_forward_pre_hook(stop, with_kwargs=True)]
+    handles = []
     for path in paths:
         def hook(_m: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
             calls.setdefault(path, (args, kwargs))
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        with torch.no_grad():
-            run()
-    except DecoderReached:
-        pass
+        run_to_decoder(model, adapter, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -266,9 +255,7 @@ def count_vision_flops(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping
     if "pixel_values" not in vision_keys:
         return VisionFlops(None, None, "no pixel_values in the inputs")
     paths = (adapter.vision_tower_path, *adapter.projector_paths)
-    calls = _record_calls(
-        model, paths, lambda: model(**dict(inputs), use_cache=False), stop_at=adapter.language_model(model)
-    )
+    calls = _record_calls(model, adapter, inputs, paths)
     try:
         counts = {path: _module_flops(model.get_submodule(path), *calls[path]) for path in paths}
     except Exception as exc:  # fvcore's jit tracer rejects some modules; say so instead of guessing

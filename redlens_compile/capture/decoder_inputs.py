@@ -21,8 +21,33 @@ from .families import FamilyAdapter
 logger = logging.getLogger(__name__)
 
 
-class DecoderReached(Exception):
+class _DecoderReached(Exception):
     """Raised by the pre-hook to stop the forward once the decoder inputs are known."""
+
+
+def run_to_decoder(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Run `model`'s forward (vision, projector, token merge) and stop at its language model.
+
+    Returns the keyword arguments the family's code passed to the language model. Other
+    hooks registered around this call see the vision path run exactly as in a real forward.
+    """
+    seen: dict[str, Any] = {}
+
+    def hook(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
+        seen.update(kwargs)
+        raise _DecoderReached
+
+    kwargs = dict(inputs)
+    kwargs["use_cache"] = False
+    handle = adapter.language_model(model).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    except _DecoderReached:
+        pass
+    finally:
+        handle.remove()
+    return seen
 
 
 @dataclass
@@ -93,22 +118,7 @@ def capture_decoder_inputs(
             "image placeholder (e.g. processor.image_token)."
         )
 
-    seen: dict[str, Any] = {}
-
-    def hook(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
-        seen.update(kwargs)
-        raise DecoderReached
-
-    kwargs = dict(inputs)
-    kwargs["use_cache"] = False
-    handle = adapter.language_model(model).register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**kwargs)
-    except DecoderReached:
-        pass
-    finally:
-        handle.remove()
+    seen = run_to_decoder(model, adapter, inputs)
     if "inputs_embeds" not in seen or seen["inputs_embeds"] is None:
         raise CaptureError(
             f"{type(model).__name__}.forward did not call its language model with inputs_embeds; "

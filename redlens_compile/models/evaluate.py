@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
@@ -12,9 +11,15 @@ from tqdm import tqdm
 
 from .shapes_task import QA, QUESTION_TYPES, prompt
 
-logger = logging.getLogger(__name__)
-
 Generate = Callable[..., torch.Tensor]
+
+
+def encode_questions(processor: Any, images: Sequence[Image.Image], questions: Sequence[str]) -> dict:
+    """Processor inputs for a batch of (image, question) in the task's prompt format, left-padded."""
+    processor.tokenizer.padding_side = "left"
+    image_token = getattr(processor, "image_token", "<image>")
+    return dict(processor(images=list(images), text=[prompt(q, image_token) for q in questions],
+                          padding=True, return_tensors="pt"))
 
 
 @torch.no_grad()
@@ -24,14 +29,11 @@ def answer_questions(
 ) -> list[str]:
     """The first greedily generated word for each (image, question), batched with left padding."""
     tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
-    image_token = getattr(processor, "image_token", "<image>")
     answers: list[str] = []
     batches = range(0, len(items), batch_size)
     for start in tqdm(batches, desc="answering", unit="batch", disable=not progress):
         chunk = items[start:start + batch_size]
-        enc = processor(images=[img for img, _ in chunk], text=[prompt(qa.question, image_token) for _, qa in chunk],
-                        padding=True, return_tensors="pt")
+        enc = encode_questions(processor, [img for img, _ in chunk], [qa.question for _, qa in chunk])
         ids = generate(**enc, max_new_tokens=1, do_sample=False)
         answers.extend(tokenizer.convert_ids_to_tokens(ids[:, -1].tolist()))
     return answers
