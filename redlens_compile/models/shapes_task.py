@@ -31,6 +31,7 @@ PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cr
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 DIRECTIONS = ("left", "right", "above", "below")
 QUESTION_TYPES = ("colour", "shape", "count", "position", "presence")
+POSITION_MARGIN = 2  # cells by which the dominant axis of a position question must win
 
 _SPLIT_SEEDS = {"train": 1_000_003, "test": 7_000_001}
 
@@ -131,7 +132,9 @@ def ask(rng: random.Random, objects: list[SceneObject], qtype: str) -> QA | None
         return QA(f"how many {PLURAL[shape]} are there ?", NUMBERS[n], qtype)
     if qtype == "position":
         unique = _unique(objects, lambda o: (o.colour, o.shape))
-        pairs = [(a, b) for a in unique for b in unique if a is not b and abs(a.row - b.row) != abs(a.col - b.col)]
+        # Only pairs with a clear dominant axis: "left" must not be a judgement call against "above".
+        pairs = [(a, b) for a in unique for b in unique
+                 if a is not b and abs(abs(a.row - b.row) - abs(a.col - b.col)) >= POSITION_MARGIN]
         if not pairs:
             return None
         a, b = rng.choice(pairs)
@@ -183,5 +186,7 @@ def heldout_questions(count: int) -> list[tuple[Image.Image, QA]]:
 
 
 def prompt(question: str, image_token: str = "<image>") -> str:
-    """The question comes before the image: each visual token can then check itself against it."""
-    return f"USER: {question}\n{image_token} ASSISTANT:"
+    """The question comes before the image (each visual token can check itself against it) and
+    again after it (the answer position reads what is asked from its neighbours, not from 256
+    tokens back)."""
+    return f"USER: {question}\n{image_token}\n{question} ASSISTANT:"
