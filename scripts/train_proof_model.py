@@ -157,20 +157,17 @@ def turn_targets(enc, items, image_token_id: int, assistant_id: int) -> TurnTarg
                        torch.tensor(is_position))
 
 
-def attention_loss(attentions, rows, queries, masks, layers=(1, 2, 3), union_layers=()) -> torch.Tensor:
-    """Heads 0 and 1 of each layer in `layers`: -log(attention mass on their target patches). In
-    `union_layers` both heads take the union of the two targets (a position question's two objects
-    together: an easier lookup while the query has not yet sorted out which object came first)."""
+def attention_loss(attentions, rows, queries, masks, layers=(1, 2, 3)) -> torch.Tensor:
+    """Heads 0 and 1 of each layer in `layers`: -log(attention mass on their target patches)."""
+    has_target = masks.any(dim=2)  # [T, 2]
+    if not bool(has_target.any()):
+        return torch.zeros(())
     losses = []
     for layer in layers:
-        target = masks.any(dim=1, keepdim=True).expand_as(masks) if layer in union_layers else masks
-        has_target = target.any(dim=2)  # [T, 2]
-        if not bool(has_target.any()):
-            continue
         weights = attentions[layer][rows, :2, queries]  # [T, 2, S]
-        mass = (weights * target).sum(dim=2)
+        mass = (weights * masks).sum(dim=2)
         losses.append(-torch.log(mass[has_target] + 1e-6).mean())
-    return torch.stack(losses).mean() if losses else torch.zeros(())
+    return torch.stack(losses).mean()
 
 
 class AuxHeads(nn.Module):
@@ -222,8 +219,6 @@ def main() -> None:
                         help="continue from a model this script wrote (second phase); the vision tower is frozen")
     parser.add_argument("--focus", default=None, help="a question type to oversample, e.g. position")
     parser.add_argument("--focus-share", type=float, default=0.5, help="share of images asking only --focus")
-    parser.add_argument("--union-layers", default="", help="comma-separated decoder layers whose two supervised "
-                        "heads both target the union of a position question's objects")
     parser.add_argument("--offset-probe-layer", type=int, default=None,
                         help="regress a position question's (row, col) offset from the residual stream after this "
                         "decoder layer at the answer position (a probe dropped at save)")
@@ -248,7 +243,6 @@ def main() -> None:
         model.model.vision_tower.requires_grad_(False)  # its features are done; no auxiliary loss
     else:
         model, processor = build_llava(make_tokenizer(vocabulary()), seed=args.seed)
-    union_layers = tuple(int(x) for x in args.union_layers.split(",") if x)
     # Attention weights are needed for the attention loss: eager attention while training only.
     model.set_attn_implementation("eager")
     image_token_id = model.config.image_token_id
@@ -290,8 +284,7 @@ def main() -> None:
             group["lr"] = lr_at(step)
         out = model(**enc, output_attentions=True, output_hidden_states=args.offset_probe_layer is not None)
         aux_loss = torch.zeros(()) if args.init_from else heads.loss(captured["feats"], aux_target)
-        attn_loss = attention_loss(out.attentions, targets.rows, targets.queries, targets.masks,
-                                   union_layers=union_layers)
+        attn_loss = attention_loss(out.attentions, targets.rows, targets.queries, targets.masks)
         loss = out.loss + 0.5 * aux_loss + args.attention_weight * attn_loss
         if args.projector_coords_weight:
             predicted = projector_coords(captured["projected"])  # [B, 256, 2]
@@ -337,9 +330,10 @@ def main() -> None:
         "task": "redlens_compile.models.shapes_task",
         "phases": (base_meta["phases"] if base_meta else []) + [{
             **{k: getattr(args, k) for k in ("steps", "batch_size", "lr", "curriculum_steps", "attention_weight",
-                                           "seed", "threads", "init_from", "focus", "focus_share", "union_layers",
+                                           "seed", "threads", "init_from", "focus", "focus_share",
                                            "offset_probe_layer", "projector_coords_weight", "data_offset")},
             "minutes": (time.time() - start) / 60,
+            "heldout_accuracy": final,  # after this phase: what each phase bought
         }],
         "heldout_questions": args.final_questions,
         "heldout_accuracy": final,
