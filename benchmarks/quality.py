@@ -29,6 +29,16 @@ from redlens_compile.models.evaluate import (  # noqa: E402
 from redlens_compile.models.shapes_task import QUESTION_TYPES, heldout_questions  # noqa: E402
 
 
+def row_name(spec: str, config: rc.RedLensConfig) -> str:
+    """Preset names and file paths name themselves; JSON text is named by the fields that differ
+    from identity, on one line (a table cell and a plot legend hold no newlines)."""
+    if not spec.strip().startswith("{"):
+        return spec
+    identity = rc.RedLensConfig.identity().to_dict()
+    changed = {k: v for k, v in config.to_dict().items() if v != identity[k]}
+    return "json: " + (", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "identity")
+
+
 def markdown(rows: list[dict]) -> str:
     head = "| method | decoder FLOPs ratio | overall | " + " | ".join(QUESTION_TYPES) + " |"
     sep = "|---|---:|---:|" + "---:|" * len(QUESTION_TYPES)
@@ -88,7 +98,7 @@ def main() -> None:
         config = rc.RedLensConfig.parse(spec)
         opt = rc.optimize(model, example, config=config)
         acc = accuracy_by_type(items, answer_questions(opt.generate, processor, items))
-        rows.append({"name": spec, "config": config.to_dict(), "flops_ratio": opt.report.flops_ratio, "accuracy": acc})
+        rows.append({"name": row_name(spec, config), "config": config.to_dict(), "flops_ratio": opt.report.flops_ratio, "accuracy": acc})
     result = {"model_dir": str(model_dir), "questions": len(items), "seconds": time.time() - start, "rows": rows}
     plot(rows, Path(args.plot))
     print(json.dumps(result, indent=2))
