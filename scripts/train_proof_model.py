@@ -29,7 +29,6 @@ stream and position crept from 34% to 54%; a probe learns from zero, and while i
 passes only a weak gradient to the model. With the probes at 10x the rate and a heavier offset
 loss on layers 1 and 2 (phase 3), position passed 70% within 150 steps.
 """
-"""
 
 from __future__ import annotations
 
