@@ -98,7 +98,8 @@ def main() -> None:
         config = rc.RedLensConfig.parse(spec)
         opt = rc.optimize(model, example, config=config)
         acc = accuracy_by_type(items, answer_questions(opt.generate, processor, items))
-        rows.append({"name": row_name(spec, config), "config": config.to_dict(), "flops_ratio": opt.report.flops_ratio, "accuracy": acc})
+        rows.append({"name": row_name(spec, config), "config": config.to_dict(),
+                     "flops_ratio": opt.report.flops_ratio, "accuracy": acc})
     result = {"model_dir": str(model_dir), "questions": len(items), "seconds": time.time() - start, "rows": rows}
     plot(rows, Path(args.plot))
     print(json.dumps(result, indent=2))

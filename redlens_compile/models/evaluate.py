@@ -16,10 +16,10 @@ Generate = Callable[..., torch.Tensor]
 
 def encode_questions(processor: Any, images: Sequence[Image.Image], questions: Sequence[str]) -> dict:
     """Processor inputs for a batch of (image, question) in the task's prompt format, left-padded."""
-    processor.tokenizer.padding_side = "left"
     image_token = getattr(processor, "image_token", "<image>")
+    # per call, not on the tokenizer: the caller's processor keeps its own padding side
     return dict(processor(images=list(images), text=[prompt(q, image_token) for q in questions],
-                          padding=True, return_tensors="pt"))
+                          padding=True, padding_side="left", return_tensors="pt"))
 
 
 @torch.no_grad()

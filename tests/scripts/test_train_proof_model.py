@@ -43,4 +43,5 @@ def test_two_phases_write_a_plain_llava_with_the_phases_recorded(tmp_path):
 
     assert tensor_names(tmp_path / "phase2") == tensor_names(SHIPPED_MODEL_DIR)
     AutoModelForImageTextToText.from_pretrained(tmp_path / "phase2")
-    AutoProcessor.from_pretrained(tmp_path / "phase2")
+    # training pads on the right per call; the saved processor still pads on the left for generate
+    assert AutoProcessor.from_pretrained(tmp_path / "phase2").tokenizer.padding_side == "left"
