@@ -6,6 +6,7 @@ from .api import audit, capture, optimize  # noqa: E402
 from .artifact.optimized_model import OptimizedModel  # noqa: E402
 from .config import RedLensConfig  # noqa: E402
 from .errors import (  # noqa: E402
+    BudgetUnreachableError,
     CaptureError,
     ConfigError,
     NoImageTokensError,
@@ -16,6 +17,7 @@ from .errors import (  # noqa: E402
 from .report.audit_report import AuditReport  # noqa: E402
 
 __all__ = [
+    "BudgetUnreachableError",
     "AuditReport",
     "CaptureError",
     "ConfigError",

@@ -23,3 +23,7 @@ class CaptureError(RedLensError, RuntimeError):
 
 class ReductionUnavailableError(RedLensError, NotImplementedError):
     """The config asks for a reduction whose pass is not part of this build."""
+
+
+class BudgetUnreachableError(RedLensError, ValueError):
+    """flops_budget cannot be met even with every layer reduced down to the floors."""

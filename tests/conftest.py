@@ -41,4 +41,19 @@ def identity_optimized(family_models):
     return get
 
 
+@pytest.fixture(scope="session")
+def captured_family(family_models):
+    """family name -> (model, example inputs, CapturedDecoder) (captured once; passes run on clones)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = family_models(name)
+            example = make_inputs(name, model)
+            cache[name] = (model, example, rc.capture(model, example))
+        return cache[name]
+
+    return get
+
+
 ALL_FAMILIES = list(FAMILIES)

@@ -37,7 +37,7 @@ def test_audit_cli_with_prompt(demo_dir, tmp_path):
     [
         (["audit", "/no/such/dir", "--out", "x"], "no config.json"),
         (["optimize", "{model}", "--config", '{"flops_budget": 2}', "--out", "x"], "flops_budget=2"),
-        (["optimize", "{model}", "--config", '{"flops_budget": 0.5}', "--out", "x"], "not part of this build"),
+        (["optimize", "{model}", "--config", '{"flops_budget": 0.05}', "--out", "x"], "flops_budget=0.05 cannot be met"),
         (["audit", "{model}", "--image", "/no/such.png", "--out", "x"], "--image /no/such.png: no such file"),
     ],
 )

@@ -1,4 +1,6 @@
-"""Must show 3: unsupported models, inputs without image tokens and bad configs fail clearly."""
+"""Unsupported models, inputs without image tokens, bad configs and unreachable budgets fail clearly."""
+
+import re
 
 import pytest
 import torch
@@ -71,9 +73,43 @@ def test_layer_index_out_of_range_is_a_config_error(family_models):
         rc.optimize(model, make_inputs("llava", model), config=cfg)
 
 
-def test_reduction_without_its_pass_is_an_error_not_a_silent_no_op(family_models):
+def test_pruning_without_its_pass_is_an_error_not_a_silent_no_op(family_models):
     model = family_models("llava")
-    with pytest.raises(rc.ReductionUnavailableError, match="RedLensConfig.identity"):
-        rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(flops_budget=0.5))
     with pytest.raises(rc.ReductionUnavailableError, match="prune='fastv'"):
         rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(prune="fastv"))
+
+
+def test_no_image_tokens_with_a_default_config_is_reported_first(family_models):
+    model = family_models("llava")
+    inputs = make_inputs("llava", model)
+    text_only = {"input_ids": inputs["input_ids"][:, :4], "attention_mask": inputs["attention_mask"][:, :4]}
+    for config in (None, rc.RedLensConfig(), rc.RedLensConfig(prune="fastv"), rc.RedLensConfig(layers=[9])):
+        with pytest.raises(rc.NoImageTokensError):
+            rc.optimize(model, text_only, config=config)
+
+
+def test_unreachable_budget_names_the_lowest_reachable_ratio(family_models):
+    model = family_models("llava")
+    with pytest.raises(rc.BudgetUnreachableError) as err:
+        rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(flops_budget=0.1))
+    msg = str(err.value)
+    assert "flops_budget=0.1 cannot be met" in msg and "prune" in msg
+    lowest = float(re.search(r"lowest reachable decoder FLOPs ratio is (\d\.\d+)", msg).group(1))
+    # The ratio it names is reachable: asking for it succeeds and lands at or under it.
+    opt = rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(flops_budget=round(lowest + 1e-3, 3)))
+    assert 0.1 < opt.report.flops_ratio <= lowest + 1e-3
+    # With one reduction off, the floor is higher (a reduction the user turned off stays off).
+    with pytest.raises(rc.BudgetUnreachableError):
+        rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(flops_budget=0.5, ffn_keep=1.0))
+
+
+def test_probe_tokens_above_the_visual_count_are_clamped_and_reported(family_models):
+    model = family_models("llava")
+    inputs = make_inputs("llava", model)
+    visual = int((inputs["input_ids"] == IMAGE_TOKEN).sum())
+    base = rc.optimize(model, inputs, config=rc.RedLensConfig(layers=[0], ffn_keep=0.5, probe_tokens=visual))
+    big = rc.optimize(model, inputs, config=rc.RedLensConfig(layers=[0], ffn_keep=0.5, probe_tokens=visual + 50))
+    assert any(f"probe_tokens={visual + 50} exceeds the {visual} visual tokens" in n for n in big.report.notes)
+    assert not any("probe_tokens" in n for n in base.report.notes)
+    # Clamped: every visual row is a probe, exactly as with probe_tokens == the visual count.
+    assert torch.equal(big(**inputs).logits, base(**inputs).logits)

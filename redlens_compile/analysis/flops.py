@@ -80,14 +80,29 @@ def flop_analysis(module: nn.Module, args: tuple) -> FlopCountAnalysis:
     return analysis
 
 
+def is_counted(target: Any) -> bool:
+    """aten ops with a matmul cost, and the project's own ops marked with ops.rows.counted."""
+    return target in COUNTED_TARGETS or getattr(target, "_redlens_counted", False)
+
+
 class CountedOp(nn.Module):
-    """Calls one graph op; exists so fvcore's per-module table has one row per node."""
+    """Calls one graph op; exists so fvcore's per-module table has one row per node.
+
+    An op of our own that knows its cost (`_redlens_flops`) records (visual, text) from its real
+    inputs when called; that replaces fvcore's count of the aten calls inside it.
+    """
 
     def __init__(self, target: Any):
         super().__init__()
         self.target = target
+        self.own_flops: tuple[float, float] | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        cost = getattr(self.target, "_redlens_flops", None)
+        if cost is not None:
+            # float(): under fvcore's jit trace, sizes can come back as 0-dim tensors.
+            visual, text = cost(*args, **kwargs)
+            self.own_flops = (float(visual), float(text))
         return self.target(*args, **kwargs)
 
 
@@ -103,7 +118,7 @@ def counting_view(graph_module: fx.GraphModule) -> tuple[fx.GraphModule, dict[st
     view = fx.GraphModule(graph_module, graph)
     names: dict[str, NodeAnnotation] = {}
     for index, (old, new) in enumerate(list(value_map.items())):
-        if new.op != "call_function" or new.target not in COUNTED_TARGETS:
+        if new.op != "call_function" or not is_counted(new.target):
             continue
         name = f"rl_count_{index}"
         view.add_submodule(name, CountedOp(new.target))
@@ -142,6 +157,12 @@ class TokenSplit:
         return self.attention_visual_share if ann.group == "attn" else self.linear_visual_share
 
 
+def groups_total(groups: Mapping[str, Mapping[str, float]], kind: str | None = None) -> float:
+    """Sum of one layer's {group: {visual, text}} costs, of one token kind or both."""
+    kinds = (kind,) if kind else ("visual", "text")
+    return sum(groups.get(g, {}).get(k, 0.0) for g in GROUPS for k in kinds)
+
+
 @dataclass
 class GraphFlops:
     """FLOPs of one decoder graph: per layer and group, split visual/text."""
@@ -152,18 +173,23 @@ class GraphFlops:
     total: float = 0.0
 
     def layer_total(self, layer: int, kind: str | None = None) -> float:
-        groups = self.layers.get(layer, {})
-        kinds = (kind,) if kind else ("visual", "text")
-        return sum(groups.get(g, {}).get(k, 0.0) for g in GROUPS for k in kinds)
+        return groups_total(self.layers.get(layer, {}), kind)
 
 
-def _attribute(per_node: Mapping[str, float], names: Mapping[str, NodeAnnotation], split: TokenSplit) -> GraphFlops:
+def _attribute(per_node: Mapping[str, float], names: Mapping[str, NodeAnnotation], split: TokenSplit,
+               own: Mapping[str, tuple[float, float]]) -> GraphFlops:
     layers: dict[int, dict[str, dict[str, float]]] = defaultdict(
         lambda: {g: {"visual": 0.0, "text": 0.0} for g in GROUPS}
     )
     result = GraphFlops()
     for name, ann in names.items():
-        flops = float(per_node.get(name, 0))
+        if name in own:
+            visual, text = own[name]
+        else:
+            flops = float(per_node.get(name, 0))
+            share = split.visual_share(ann)
+            visual, text = flops * share, flops * (1.0 - share)
+        flops = visual + text
         result.total += flops
         if flops == 0:
             continue
@@ -172,9 +198,8 @@ def _attribute(per_node: Mapping[str, float], names: Mapping[str, NodeAnnotation
         elif ann.layer is None or ann.group not in GROUPS:
             result.other += flops
         else:
-            share = split.visual_share(ann)
-            layers[ann.layer][ann.group]["visual"] += flops * share
-            layers[ann.layer][ann.group]["text"] += flops * (1.0 - share)
+            layers[ann.layer][ann.group]["visual"] += visual
+            layers[ann.layer][ann.group]["text"] += text
     result.layers = dict(layers)
     return result
 
@@ -184,11 +209,13 @@ def count_graph_flops(graph_module: fx.GraphModule, inputs: DecoderInputs) -> Gr
     view, names = counting_view(graph_module)
     analysis = flop_analysis(view, inputs.as_args())
     per_module = analysis.by_module()
-    result = _attribute(per_module, names, TokenSplit.from_inputs(inputs))
-    if abs(result.total - analysis.total()) > 0.5:
-        raise RuntimeError(
-            f"FLOPs attribution lost work: nodes sum to {result.total}, fvcore total {analysis.total()}"
-        )
+    own = {name: m.own_flops for name, m in view.named_children()
+           if isinstance(m, CountedOp) and m.own_flops is not None}
+    result = _attribute(per_module, names, TokenSplit.from_inputs(inputs), own)
+    # What fvcore saw, with each self-counting op's inner aten calls swapped for its own count.
+    expected = analysis.total() - sum(per_module.get(n, 0) for n in own) + sum(sum(v) for v in own.values())
+    if abs(result.total - expected) > 0.5:
+        raise RuntimeError(f"FLOPs attribution lost work: nodes sum to {result.total}, fvcore total {expected}")
     return result
 
 

@@ -13,6 +13,9 @@ from ..capture.decoder_inputs import DecoderInputs, capture_decoder_inputs
 from ..capture.decoder_module import kv_to_cache
 from ..capture.families import FamilyAdapter
 from ..config import RedLensConfig
+from ..passes.infra import run_passes
+from ..passes.last_position_logits import LastPositionLogitsPass
+from ..passes.selectors import clone_graph_module
 from ..report.audit_report import AuditReport
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,8 @@ class OptimizedModel(nn.Module):
         super().__init__()
         self.model = model
         self.graph_module = graph_module
+        # generate's prefill: the same graph (same weights) with logits for the last position only.
+        self.prefill_graph, _ = run_passes(clone_graph_module(graph_module), [LastPositionLogitsPass()])
         self.adapter = adapter
         self.report = report
         self.config = config
@@ -47,8 +52,10 @@ class OptimizedModel(nn.Module):
     def text_config(self):
         return self.adapter.language_model(self.model).config
 
-    def run_decoder(self, decoder_inputs: DecoderInputs) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        logits, *kv = self.graph_module(*decoder_inputs.as_args())
+    def run_decoder(self, decoder_inputs: DecoderInputs, last_position_only: bool = False
+                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        graph = self.prefill_graph if last_position_only else self.graph_module
+        logits, *kv = graph(*decoder_inputs.as_args())
         return logits, tuple(kv)
 
     @torch.no_grad()
@@ -98,7 +105,7 @@ class OptimizedModel(nn.Module):
         decoder_inputs = capture_decoder_inputs(
             self.model, self.adapter, dict(inputs, position_ids=position_ids), require_visual=False
         )
-        logits, kv = self.run_decoder(decoder_inputs)
+        logits, kv = self.run_decoder(decoder_inputs, last_position_only=True)
         cache = kv_to_cache(kv, self.text_config)
         # The cache may hold fewer positions than the prompt (token pruning): its mask follows it.
         cache_mask = decoder_inputs.attention_mask

@@ -4,9 +4,13 @@ from .annotate import NodeAnnotation, annotate_graph, annotation
 from .decoder_inputs import DecoderInputs, capture_decoder_inputs
 from .decoder_module import DecoderWithHead, LogitsOnly, kv_to_cache
 from .export import export_decoder
+from .pipeline import CapturedDecoder, capture, check_capture
 from .families import FAMILIES, FamilyAdapter, adapter_for, supported_model_classes
 
 __all__ = [
+    "CapturedDecoder",
+    "capture",
+    "check_capture",
     "FAMILIES",
     "DecoderInputs",
     "DecoderWithHead",

@@ -1,7 +1,21 @@
 """Passes stage: graph rewrites on the decoder GraphModule, one pass per file."""
 
 from .dead_code import DeadCodeEliminationPass
+from .dynamic_ffn import DynamicFFNPass
+from .hollow_attention import HollowAttentionPass
 from .infra import PassRecord, RedLensPass, run_passes
+from .pipeline import PipelineResult, apply_plan, build_passes
 from .strip_asserts import StripAssertsPass
 
-__all__ = ["DeadCodeEliminationPass", "PassRecord", "RedLensPass", "StripAssertsPass", "run_passes"]
+__all__ = [
+    "DeadCodeEliminationPass",
+    "DynamicFFNPass",
+    "HollowAttentionPass",
+    "PassRecord",
+    "PipelineResult",
+    "RedLensPass",
+    "StripAssertsPass",
+    "apply_plan",
+    "build_passes",
+    "run_passes",
+]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..analysis.flops import FLOP_CONVENTION, GROUPS
+from ..analysis.flops import FLOP_CONVENTION, GROUPS, groups_total
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +23,6 @@ def library_versions() -> dict[str, str]:
     import transformers
     from importlib.metadata import PackageNotFoundError, version
 
-    from .. import __version__
-
     def dist_version(name: str) -> str:
         try:
             return version(name)
@@ -32,7 +30,7 @@ def library_versions() -> dict[str, str]:
             return "unknown"
 
     return {
-        "redlens_compile": __version__,
+        "redlens_compile": dist_version("redlens-compile"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "fvcore": dist_version("fvcore"),
@@ -54,11 +52,6 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def _layer_sum(groups: dict[str, dict[str, float]], kind: str | None = None) -> float:
-    kinds = (kind,) if kind else ("visual", "text")
-    return sum(groups.get(g, {}).get(k, 0.0) for g in GROUPS for k in kinds)
-
-
 @dataclass
 class AuditReport:
     """What the decoder costs before and after optimization, and what was done to it."""
@@ -71,6 +64,7 @@ class AuditReport:
     config: dict[str, Any] | None = None
     passes: list[dict[str, Any]] = field(default_factory=list)
     ranking: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
     chosen_layers: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=library_versions)
@@ -101,6 +95,7 @@ class AuditReport:
             "components": self.components,
             "layers": self.layers,
             "ranking": self.ranking,
+            "plan": self.plan,
             "chosen_layers": self.chosen_layers,
             "passes": self.passes,
             "notes": self.notes,
@@ -114,7 +109,7 @@ class AuditReport:
                 "re-run the audit with this version of redlens-compile"
             )
         keys = ("model", "inputs", "layers", "components", "totals", "config", "passes", "ranking",
-                "chosen_layers", "notes", "versions", "flops_convention")
+                "plan", "chosen_layers", "notes", "versions", "flops_convention")
         return cls(**{k: data[k] for k in keys if k in data})
 
     @classmethod
@@ -146,20 +141,27 @@ class AuditReport:
             lines.append(f"- config: `{json.dumps(self.config, sort_keys=True)}`")
         lines.append(f"- reduced layers: {self.chosen_layers if self.chosen_layers else 'none'}")
         lines += ["", "## Decoder layers (FLOPs)", "",
-                  "| layer | visual before | text before | visual after | text after | after/before | reduced |",
-                  "|---:|---:|---:|---:|---:|---:|:---:|"]
+                  "| layer | visual before | text before | visual after | text after | after/before | settings |",
+                  "|---:|---:|---:|---:|---:|---:|:---|"]
         for row in self.layers:
-            vb, tb = _layer_sum(row["before"], "visual"), _layer_sum(row["before"], "text")
-            va, ta = _layer_sum(row["after"], "visual"), _layer_sum(row["after"], "text")
+            vb, tb = groups_total(row["before"], "visual"), groups_total(row["before"], "text")
+            va, ta = groups_total(row["after"], "visual"), groups_total(row["after"], "text")
             ratio = (va + ta) / (vb + tb) if vb + tb else float("nan")
-            lines.append(f"| {row['layer']} | {vb:.4g} | {tb:.4g} | {va:.4g} | {ta:.4g} | {ratio:.3f} | "
-                         f"{'yes' if row.get('reduced') else ''} |")
-        lines += ["", "## Per group, before (visual / text)", "", "| layer | proj | attn core | ffn |", "|---:|---:|---:|---:|"]
-        for row in self.layers:
-            cells = [f"{row['before'][g]['visual']:.3g} / {row['before'][g]['text']:.3g}" for g in GROUPS]
-            lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
+            settings = row.get("settings") or {}
+            label = ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None) if row.get("reduced") else ""
+            lines.append(f"| {row['layer']} | {vb:.4g} | {tb:.4g} | {va:.4g} | {ta:.4g} | {ratio:.3f} | {label} |")
+        for phase in ("before", "after"):
+            lines += ["", f"## Per group, {phase} (visual / text)", "", "| layer | proj | attn core | ffn |",
+                      "|---:|---:|---:|---:|"]
+            for row in self.layers:
+                cells = [f"{row[phase][g]['visual']:.3g} / {row[phase][g]['text']:.3g}" for g in GROUPS]
+                lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
         if self.ranking:
-            lines += ["", "## Layer ranking", "", f"```json\n{json.dumps(self.ranking, indent=1)}\n```"]
+            lines += ["", f"## Layer ranking ({self.ranking['metric']}; lower = less critical, reduced first)", "",
+                      "| layer | score |", "|---:|---:|"]
+            lines += [f"| {i} | {self.ranking['scores'][str(i)]:.4g} |" for i in self.ranking["order"]]
+        if self.plan.get("steps"):
+            lines += ["", "## Planner steps", ""] + [f"{k + 1}. {step}" for k, step in enumerate(self.plan["steps"])]
         if self.passes:
             lines += ["", "## Passes", "", "| pass | modified | nodes before | nodes after |", "|---|:---:|---:|---:|"]
             for p in self.passes:
@@ -181,8 +183,8 @@ class AuditReport:
         fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(layers) + 3), 4))
         for offset, phase, alpha in ((-width / 2, "before", 1.0), (width / 2, "after", 0.6)):
             xs = [x + offset for x in layers]
-            visual = [_layer_sum(r[phase], "visual") for r in self.layers]
-            text = [_layer_sum(r[phase], "text") for r in self.layers]
+            visual = [groups_total(r[phase], "visual") for r in self.layers]
+            text = [groups_total(r[phase], "text") for r in self.layers]
             ax.bar(xs, visual, width, label=f"visual ({phase})", color="tab:orange", alpha=alpha)
             ax.bar(xs, text, width, bottom=visual, label=f"text ({phase})", color="tab:blue", alpha=alpha)
         ax.set_xlabel("decoder layer")

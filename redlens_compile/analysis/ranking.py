@@ -1,0 +1,125 @@
+"""Layer ranking: how much each decoder layer tolerates reduction, on calibration inputs.
+
+Metrics (lower score = less critical = reduced first):
+- "jsd" (default) / "kl": sensitivity. Reduce that layer alone (a trial graph), run the
+  calibration inputs, and measure the divergence of the next-token distribution (last
+  position of each row) from the unreduced graph's.
+- "activation": mean |update| the layer adds to the visual rows (its output minus its input).
+- "variance": variance of the layer's output over the visual rows.
+- "gradient": first-order estimate of removing the layer's visual update,
+  mean |d log p(top token) / d h * update| over visual rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from ..capture.decoder_inputs import DecoderInputs
+
+logger = logging.getLogger(__name__)
+
+SENSITIVITY_METRICS = ("jsd", "kl")
+
+
+@dataclass
+class LayerRanking:
+    metric: str
+    scores: dict[int, float]
+
+    @property
+    def order(self) -> list[int]:
+        """Least critical first (ties broken by layer index)."""
+        return sorted(self.scores, key=lambda i: (self.scores[i], i))
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "scores": {str(i): s for i, s in sorted(self.scores.items())},
+                "order": self.order}
+
+
+def next_token_log_probs(graph_module: fx.GraphModule, inputs: DecoderInputs) -> torch.Tensor:
+    with torch.no_grad():
+        logits = graph_module(*inputs.as_args())[0]
+    return torch.log_softmax(logits[:, -1, :].to(torch.float64), dim=-1)
+
+
+def divergence(ref: torch.Tensor, other: torch.Tensor, metric: str) -> float:
+    """Mean over rows of JSD or KL(ref || other), from log-probabilities."""
+    if metric == "kl":
+        return float((ref.exp() * (ref - other)).sum(-1).mean())
+    mix = torch.logaddexp(ref, other) - torch.log(torch.tensor(2.0, dtype=ref.dtype))
+    jsd = 0.5 * (ref.exp() * (ref - mix)).sum(-1) + 0.5 * (other.exp() * (other - mix)).sum(-1)
+    return float(jsd.clamp_min(0).mean())
+
+
+def sensitivity_scores(
+    graph_module: fx.GraphModule,
+    calibration: Sequence[DecoderInputs],
+    layers: Sequence[int],
+    reduce_one: Callable[[int], fx.GraphModule],
+    metric: str,
+) -> dict[int, float]:
+    """Divergence of the next-token distribution when only `layer` is reduced, per layer."""
+    reference = [next_token_log_probs(graph_module, x) for x in calibration]
+    scores = {}
+    with tqdm(total=len(layers) * len(calibration), desc=f"ranking layers ({metric})", leave=False,
+              disable=None) as bar:
+        for layer in layers:
+            trial = reduce_one(layer)
+            total = 0.0
+            for ref, inputs in zip(reference, calibration):
+                total += divergence(ref, next_token_log_probs(trial, inputs), metric)
+                bar.update(1)
+            scores[layer] = total / len(calibration)
+    return scores
+
+
+def _visual_rows(t: torch.Tensor, inputs: DecoderInputs) -> torch.Tensor:
+    return t[inputs.visual_mask.to(torch.bool)]
+
+
+def activation_scores(
+    decoder: nn.Module, decoder_layers: Sequence[nn.Module], calibration: Sequence[DecoderInputs], metric: str
+) -> dict[int, float]:
+    """activation / variance / gradient scores from forward hooks on the eager decoder layers."""
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(index: int):
+        def record(_m: nn.Module, args: tuple, kwargs: dict, out) -> None:
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            hidden_out = out[0] if isinstance(out, tuple) else out
+            seen[index] = (hidden_in, hidden_out)
+        return record
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(decoder_layers)]
+    scores = {i: 0.0 for i in range(len(decoder_layers))}
+    try:
+        for inputs in tqdm(calibration, desc=f"ranking layers ({metric})", leave=False, disable=None):
+            seen.clear()
+            with torch.set_grad_enabled(metric == "gradient"):
+                logits = decoder(*inputs.as_args())[0]
+                if metric == "gradient":
+                    log_probs = torch.log_softmax(logits[:, -1, :], dim=-1)
+                    objective = log_probs.max(dim=-1).values.sum()
+                    outs = [seen[i][1] for i in range(len(decoder_layers))]
+                    grads = torch.autograd.grad(objective, outs, allow_unused=True)
+            for i in range(len(decoder_layers)):
+                h_in, h_out = (t.detach() for t in seen[i])
+                update = _visual_rows(h_out - h_in, inputs)
+                if metric == "activation":
+                    value = update.abs().mean()
+                elif metric == "variance":
+                    value = _visual_rows(h_out, inputs).var()
+                else:
+                    grad = grads[i]
+                    value = (_visual_rows(grad, inputs) * update).abs().mean() if grad is not None else update.sum() * 0
+                scores[i] += float(value) / len(calibration)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return scores

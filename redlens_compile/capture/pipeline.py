@@ -1,0 +1,53 @@
+"""capture(): split the model, export its decoder, annotate the graph, check it against eager."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import fx, nn
+
+from ..errors import CaptureError
+from .annotate import annotate_graph
+from .decoder_inputs import DecoderInputs, capture_decoder_inputs
+from .decoder_module import DecoderWithHead
+from .export import export_decoder
+from .families import FamilyAdapter, adapter_for
+
+# Max abs logit difference between the captured graph and the eager model on the example.
+CAPTURE_TOLERANCE = 1e-4
+
+
+@dataclass
+class CapturedDecoder:
+    adapter: FamilyAdapter
+    decoder: DecoderWithHead
+    example: DecoderInputs
+    graph_module: fx.GraphModule
+
+
+def capture(model: nn.Module, example_inputs: Mapping[str, Any]) -> CapturedDecoder:
+    """Split `model`, export its decoder with dynamic batch/sequence and annotate the graph."""
+    adapter = adapter_for(model)
+    model.eval()
+    example = capture_decoder_inputs(model, adapter, example_inputs)
+    decoder = DecoderWithHead(adapter.language_model(model), adapter.lm_head(model)).eval()
+    text_config = adapter.language_model(model).config
+    max_len = int(getattr(text_config, "max_position_embeddings", 4096) or 4096)
+    program = export_decoder(decoder, example, max_seq_len=max_len)
+    graph_module = program.module()
+    annotate_graph(graph_module)
+    return CapturedDecoder(adapter, decoder, example, graph_module)
+
+
+def check_capture(captured: CapturedDecoder, reference_logits: torch.Tensor) -> None:
+    """Never a silent wrong answer: the captured graph must reproduce the eager logits."""
+    with torch.no_grad():
+        logits = captured.graph_module(*captured.example.as_args())[0]
+    diff = (logits - reference_logits).abs().max().item()
+    if not diff <= CAPTURE_TOLERANCE:
+        raise CaptureError(
+            f"the captured decoder graph differs from the eager model on the example (max abs logit diff "
+            f"{diff:.3g} > {CAPTURE_TOLERANCE}); please report this model and transformers version"
+        )

@@ -1,0 +1,75 @@
+"""Row layout of a batch: where the visual and the text tokens of each sample sit.
+
+Rewritten graphs compute visual and text rows apart. `visual_layout` turns the graph's
+`visual_mask` input into index tensors once per forward; every reduced layer reads them.
+Samples may hold different numbers of visual tokens (ragged): per-sample indices are padded
+to the longest sample, with a validity mask beside them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def counted(flops=None):
+    """Mark a runtime op that does matrix work, so the FLOPs audit gives it a row of its own.
+
+    `flops(*args, **kwargs) -> (visual, text)` counts what the op computes from its real
+    inputs; without it fvcore counts the op's own aten calls.
+    """
+
+    def mark(fn):
+        fn._redlens_counted = True
+        fn._redlens_flops = flops
+        return fn
+
+    return mark
+
+
+def _padded_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequence positions where `mask` [B, S] is True, per sample, left-aligned and padded."""
+    counts = mask.sum(dim=1)
+    width = int(counts.max()) if mask.numel() else 0
+    # A stable sort puts the True positions first, in order.
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid, counts
+
+
+def visual_layout(visual_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(vis_pos, vis_valid, vis_count, txt_pos, txt_valid, vis_flat, txt_flat).
+
+    vis_pos/txt_pos [B, Vmax]/[B, Tmax]: sequence positions of each sample's visual/text rows
+    (padded with 0, `*_valid` says which are real); vis_count [B]; vis_flat/txt_flat: the same
+    rows as indices into the flattened [B * S] rows, in row-major order.
+    """
+    mask = visual_mask.to(torch.bool)
+    vis_pos, vis_valid, vis_count = _padded_positions(mask)
+    txt_pos, txt_valid, _ = _padded_positions(~mask)
+    flat = torch.arange(mask.numel(), device=mask.device).view_as(mask)
+    return vis_pos, vis_valid, vis_count, txt_pos, txt_valid, flat[mask], flat[~mask]
+
+
+def flatten_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, S, D] -> [B * S, D]."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def gather_padded(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows of x [B, S, D] at positions [B, N] -> [B, N, D]."""
+    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def merge_rows(
+    like: torch.Tensor,
+    text_rows: torch.Tensor,
+    txt_flat: torch.Tensor,
+    visual_rows: torch.Tensor,
+    vis_valid: torch.Tensor,
+    vis_flat: torch.Tensor,
+) -> torch.Tensor:
+    """Put text rows [Nt, D] and the valid padded visual rows [B, Vmax, D] back in a [B, S, D] tensor."""
+    out = like.new_empty(like.shape[:-1] + text_rows.shape[-1:]).view(-1, text_rows.shape[-1])
+    out.index_copy_(0, txt_flat, text_rows.to(out.dtype))
+    out.index_copy_(0, vis_flat, visual_rows[vis_valid].to(out.dtype))
+    return out.view(like.shape[:-1] + text_rows.shape[-1:])

@@ -1,0 +1,130 @@
+"""Probe-activated dynamic FFN: visual rows of a reduced layer run through K of F channels.
+
+For each reduced layer the FFN subgraph (entry -> up-side linears and their elementwise glue
+-> down linear) is split by rows:
+- text rows (gathered with the row layout) run through the original nodes, unchanged;
+- M probe rows per sample run through a copy of the FFN up to the down projection (full
+  width), and score the channels (ops.dynamic_ffn.top_channels);
+- the visual rows run through a second copy whose linears use weights sliced to the K kept
+  channels, per sample (gate, up and down all shrink: that is the saved work);
+- both halves go back into one [B, S, D] tensor.
+The glue is copied, not recognised, so any activation (SiLU, GELU, gated or not) works.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from ..capture.annotate import META_KEY, annotation
+from ..ops import dynamic_ffn as ops
+from ..ops.rows import flatten_rows, gather_padded, merge_rows
+from .infra import RedLensPass
+from .selectors import FFNMatch, attr_value, call_like, ffn_of_layer, layout_nodes
+
+logger = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+REWRITTEN = "redlens_rewritten"
+
+
+@dataclass
+class DynamicFFNPass(RedLensPass):
+    """Rewrite the FFN of each layer in `keep` (layer -> fraction of channels kept for visual rows).
+
+    probe_tokens: M, an int count or a fraction of the longest visual span (resolved at run time).
+    """
+
+    keep: dict[int, float]
+    probe_tokens: int | float = 0.1
+    skipped: dict[int, str] = field(default_factory=dict)
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        modified = False
+        for layer, keep in sorted(self.keep.items()):
+            match, why = ffn_of_layer(graph_module, layer)
+            if match is None:
+                if layer not in self.skipped:
+                    self.skipped[layer] = why
+                continue
+            if match.down.meta.get(REWRITTEN):
+                continue
+            self._rewrite(graph_module, match, keep)
+            modified = True
+        if modified:
+            graph_module.recompile()
+        return PassResult(graph_module, modified)
+
+    def _rewrite(self, gm: fx.GraphModule, match: FFNMatch, keep: float) -> None:
+        graph = gm.graph
+        layout = layout_nodes(gm)
+        width = _channels(gm, match)
+        kept = max(1, min(width, math.ceil(keep * width)))
+        entry, down = match.entry, match.down
+        users = [u for u in down.users]
+
+        with graph.inserting_before(down.next):
+            visual_rows = call_like(graph, down, gather_padded, (entry, layout["vis_pos"]), token_kind="visual")
+            probes = call_like(graph, down, ops.probe_rows, (visual_rows, layout["vis_count"], self.probe_tokens),
+                               token_kind="visual")
+            probe_x = call_like(graph, down, operator.getitem, (probes, 0), token_kind="visual")
+            probe_valid = call_like(graph, down, operator.getitem, (probes, 1), token_kind="visual")
+            probe_h = _copy_inner(graph, match, probe_x, linear=None)
+            channels = call_like(graph, down, ops.top_channels, (probe_h, probe_valid, kept), token_kind="visual")
+            hidden = _copy_inner(graph, match, visual_rows, linear=channels)
+            weight, bias = _weight_and_bias(down)
+            down_w = call_like(graph, down, ops.slice_in_features, (weight, channels), token_kind="visual")
+            visual_out = call_like(graph, down, ops.batched_matmul, (hidden, down_w, bias), token_kind="visual")
+            merged = call_like(graph, down, merge_rows, (entry, down, layout["txt_flat"], visual_out,
+                                                         layout["vis_valid"], layout["vis_flat"]))
+        with graph.inserting_before(match.inner[0]):
+            text_rows = call_like(graph, match.inner[0], aten.index_select.default,
+                                  (call_like(graph, match.inner[0], flatten_rows, (entry,), token_kind="text"), 0,
+                                   layout["txt_flat"]), token_kind="text")
+        # The original nodes now serve text rows only.
+        for node in match.inner:
+            node.replace_input_with(entry, text_rows)
+        for node in (*match.inner, down):
+            node.meta[META_KEY] = annotation(node).with_token_kind("text")
+        down.meta[REWRITTEN] = "dynamic_ffn"
+
+        for user in users:
+            user.replace_input_with(down, merged)
+        logger.info("dynamic FFN on layer %d: %d of %d channels for visual rows", match.layer, kept, width)
+
+
+def _channels(gm: fx.GraphModule, match: FFNMatch) -> int:
+    weight, _ = _weight_and_bias(match.down)
+    return int(attr_value(gm, weight).shape[1])
+
+
+def _weight_and_bias(linear: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+    weight = linear.args[1]
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    return weight, bias
+
+
+def _copy_inner(graph: fx.Graph, match: FFNMatch, rows: fx.Node, linear: fx.Node | None) -> fx.Node:
+    """Copy the FFN from its entry to the down projection's input, reading `rows` [B, N, D].
+
+    With `linear` (the kept channels) every up-side linear becomes a per-sample sliced matmul;
+    without it the copy runs at full width (the probe path).
+    """
+    env: dict[fx.Node, fx.Node] = {match.entry: rows}
+    for node in match.inner:
+        if linear is not None and node in match.up_linears:
+            weight, bias = _weight_and_bias(node)
+            w = call_like(graph, node, ops.slice_out_features, (weight, linear), token_kind="visual")
+            b = call_like(graph, node, ops.slice_out_features, (bias, linear), token_kind="visual") if bias else None
+            env[node] = call_like(graph, node, ops.batched_matmul, (env[node.args[0]], w, b), token_kind="visual")
+            continue
+        new = graph.node_copy(node, lambda n: env.get(n, n))
+        new.meta[META_KEY] = annotation(node).with_token_kind("visual")
+        env[node] = new
+    return env[match.down.args[0]]

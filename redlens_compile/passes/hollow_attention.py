@@ -1,0 +1,96 @@
+"""Hollow attention: visual queries of a reduced layer see text keys and a window of visual keys.
+
+The layer's SDPA call becomes `ops.hollow_attention.hollow_attention` (blockwise: the saved
+work is real) when its mask is a [B or 1, 1, S, S] tensor, which every family in transformers
+5 hands its SDPA. Any other form (no mask, per-head masks) gets the fallback: full SDPA over
+the family's mask with the hollow pattern cut out, which is exact and saves nothing; the pass
+records each layer where it used it, and the report lists them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from ..ops.hollow_attention import hollow_attention, hollow_attention_masked
+from .infra import RedLensPass
+from .selectors import VISUAL_MASK_INPUT, attention_core, call_like, in_layer, layout_nodes, placeholder
+
+logger = logging.getLogger(__name__)
+
+
+def _sdpa_arguments(node: fx.Node) -> dict:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _blockwise_serves(args: dict) -> str:
+    """'' when the blockwise path serves this SDPA call, else why not."""
+    mask = args.get("attn_mask")
+    if args.get("is_causal"):
+        return "SDPA takes is_causal instead of a mask"
+    if args.get("dropout_p", 0.0):
+        return "SDPA has dropout"
+    if not isinstance(mask, fx.Node):
+        return "SDPA has no mask tensor"
+    val = mask.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() != 4 or val.shape[1] != 1:
+        return f"SDPA mask of shape {tuple(val.shape) if isinstance(val, torch.Tensor) else '?'} (per-head)"
+    return ""
+
+
+@dataclass
+class HollowAttentionPass(RedLensPass):
+    """Rewrite the attention core of each layer in `window` (layer -> w)."""
+
+    window: dict[int, int]
+    fallback: dict[int, str] = field(default_factory=dict)  # layer -> why the masked fallback was used
+    skipped: dict[int, str] = field(default_factory=dict)
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        modified = False
+        for layer, window in sorted(self.window.items()):
+            node = attention_core(graph_module, layer)
+            if node is None:
+                continue  # already rewritten, or no single SDPA call (recorded below)
+            args = _sdpa_arguments(node)
+            why = _blockwise_serves(args)
+            common = dict(scale=args.get("scale"), enable_gqa=bool(args.get("enable_gqa", False)))
+            q, k, v = args["query"], args["key"], args["value"]
+            with graph.inserting_before(node):
+                if why:
+                    if not isinstance(args.get("attn_mask"), fx.Node) or args.get("is_causal"):
+                        self.skipped[layer] = why
+                        continue
+                    self.fallback[layer] = why
+                    mask = placeholder(graph_module, VISUAL_MASK_INPUT)
+                    new = call_like(graph, node, hollow_attention_masked,
+                                    (q, k, v, args["attn_mask"], mask, window), common)
+                else:
+                    layout = layout_nodes(graph_module)
+                    mask = placeholder(graph_module, VISUAL_MASK_INPUT)
+                    new = call_like(graph, node, hollow_attention,
+                                    (q, k, v, args["attn_mask"], mask, layout["vis_pos"], layout["vis_valid"],
+                                     layout["txt_pos"], layout["txt_valid"], window), common)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            modified = True
+            logger.info("hollow attention on layer %d, window %d%s", layer, window,
+                        f" (masked fallback: {why})" if why else "")
+        for layer in self.window:
+            if attention_core(graph_module, layer) is None and not _rewritten(graph_module, layer):
+                self.skipped.setdefault(layer, f"layer {layer}: no single SDPA call found")
+        if modified:
+            graph_module.recompile()
+        return PassResult(graph_module, modified)
+
+
+def _rewritten(gm: fx.GraphModule, layer: int) -> bool:
+    return any(n.target in (hollow_attention, hollow_attention_masked) and in_layer(n, layer) for n in gm.graph.nodes)

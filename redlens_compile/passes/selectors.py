@@ -1,0 +1,132 @@
+"""Small predicates over the capture stage's NodeAnnotation: what a pass may rewrite.
+
+Selection is by module path and role (the pt2e quantizer's module-name filters), never by a
+model's name: a layer's FFN is the nodes under that layer's `.mlp`, its attention core the SDPA
+call under it. Also the graph inputs passes read (`visual_mask`) and the shared row layout.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ..capture.annotate import ATTENTION_CORE_TARGETS, FFN_ROLES, annotation, copy_node_meta
+from ..ops.rows import visual_layout
+
+aten = torch.ops.aten
+
+VISUAL_MASK_INPUT = "visual_mask"
+LAYOUT_FIELDS = ("vis_pos", "vis_valid", "vis_count", "txt_pos", "txt_valid", "vis_flat", "txt_flat")
+
+
+def in_layer(node: fx.Node, layer: int) -> bool:
+    ann = annotation(node)
+    return ann is not None and ann.layer == layer
+
+
+def has_role(node: fx.Node, *roles: str) -> bool:
+    ann = annotation(node)
+    return ann is not None and ann.role in roles
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target == aten.linear.default
+
+
+def decoder_layers(gm: fx.GraphModule) -> list[int]:
+    return sorted({a.layer for n in gm.graph.nodes if (a := annotation(n)) is not None and a.layer is not None})
+
+
+def attention_core(gm: fx.GraphModule, layer: int) -> fx.Node | None:
+    """The layer's SDPA call (None when the layer has no single SDPA node)."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTION_CORE_TARGETS
+             and in_layer(n, layer)]
+    return nodes[0] if len(nodes) == 1 else None
+
+
+@dataclass
+class FFNMatch:
+    """One layer's FFN: entry -> (up-side linears, elementwise glue) -> down linear."""
+
+    layer: int
+    entry: fx.Node  # the FFN input [B, S, D] (the post-attention norm's output)
+    up_linears: list[fx.Node]  # gate and up (SwiGLU) or fc1 (two-matrix)
+    inner: list[fx.Node]  # every node from entry to the down linear's input, in graph order
+    down: fx.Node
+
+
+def ffn_of_layer(gm: fx.GraphModule, layer: int) -> tuple[FFNMatch | None, str]:
+    """The layer's FFN as a closed subgraph, or (None, why not)."""
+    nodes = [n for n in gm.graph.nodes if in_layer(n, layer) and has_role(n, *FFN_ROLES)]
+    downs = [n for n in nodes if has_role(n, "ffn_down") and is_linear(n)]
+    ups = [n for n in nodes if has_role(n, "ffn_gate", "ffn_up") and is_linear(n)]
+    if len(downs) != 1 or not ups:
+        return None, f"layer {layer}: no FFN of linear up/down projections found"
+    entries = {n.args[0] for n in ups}
+    if len(entries) != 1:
+        return None, f"layer {layer}: the FFN's up projections read different inputs"
+    entry, down = next(iter(entries)), downs[0]
+    inner = [n for n in nodes if n is not down]
+    members = set(inner) | {down}
+    for node in inner:
+        for arg in node.all_input_nodes:
+            if arg is not entry and arg not in members and arg.op != "get_attr":
+                return None, f"layer {layer}: FFN node {node.name} reads {arg.name} from outside the FFN"
+        if any(user not in members for user in node.users):
+            return None, f"layer {layer}: FFN node {node.name} is used outside the FFN"
+    if any(arg not in inner for arg in down.all_input_nodes if arg.op != "get_attr"):
+        return None, f"layer {layer}: the down projection reads from outside the FFN"
+    return FFNMatch(layer, entry, ups, inner, down), ""
+
+
+def attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The tensor a get_attr node reads (its target is a dotted path)."""
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name == name:
+            return node
+    raise KeyError(f"the decoder graph has no input named {name!r}")
+
+
+def layout_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """The graph's row-layout nodes (computed once from visual_mask), inserted on first use."""
+    graph = gm.graph
+    existing = next((n for n in graph.nodes if n.op == "call_function" and n.target is visual_layout), None)
+    if existing is None:
+        mask = placeholder(gm, VISUAL_MASK_INPUT)
+        last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        with graph.inserting_after(last_input):
+            existing = graph.call_function(visual_layout, (mask,))
+    getters = {n.args[1]: n for n in existing.users if n.target is operator.getitem}
+    out = {}
+    for index, name in enumerate(LAYOUT_FIELDS):
+        if index not in getters:
+            with graph.inserting_after(existing):
+                getters[index] = graph.call_function(operator.getitem, (existing, index))
+        out[name] = getters[index]
+    return out
+
+
+def call_like(graph: fx.Graph, src: fx.Node, target, args: tuple, kwargs: dict | None = None,
+              token_kind: str | None = None) -> fx.Node:
+    """A new call_function node carrying `src`'s provenance (inserted at the current point)."""
+    node = graph.call_function(target, args, kwargs or {})
+    copy_node_meta(src, node, token_kind)
+    return node
+
+
+def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the graph (node meta included) over the same parameters: no weight is copied."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph)

@@ -1,0 +1,97 @@
+"""HollowAttentionPass and its blockwise op: exact at a window >= the visual span, equal to an
+independently written masked reference at small windows, idempotent."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ALL_FAMILIES
+from tiny_families import make_inputs
+
+from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
+from redlens_compile.ops.hollow_attention import hollow_attention
+from redlens_compile.ops.rows import visual_layout
+from redlens_compile.passes import DeadCodeEliminationPass, HollowAttentionPass, StripAssertsPass, run_passes
+from redlens_compile.passes.selectors import clone_graph_module
+
+TOL = 1e-5
+
+
+def reference_mask(family_mask: torch.Tensor, visual: torch.Tensor, window: int) -> torch.Tensor:
+    """The hollow pattern written out element by element (DESIGN.md), on top of the family's mask."""
+    batch, seq = visual.shape
+    mask = family_mask.clone()
+    for b in range(batch):
+        for i in range(seq):
+            for j in range(seq):
+                if visual[b, i] and visual[b, j] and abs(i - j) >= window:
+                    mask[b, 0, i, j] = False
+    return mask
+
+
+def random_case(seed: int, bidirectional: bool):
+    g = torch.Generator().manual_seed(seed)
+    batch, heads, seq, dim = 2, 4, 30, 8
+    visual = torch.zeros(batch, seq, dtype=torch.bool)
+    visual[0, 3:13] = True  # two images in one row, text between them
+    visual[0, 16:25] = True
+    visual[1, 6:20] = True  # another count: ragged
+    pad = torch.ones(batch, seq, dtype=torch.bool)
+    pad[1, :2] = False  # left padding
+    causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool))
+    family = causal[None, None] & pad[:, None, None, :]
+    if bidirectional:  # a family whose image tokens see each other both ways
+        same_image = visual[:, :, None] & visual[:, None, :]
+        family = family | (same_image[:, None] & pad[:, None, None, :])
+    q = torch.randn(batch, heads, seq, dim, generator=g)
+    k = torch.randn(batch, heads, seq, dim, generator=g)
+    v = torch.randn(batch, heads, seq, dim, generator=g)
+    return q, k, v, family, visual
+
+
+@pytest.mark.parametrize("window", [1, 3, 5, 64])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_blockwise_op_equals_masked_reference(window, bidirectional):
+    q, k, v, family, visual = random_case(window, bidirectional)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=reference_mask(family, visual, window))
+    layout = visual_layout(visual)
+    got = hollow_attention(q, k, v, family, visual, *layout[:2], *layout[3:5], window)
+    rows = family[:, 0].any(-1)  # fully masked (padding) rows are undefined in both
+    assert (got - want).abs()[rows[:, None, :, None].expand_as(got)].max().item() <= TOL
+
+
+def _windows(captured, window):
+    return {i: window for i in range(len(captured.decoder.language_model.layers))}
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_window_as_long_as_the_visual_span_is_exact(captured_family, family):
+    model, _, captured = captured_family(family)
+    span = int(captured.example.visual_mask.sum(dim=1).max())
+    gm = clone_graph_module(captured.graph_module)
+    hollow = HollowAttentionPass(window=_windows(captured, span))
+    gm, records = run_passes(gm, [StripAssertsPass(), hollow, DeadCodeEliminationPass()])
+    assert records[1].modified and not hollow.fallback
+    assert sum(n.target is hollow_attention for n in gm.graph.nodes) == len(hollow.window)
+    assert not any(n.target == torch.ops.aten.scaled_dot_product_attention.default for n in gm.graph.nodes)
+    others = [make_inputs(family, model, text_before=9, text_after=6, seed=3),
+              make_inputs(family, model, text_before=5, text_after=3, batch=2, pad_left=(4,), seed=5)]
+    for inputs in [captured.example, *(capture_decoder_inputs(model, captured.adapter, x) for x in others)]:
+        with torch.no_grad():
+            want, got = captured.graph_module(*inputs.as_args()), gm(*inputs.as_args())
+        for a, b in zip(got, want):
+            assert (a - b).abs().max().item() <= TOL
+    _, again = run_passes(gm, [HollowAttentionPass(window=_windows(captured, span))])
+    assert not again[0].modified
+
+
+def test_small_window_changes_only_what_it_should(captured_family):
+    """Window 4 on llava: logits move; text rows before the image and the KV cache's text rows do not."""
+    _, _, captured = captured_family("llava")
+    gm, _ = run_passes(clone_graph_module(captured.graph_module),
+                       [StripAssertsPass(), HollowAttentionPass(window=_windows(captured, 4))])
+    args = captured.example.as_args()
+    with torch.no_grad():
+        want, got = captured.graph_module(*args), gm(*args)
+    first_visual = int(captured.example.visual_mask[0].nonzero()[0])
+    assert (got[0][:, :first_visual] - want[0][:, :first_visual]).abs().max().item() <= TOL
+    assert (got[0] - want[0]).abs().max().item() > 1e-3
