@@ -5,6 +5,8 @@ import torch
 from conftest import ALL_FAMILIES
 from tiny_families import make_inputs
 
+from redlens_compile.ops.causal_attention import is_causal_mask, sdpa_causal_fast_path
+
 TOL = 1e-5
 
 
@@ -74,6 +76,8 @@ def test_graph_module_is_the_rewritten_decoder(identity_optimized):
     _, _, opt = identity_optimized("llava")
     gm = opt.graph_module
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.aten.scaled_dot_product_attention.default) == 3
+    # identity reduces nothing; every SDPA call takes the causal fast path when its mask allows it
+    assert targets.count(sdpa_causal_fast_path) == 3
+    assert targets.count(is_causal_mask) == 1  # one check per forward, shared by the layers
     assert targets.count(torch.ops.aten.linear.default) == 3 * 7 + 1  # 7 per layer + lm_head
     assert not any("assert" in str(t) for t in targets)

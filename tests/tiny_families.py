@@ -78,7 +78,7 @@ def qwen2_vl_config() -> Qwen2VLConfig:
 def internvl_config() -> InternVLConfig:
     text = dict(TEXT, model_type="qwen2")
     vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  image_size=[32, 32], patch_size=[4, 4])
+                  image_size=[64, 64], patch_size=[4, 4])
     return InternVLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, downsample_ratio=0.5)
 
 
@@ -111,7 +111,7 @@ def _llava_next_vision(model, batch: int, generator: torch.Generator):
 
 def _qwen2_vl_vision(model, batch: int, generator: torch.Generator):
     vc = model.config.vision_config
-    grid = (1, 8, 8)
+    grid = (1, 16, 16)  # 64 visual tokens, as many as the llava config's
     per_image = grid[0] * grid[1] * grid[2]
     dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
     pixels = torch.randn(batch * per_image, dim, generator=generator)

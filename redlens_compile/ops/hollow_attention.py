@@ -11,6 +11,8 @@ T + 2c keys instead of S.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -24,10 +26,20 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
     return mask > torch.finfo(mask.dtype).min / 2
 
 
+def _flat(positions: torch.Tensor, seq: int) -> torch.Tensor:
+    """Positions [B, N] as row indices into the flattened [B * S] rows."""
+    return (positions + torch.arange(positions.shape[0], device=positions.device)[:, None] * seq).reshape(-1)
+
+
 def _gather_heads(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, d] at positions [B, N] -> [B, H, N, d]."""
-    index = positions[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
-    return x.gather(2, index)
+    """x [B, H, S, d] at positions [B, N] -> [B, H, N, d].
+
+    One index_select over whole rows of the [B * S, H, d] layout (the layout projections leave
+    q, k and v in, so the reshape is a view): far faster than a gather with an expanded index.
+    """
+    batch, heads, seq, dim = x.shape
+    rows = x.transpose(1, 2).reshape(batch * seq, heads, dim).index_select(0, _flat(positions, seq))
+    return rows.view(batch, -1, heads, dim).transpose(1, 2)
 
 
 def _mask_at(allowed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -43,19 +55,57 @@ def _looks_ahead(allowed: torch.Tensor, visual_mask: torch.Tensor) -> bool:
     return bool((diag & nxt).any())
 
 
+@dataclass(frozen=True)
+class BlockPlan:
+    """How the visual queries are cut: blocks of `block` rows; each sees its `text_keys`
+    candidates and a local run of `width` visual rows starting `lead` rows before it."""
+
+    block: int
+    blocks: int
+    lead: int
+    trail: int
+    width: int
+    text_keys: int
+
+
+def plan_blocks(allowed: torch.Tensor, visual_mask: torch.Tensor, vis_pos: torch.Tensor, txt_pos: torch.Tensor,
+                window: int) -> BlockPlan | None:
+    """Blocks of about w/2 rows: a causal query block then needs the 2 blocks before it, so it
+    computes T' + 1.5w keys per query (blocks of w would need T' + 2w). T' is the number of text
+    keys before the block's last query (all text keys when image tokens look ahead)."""
+    span = vis_pos.shape[1]
+    if span == 0:
+        return None
+    block = min(span, max(1, -(-window // 2)))
+    blocks = -(-span // block)
+    behind = min(-(-(window - 1) // block), blocks - 1)
+    ahead = behind if _looks_ahead(allowed, visual_mask.to(torch.bool)) else 0
+    if ahead or txt_pos.shape[1] == 0:
+        text_keys = txt_pos.shape[1]
+    else:
+        # Text rows are sorted with padding last; count those before each block's last query.
+        last = torch.nn.functional.pad(vis_pos, (0, blocks * block - span), value=-1)
+        last = last.view(vis_pos.shape[0], blocks, block).amax(-1)
+        seq = allowed.shape[-1]
+        sorted_text = torch.where(torch.arange(txt_pos.shape[1], device=txt_pos.device)[None] <
+                                  (~visual_mask.to(torch.bool)).sum(1, keepdim=True), txt_pos, seq)
+        text_keys = int(torch.searchsorted(sorted_text, last, right=True).max())
+    lead = behind * block
+    trail = ahead * block + blocks * block - span
+    return BlockPlan(block, blocks, lead, trail, (behind + 1 + ahead) * block, text_keys)
+
+
 def _hollow_flops(q, k, v, attn_mask, visual_mask, vis_pos, vis_valid, txt_pos, txt_valid, window, scale=None,
                   enable_gqa=False):
-    """Visible (query, key) pairs, as the audit counts full attention (causal, padding ignored)."""
+    """The (query, key) pairs the op computes: text queries against every key, each visual block
+    against its text candidates and its local run (padded rows included: they are computed)."""
     batch, heads, seq, head_dim = q.shape
     per_pair = heads * (head_dim + v.shape[-1])
-    vis = visual_mask.to(torch.bool)
-    pos = torch.arange(seq, device=vis.device)
-    text_before = torch.cumsum((~vis).to(torch.int64), dim=1)  # non-visual keys j <= i
-    vis_before = torch.cumsum(vis.to(torch.int64), dim=1)
-    shifted = torch.nn.functional.pad(vis_before, (window, 0))[:, :seq]  # visual keys j <= i - w
-    visual_keys = text_before + vis_before - shifted
-    text_keys = (pos + 1).expand_as(vis)
-    return (float((visual_keys * vis).sum()) * per_pair, float((text_keys * ~vis).sum()) * per_pair)
+    allowed = _allowed(attn_mask).expand(batch, 1, seq, seq)
+    text = batch * txt_pos.shape[1] * seq * per_pair
+    blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window)
+    visual = 0 if blk is None else batch * blk.blocks * blk.block * (blk.text_keys + blk.width) * per_pair
+    return float(visual), float(text)
 
 
 @counted(_hollow_flops)
@@ -76,43 +126,45 @@ def hollow_attention(
     """SDPA with the hollow pattern. q [B, H, S, d]; k, v [B, H_kv, S, d]; attn_mask [B or 1, 1, S, S]."""
     batch, heads, seq, _ = q.shape
     allowed = _allowed(attn_mask).expand(batch, 1, seq, seq)
-    out = q.new_zeros(batch, heads, seq, v.shape[-1])
+    # Output rows in [B * S, H, d] layout: what the graph reshapes the SDPA output into next.
+    out = q.new_empty(batch * seq, heads, v.shape[-1])
     sdpa = dict(scale=scale, enable_gqa=enable_gqa)
+
+    def put(rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Write rows [B, H, N, d] at positions [B, N] (valid ones only) into `out`."""
+        rows = rows.transpose(1, 2)[valid]
+        out.index_copy_(0, _flat(positions, seq)[valid.reshape(-1)], rows)
 
     # Text queries: unchanged, every key the mask allows.
     if txt_pos.shape[1]:
         rows = _mask_at(allowed, txt_pos, torch.arange(seq, device=q.device).expand(batch, txt_pos.shape[1], seq))
         rows = rows | ~txt_valid[:, :, None]  # padded rows: any finite result, discarded below
         text_out = F.scaled_dot_product_attention(_gather_heads(q, txt_pos), k, v, attn_mask=rows[:, None], **sdpa)
-        out[txt_valid.nonzero(as_tuple=True)[0], :, txt_pos[txt_valid]] = text_out.transpose(1, 2)[txt_valid]
+        put(text_out, txt_pos, txt_valid)
 
-    span = vis_pos.shape[1]
-    if span == 0:
-        return out
-    block = min(window, span)
-    blocks = -(-span // block)
-    ahead = _looks_ahead(allowed, visual_mask.to(torch.bool))
-    # Visual positions padded to whole blocks, with one empty block in front (and behind when
-    # looking ahead) so that every block has neighbours to gather.
-    lead, trail = block, (block if ahead else 0) + blocks * block - span
-    pos = torch.nn.functional.pad(vis_pos, (lead, trail))
-    valid = torch.nn.functional.pad(vis_valid, (lead, trail))
-    width = (3 if ahead else 2) * block
+    result = out.view(batch, seq, heads, -1).transpose(1, 2)
+    blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window)
+    if blk is None:
+        return result
+    block, blocks = blk.block, blk.blocks
+    pos = torch.nn.functional.pad(vis_pos, (blk.lead, blk.trail))
+    valid = torch.nn.functional.pad(vis_valid, (blk.lead, blk.trail))
     starts = torch.arange(blocks, device=q.device) * block
-    local = starts[:, None] + torch.arange(width, device=q.device)[None, :]  # [nb, width]
-    key_pos = torch.cat([txt_pos[:, None, :].expand(-1, blocks, -1), pos[:, local]], dim=2)  # [B, nb, T + width]
-    key_valid = torch.cat([txt_valid[:, None, :].expand(-1, blocks, -1), valid[:, local]], dim=2)
+    local = starts[:, None] + torch.arange(blk.width, device=q.device)[None, :]  # [nb, width]
+    text_keys = txt_pos[:, None, :blk.text_keys].expand(-1, blocks, -1)
+    key_pos = torch.cat([text_keys, pos[:, local]], dim=2)  # [B, nb, T' + width]
+    key_valid = torch.cat([txt_valid[:, None, :blk.text_keys].expand(-1, blocks, -1), valid[:, local]], dim=2)
     key_visual = torch.zeros_like(key_valid)
-    key_visual[:, :, txt_pos.shape[1]:] = True
+    key_visual[:, :, blk.text_keys:] = True
 
-    query_pos = pos[:, lead:lead + blocks * block].reshape(batch, blocks, block)
-    query_valid = valid[:, lead:lead + blocks * block].reshape(batch, blocks, block)
+    query_pos = pos[:, blk.lead:blk.lead + blocks * block].reshape(batch, blocks, block)
+    query_valid = valid[:, blk.lead:blk.lead + blocks * block].reshape(batch, blocks, block)
     family = _mask_at(allowed, query_pos.reshape(batch, -1),
                       key_pos[:, :, None, :].expand(-1, -1, block, -1).reshape(batch, blocks * block, -1))
     family = family.view(batch, blocks, block, -1)
     near = (query_pos[..., None] - key_pos[:, :, None, :]).abs() < window
     mask = family & key_valid[:, :, None, :] & (~key_visual[:, :, None, :] | near)
-    mask = mask | ~query_valid[..., None]
+    mask = mask | ~query_valid[..., None]  # padded query rows: any finite result, discarded
 
     n_keys = key_pos.shape[-1]
     flat_keys = key_pos.reshape(batch, -1)
@@ -127,9 +179,8 @@ def hollow_attention(
         **sdpa,
     )
     vis_out = vis_out.view(batch, blocks, heads, block, -1).transpose(1, 2).reshape(batch, heads, blocks * block, -1)
-    vis_out = vis_out[:, :, :span]
-    out[vis_valid.nonzero(as_tuple=True)[0], :, vis_pos[vis_valid]] = vis_out.transpose(1, 2)[vis_valid]
-    return out
+    put(vis_out[:, :, :vis_pos.shape[1]], vis_pos, vis_valid)
+    return result
 
 
 def _masked_flops(q, k, v, attn_mask, visual_mask, window, scale=None, enable_gqa=False):

@@ -69,31 +69,40 @@ class DynamicFFNPass(RedLensPass):
         entry, down = match.entry, match.down
         users = [u for u in down.users]
 
-        with graph.inserting_before(down.next):
-            visual_rows = call_like(graph, down, gather_padded, (entry, layout["vis_pos"]), token_kind="visual")
-            probes = call_like(graph, down, ops.probe_rows, (visual_rows, layout["vis_count"], self.probe_tokens),
-                               token_kind="visual")
-            probe_x = call_like(graph, down, operator.getitem, (probes, 0), token_kind="visual")
-            probe_valid = call_like(graph, down, operator.getitem, (probes, 1), token_kind="visual")
-            probe_h = _copy_inner(graph, match, probe_x, linear=None)
-            channels = call_like(graph, down, ops.top_channels, (probe_h, probe_valid, kept), token_kind="visual")
-            hidden = _copy_inner(graph, match, visual_rows, linear=channels)
-            weight, bias = _weight_and_bias(down)
-            down_w = call_like(graph, down, ops.slice_in_features, (weight, channels), token_kind="visual")
-            visual_out = call_like(graph, down, ops.batched_matmul, (hidden, down_w, bias), token_kind="visual")
-            merged = call_like(graph, down, merge_rows, (entry, down, layout["txt_flat"], visual_out,
-                                                         layout["vis_valid"], layout["vis_flat"]))
-        with graph.inserting_before(match.inner[0]):
-            text_rows = call_like(graph, match.inner[0], aten.index_select.default,
-                                  (call_like(graph, match.inner[0], flatten_rows, (entry,), token_kind="text"), 0,
+        first = match.inner[0]
+        with graph.inserting_before(first):
+            text_rows = call_like(graph, first, aten.index_select.default,
+                                  (call_like(graph, first, flatten_rows, (entry,), token_kind="text"), 0,
                                    layout["txt_flat"]), token_kind="text")
-        # The original nodes now serve text rows only.
+            visual_rows = call_like(graph, first, gather_padded, (entry, layout["vis_pos"]), token_kind="visual")
+            probes = call_like(graph, first, ops.probe_rows, (visual_rows, layout["vis_count"], self.probe_tokens),
+                               token_kind="visual")
+            probe_x = call_like(graph, first, operator.getitem, (probes, 0), token_kind="visual")
+            probe_valid = call_like(graph, first, operator.getitem, (probes, 1), token_kind="visual")
+            stacked = call_like(graph, first, ops.stack_rows, (text_rows, probe_x))
+        # The original nodes now serve the text rows and, up to the down projection, the probes.
         for node in match.inner:
-            node.replace_input_with(entry, text_rows)
+            node.replace_input_with(entry, stacked)
+            if node in match.up_linears:
+                weight, bias = _weight_and_bias(node)
+                node.target, node.args, node.kwargs = ops.split_linear, (node.args[0], weight, bias, text_rows), {}
+        hidden = down.args[0]
+        with graph.inserting_before(down):
+            text_hidden = call_like(graph, down, ops.text_part, (hidden, text_rows), token_kind="text")
+            probe_hidden = call_like(graph, down, ops.probe_part, (hidden, text_rows, probe_x), token_kind="visual")
+        down.replace_input_with(hidden, text_hidden)
         for node in (*match.inner, down):
             node.meta[META_KEY] = annotation(node).with_token_kind("text")
         down.meta[REWRITTEN] = "dynamic_ffn"
 
+        with graph.inserting_before(down.next):
+            channels = call_like(graph, down, ops.top_channels, (probe_hidden, probe_valid, kept), token_kind="visual")
+            sliced = _copy_inner(graph, match, stacked, hidden, visual_rows, channels)
+            weight, bias = _weight_and_bias(down)
+            down_w = call_like(graph, down, ops.slice_in_features, (weight, channels), token_kind="visual")
+            visual_out = call_like(graph, down, ops.batched_matmul, (sliced, down_w, bias), token_kind="visual")
+            merged = call_like(graph, down, merge_rows, (entry, down, layout["txt_flat"], visual_out,
+                                                         layout["vis_valid"], layout["vis_flat"]))
         for user in users:
             user.replace_input_with(down, merged)
         logger.info("dynamic FFN on layer %d: %d of %d channels for visual rows", match.layer, kept, width)
@@ -110,21 +119,19 @@ def _weight_and_bias(linear: fx.Node) -> tuple[fx.Node, fx.Node | None]:
     return weight, bias
 
 
-def _copy_inner(graph: fx.Graph, match: FFNMatch, rows: fx.Node, linear: fx.Node | None) -> fx.Node:
-    """Copy the FFN from its entry to the down projection's input, reading `rows` [B, N, D].
-
-    With `linear` (the kept channels) every up-side linear becomes a per-sample sliced matmul;
-    without it the copy runs at full width (the probe path).
-    """
-    env: dict[fx.Node, fx.Node] = {match.entry: rows}
+def _copy_inner(graph: fx.Graph, match: FFNMatch, stacked: fx.Node, hidden: fx.Node, rows: fx.Node,
+                channels: fx.Node) -> fx.Node:
+    """Copy the FFN glue from its (stacked) input to `hidden`, the down projection's input, for the
+    visual `rows` [B, N, D]; every up-side linear becomes a per-sample matmul sliced to `channels`."""
+    env: dict[fx.Node, fx.Node] = {stacked: rows}
     for node in match.inner:
-        if linear is not None and node in match.up_linears:
-            weight, bias = _weight_and_bias(node)
-            w = call_like(graph, node, ops.slice_out_features, (weight, linear), token_kind="visual")
-            b = call_like(graph, node, ops.slice_out_features, (bias, linear), token_kind="visual") if bias else None
+        if node in match.up_linears:
+            weight, bias = node.args[1], node.args[2]
+            w = call_like(graph, node, ops.slice_out_features, (weight, channels), token_kind="visual")
+            b = call_like(graph, node, ops.slice_out_features, (bias, channels), token_kind="visual") if bias else None
             env[node] = call_like(graph, node, ops.batched_matmul, (env[node.args[0]], w, b), token_kind="visual")
             continue
         new = graph.node_copy(node, lambda n: env.get(n, n))
         new.meta[META_KEY] = annotation(node).with_token_kind("visual")
         env[node] = new
-    return env[match.down.args[0]]
+    return env[hidden]

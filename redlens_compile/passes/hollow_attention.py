@@ -18,12 +18,20 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops.hollow_attention import hollow_attention, hollow_attention_masked
 from .infra import RedLensPass
-from .selectors import VISUAL_MASK_INPUT, attention_core, call_like, in_layer, layout_nodes, placeholder
+from .selectors import (
+    VISUAL_MASK_INPUT,
+    attention_core,
+    call_like,
+    in_layer,
+    layout_nodes,
+    placeholder,
+    unrepeated_kv,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def _sdpa_arguments(node: fx.Node) -> dict:
+def sdpa_arguments(node: fx.Node) -> dict:
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
     bound = dict(zip(names, node.args))
     bound.update(node.kwargs)
@@ -60,10 +68,13 @@ class HollowAttentionPass(RedLensPass):
             node = attention_core(graph_module, layer)
             if node is None:
                 continue  # already rewritten, or no single SDPA call (recorded below)
-            args = _sdpa_arguments(node)
+            args = sdpa_arguments(node)
             why = _blockwise_serves(args)
-            common = dict(scale=args.get("scale"), enable_gqa=bool(args.get("enable_gqa", False)))
             q, k, v = args["query"], args["key"], args["value"]
+            gqa = bool(args.get("enable_gqa", False))
+            if unrepeated_kv(k) is not None and unrepeated_kv(v) is not None:
+                k, v, gqa = unrepeated_kv(k), unrepeated_kv(v), True  # gather H_kv heads, not H
+            common = dict(scale=args.get("scale"), enable_gqa=gqa)
             with graph.inserting_before(node):
                 if why:
                     if not isinstance(args.get("attn_mask"), fx.Node) or args.get("is_causal"):

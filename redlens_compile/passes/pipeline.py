@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from ..analysis.budget import ReductionPlan
+from .causal_fast_path import CausalFastPathPass
 from .dead_code import DeadCodeEliminationPass
 from .dynamic_ffn import DynamicFFNPass
 from .hollow_attention import HollowAttentionPass
@@ -24,7 +25,7 @@ class PipelineResult:
 
 
 def build_passes(plan: ReductionPlan, probe_tokens: int | float) -> list[RedLensPass]:
-    """Strip asserts, then the reductions the plan asks for, then dead-code elimination."""
+    """Strip asserts, the reductions the plan asks for, the causal fast path, dead-code elimination."""
     passes: list[RedLensPass] = [StripAssertsPass()]
     keep = {i: s.ffn_keep for i, s in plan.settings.items() if s.reduces_ffn}
     window = {i: s.window for i, s in plan.settings.items() if s.hollow}
@@ -32,7 +33,7 @@ def build_passes(plan: ReductionPlan, probe_tokens: int | float) -> list[RedLens
         passes.append(DynamicFFNPass(keep=keep, probe_tokens=probe_tokens))
     if window:
         passes.append(HollowAttentionPass(window=window))
-    passes.append(DeadCodeEliminationPass())
+    passes += [CausalFastPathPass(), DeadCodeEliminationPass()]
     return passes
 
 

@@ -82,6 +82,26 @@ def ffn_of_layer(gm: fx.GraphModule, layer: int) -> tuple[FFNMatch | None, str]:
     return FFNMatch(layer, entry, ups, inner, down), ""
 
 
+def unrepeated_kv(node: fx.Node) -> fx.Node | None:
+    """The [B, H_kv, S, d] tensor behind transformers' repeat_kv (unsqueeze -> expand -> reshape), if any.
+
+    SDPA with enable_gqa=True reads it directly: the H / H_kv copies need not be made or gathered.
+    """
+    if not (isinstance(node, fx.Node) and node.target in (aten.reshape.default, aten.view.default)):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and expand.target == aten.expand.default):
+        return None
+    unsqueeze = expand.args[0]
+    if not (isinstance(unsqueeze, fx.Node) and unsqueeze.target == aten.unsqueeze.default and unsqueeze.args[1] == 2):
+        return None
+    source, out = unsqueeze.args[0], node.meta.get("val")
+    val = source.meta.get("val") if isinstance(source, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or not isinstance(out, torch.Tensor) or val.dim() != 4 or out.dim() != 4:
+        return None
+    return source
+
+
 def attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The tensor a get_attr node reads (its target is a dotted path)."""
     value = gm

@@ -1,0 +1,32 @@
+"""Runtime ops of the causal fast path (inserted by passes/causal_fast_path.py).
+
+Export bakes the family's mask into every SDPA call as a materialized [B, 1, S, S] tensor,
+while eager transformers passes `is_causal=True` when nothing is padded, which lets the CPU
+flash kernel skip the blocks above the diagonal. These ops check the mask once per forward and
+take the same fast path when the mask is exactly causal; any other mask (padding, sliding
+windows, bidirectional image spans) is used as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .rows import counted
+
+
+def is_causal_mask(mask: torch.Tensor) -> bool:
+    """True when the bool mask [B, 1, S, S] is exactly lower-triangular for every sample."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-1] != mask.shape[-2]:
+        return False
+    seq = mask.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril_()
+    return bool(torch.equal(mask, causal.expand_as(mask)))
+
+
+@counted()
+def sdpa_causal_fast_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
+                          mask_is_causal: bool, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    if mask_is_causal and q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
