@@ -69,7 +69,7 @@ class BlockPlan:
 
 
 def plan_blocks(allowed: torch.Tensor, visual_mask: torch.Tensor, vis_pos: torch.Tensor, txt_pos: torch.Tensor,
-                window: int) -> BlockPlan | None:
+                window: int, mask_is_causal: bool = False) -> BlockPlan | None:
     """Blocks of about w/2 rows: a causal query block then needs the 2 blocks before it, so it
     computes T' + 1.5w keys per query (blocks of w would need T' + 2w). T' is the number of text
     keys before the block's last query (all text keys when image tokens look ahead)."""
@@ -79,7 +79,7 @@ def plan_blocks(allowed: torch.Tensor, visual_mask: torch.Tensor, vis_pos: torch
     block = min(span, max(1, -(-window // 2)))
     blocks = -(-span // block)
     behind = min(-(-(window - 1) // block), blocks - 1)
-    ahead = behind if _looks_ahead(allowed, visual_mask.to(torch.bool)) else 0
+    ahead = behind if not mask_is_causal and _looks_ahead(allowed, visual_mask.to(torch.bool)) else 0
     if ahead or txt_pos.shape[1] == 0:
         text_keys = txt_pos.shape[1]
     else:
@@ -96,14 +96,14 @@ def plan_blocks(allowed: torch.Tensor, visual_mask: torch.Tensor, vis_pos: torch
 
 
 def _hollow_flops(q, k, v, attn_mask, visual_mask, vis_pos, vis_valid, txt_pos, txt_valid, window, scale=None,
-                  enable_gqa=False):
+                  enable_gqa=False, mask_is_causal=False):
     """The (query, key) pairs the op computes: text queries against every key, each visual block
     against its text candidates and its local run (padded rows included: they are computed)."""
     batch, heads, seq, head_dim = q.shape
     per_pair = heads * (head_dim + v.shape[-1])
     allowed = _allowed(attn_mask).expand(batch, 1, seq, seq)
     text = batch * txt_pos.shape[1] * seq * per_pair
-    blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window)
+    blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window, mask_is_causal)
     visual = 0 if blk is None else batch * blk.blocks * blk.block * (blk.text_keys + blk.width) * per_pair
     return float(visual), float(text)
 
@@ -122,10 +122,19 @@ def hollow_attention(
     window: int,
     scale: float | None = None,
     enable_gqa: bool = False,
+    mask_is_causal: bool = False,
 ) -> torch.Tensor:
-    """SDPA with the hollow pattern. q [B, H, S, d]; k, v [B, H_kv, S, d]; attn_mask [B or 1, 1, S, S]."""
+    """SDPA with the hollow pattern. q [B, H, S, d]; k, v [B, H_kv, S, d]; attn_mask [B or 1, 1, S, S].
+
+    mask_is_causal (checked once per forward by the graph): the mask is exactly causal, so its
+    entries are computed from positions instead of gathered from the S x S tensor.
+    """
     batch, heads, seq, _ = q.shape
     allowed = _allowed(attn_mask).expand(batch, 1, seq, seq)
+
+    def family_mask(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return cols <= rows[..., None] if mask_is_causal else _mask_at(allowed, rows, cols)
+
     # Output rows in [B * S, H, d] layout: what the graph reshapes the SDPA output into next.
     out = q.new_empty(batch * seq, heads, v.shape[-1])
     sdpa = dict(scale=scale, enable_gqa=enable_gqa)
@@ -137,13 +146,13 @@ def hollow_attention(
 
     # Text queries: unchanged, every key the mask allows.
     if txt_pos.shape[1]:
-        rows = _mask_at(allowed, txt_pos, torch.arange(seq, device=q.device).expand(batch, txt_pos.shape[1], seq))
+        rows = family_mask(txt_pos, torch.arange(seq, device=q.device).expand(batch, txt_pos.shape[1], seq))
         rows = rows | ~txt_valid[:, :, None]  # padded rows: any finite result, discarded below
         text_out = F.scaled_dot_product_attention(_gather_heads(q, txt_pos), k, v, attn_mask=rows[:, None], **sdpa)
         put(text_out, txt_pos, txt_valid)
 
     result = out.view(batch, seq, heads, -1).transpose(1, 2)
-    blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window)
+    blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window, mask_is_causal)
     if blk is None:
         return result
     block, blocks = blk.block, blk.blocks
@@ -159,7 +168,7 @@ def hollow_attention(
 
     query_pos = pos[:, blk.lead:blk.lead + blocks * block].reshape(batch, blocks, block)
     query_valid = valid[:, blk.lead:blk.lead + blocks * block].reshape(batch, blocks, block)
-    family = _mask_at(allowed, query_pos.reshape(batch, -1),
+    family = family_mask(query_pos.reshape(batch, -1),
                       key_pos[:, :, None, :].expand(-1, -1, block, -1).reshape(batch, blocks * block, -1))
     family = family.view(batch, blocks, block, -1)
     near = (query_pos[..., None] - key_pos[:, :, None, :]).abs() < window

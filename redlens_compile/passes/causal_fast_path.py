@@ -13,16 +13,15 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..capture.annotate import ATTENTION_CORE_TARGETS
-from ..ops.causal_attention import is_causal_mask, sdpa_causal_fast_path
+from ..ops.causal_attention import sdpa_causal_fast_path
 from .hollow_attention import sdpa_arguments
 from .infra import RedLensPass
-from .selectors import call_like, unrepeated_kv
+from .selectors import call_like, causal_check, unrepeated_kv
 
 
 class CausalFastPathPass(RedLensPass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = graph_module.graph
-        checks: dict[fx.Node, fx.Node] = {}
         modified = False
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in ATTENTION_CORE_TARGETS:
@@ -31,14 +30,11 @@ class CausalFastPathPass(RedLensPass):
             mask = args.get("attn_mask")
             if not isinstance(mask, fx.Node) or args.get("is_causal") or args.get("dropout_p", 0.0):
                 continue
-            if mask not in checks:
-                with graph.inserting_before(mask.next):
-                    checks[mask] = call_like(graph, mask, is_causal_mask, (mask,))
             k, v, gqa = args["key"], args["value"], bool(args.get("enable_gqa", False))
             if unrepeated_kv(k) is not None and unrepeated_kv(v) is not None:
                 k, v, gqa = unrepeated_kv(k), unrepeated_kv(v), True  # no H / H_kv copies of K and V
             with graph.inserting_before(node):
-                new = call_like(graph, node, sdpa_causal_fast_path, (args["query"], k, v, mask, checks[mask]),
+                new = call_like(graph, node, sdpa_causal_fast_path, (args["query"], k, v, mask, causal_check(graph, mask)),
                                 dict(scale=args.get("scale"), enable_gqa=gqa))
             node.replace_all_uses_with(new)
             graph.erase_node(node)

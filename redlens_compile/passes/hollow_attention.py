@@ -22,6 +22,7 @@ from .selectors import (
     VISUAL_MASK_INPUT,
     attention_core,
     call_like,
+    causal_check,
     in_layer,
     layout_nodes,
     placeholder,
@@ -87,9 +88,10 @@ class HollowAttentionPass(RedLensPass):
                 else:
                     layout = layout_nodes(graph_module)
                     mask = placeholder(graph_module, VISUAL_MASK_INPUT)
+                    causal = causal_check(graph, args["attn_mask"])
                     new = call_like(graph, node, hollow_attention,
                                     (q, k, v, args["attn_mask"], mask, layout["vis_pos"], layout["vis_valid"],
-                                     layout["txt_pos"], layout["txt_valid"], window), common)
+                                     layout["txt_pos"], layout["txt_valid"], window), dict(common, mask_is_causal=causal))
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             modified = True

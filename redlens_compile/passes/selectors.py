@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from ..capture.annotate import ATTENTION_CORE_TARGETS, FFN_ROLES, annotation, copy_node_meta
+from ..ops.causal_attention import is_causal_mask
 from ..ops.rows import visual_layout
 
 aten = torch.ops.aten
@@ -100,6 +101,15 @@ def unrepeated_kv(node: fx.Node) -> fx.Node | None:
     if not isinstance(val, torch.Tensor) or not isinstance(out, torch.Tensor) or val.dim() != 4 or out.dim() != 4:
         return None
     return source
+
+
+def causal_check(graph: fx.Graph, mask: fx.Node) -> fx.Node:
+    """The node that tells, once per forward, whether `mask` is exactly causal (inserted on first use)."""
+    for user in mask.users:
+        if user.target is is_causal_mask:
+            return user
+    with graph.inserting_before(mask.next):
+        return call_like(graph, mask, is_causal_mask, (mask,))
 
 
 def attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:

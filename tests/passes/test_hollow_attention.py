@@ -95,3 +95,15 @@ def test_small_window_changes_only_what_it_should(captured_family):
     first_visual = int(captured.example.visual_mask[0].nonzero()[0])
     assert (got[0][:, :first_visual] - want[0][:, :first_visual]).abs().max().item() <= TOL
     assert (got[0] - want[0]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("window", [2, 7])
+def test_causal_shortcut_equals_masked_reference(window):
+    """mask_is_causal=True (the graph found the mask exactly causal): same numbers, no mask gathers."""
+    q, k, v, _, visual = random_case(window, bidirectional=False)
+    seq = visual.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None].expand(2, 1, seq, seq)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=reference_mask(causal.clone(), visual, window))
+    layout = visual_layout(visual)
+    got = hollow_attention(q, k, v, causal, visual, *layout[:2], *layout[3:5], window, mask_is_causal=True)
+    assert (got - want).abs().max().item() <= TOL
