@@ -29,18 +29,12 @@ from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlamaCon
 import redlens_compile as rc
 from redlens_compile.analysis.timing import interleaved_medians
 from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
-from redlens_compile.config import UNBOUNDED_WINDOW
 
 IMAGE_TOKEN = 1000
 VOCAB = 1024  # small: the lm_head of one position is negligible either way, and init stays fast
 
-ROWS = {
-    "identity": rc.RedLensConfig.identity(),
-    "budget-0.75": rc.RedLensConfig(flops_budget=0.75),
-    "budget-0.5": rc.RedLensConfig(flops_budget=0.5),
-    "ffn-only": rc.RedLensConfig(layers="all", ffn_keep=0.5, hollow_window=UNBOUNDED_WINDOW),
-    "hollow-only": rc.RedLensConfig(layers="all", ffn_keep=1.0, hollow_window=64),
-}
+ROWS = {name: rc.RedLensConfig.preset(name) for name in ("identity", "budget-0.75", "budget-0.5", "ffn-only",
+                                                          "hollow-only")}
 CASES = {"a": (1, 64), "b": (4, 64)}  # images of 1024 tokens, text tokens
 
 

@@ -47,9 +47,15 @@ def _build_inputs(processor, image_path: str | None, prompt: str | None) -> dict
 def _config_from_args(args: argparse.Namespace):
     from .config import RedLensConfig
 
-    if args.identity or args.config is None:
-        return RedLensConfig.identity()
-    return RedLensConfig.parse(args.config)
+    if args.identity:
+        config = RedLensConfig.identity()
+    elif args.config is not None:
+        config = RedLensConfig.parse(args.config)
+    else:
+        config = RedLensConfig()  # the defaults: flops_budget 0.5, layers chosen by the ranking
+    if args.budget is not None:
+        config = RedLensConfig.from_dict(dict(config.to_dict(), flops_budget=args.budget))
+    return config
 
 
 def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: int, repeats: int,
@@ -86,6 +92,8 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
         "decoder_prefill_flops_before": report.decoder_flops_before,
         "decoder_prefill_flops_after": report.decoder_flops_after,
         "decoder_prefill_flops_ratio": report.flops_ratio,
+        "reduced_layers": {str(i): report.plan["settings"][str(i)] for i in report.chosen_layers},
+        "ranking": report.ranking,
         "prefill_latency_s_before": latency["before"],
         "prefill_latency_s_after": latency["after"],
         "max_abs_logit_diff": logits_diff,
@@ -118,8 +126,12 @@ def _print_summary(summary: dict) -> None:
           f"of {summary['seq_len']}")
     print(f"decoder FLOPs    {summary['decoder_prefill_flops_before']:.4g} -> "
           f"{summary['decoder_prefill_flops_after']:.4g} (ratio {summary['decoder_prefill_flops_ratio']:.3f}, fvcore)")
-    print(f"prefill latency  {summary['prefill_latency_s_before'] * 1e3:.1f} ms -> "
-          f"{summary['prefill_latency_s_after'] * 1e3:.1f} ms (median of interleaved runs, this machine)")
+    layers = summary["reduced_layers"]
+    print("reduced layers   " + ("none" if not layers else ", ".join(
+        f"{i} (ffn_keep {s['ffn_keep']:.3g}, window {s['window']})" for i, s in layers.items())))
+    before, after = summary["prefill_latency_s_before"], summary["prefill_latency_s_after"]
+    print(f"prefill latency  {before * 1e3:.1f} ms -> {after * 1e3:.1f} ms (ratio {after / before:.3f}; median of "
+          "interleaved runs, whole model, this machine)")
     print(f"logits           max abs diff {summary['max_abs_logit_diff']:.3g}")
     print(f"generate         {'same tokens' if summary['generated_tokens_equal'] else 'tokens differ'}: "
           f"{summary['generated_after']!r}")
@@ -190,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output folder for the report")
 
     def reductions(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="a preset name, JSON text or a JSON file (default: identity)")
+        p.add_argument("--config", help="a preset name (identity, budget-0.75, budget-0.5, ffn-only, hollow-only), "
+                                        "JSON text or a JSON file (default: RedLensConfig(), flops_budget 0.5)")
+        p.add_argument("--budget", type=float, help="flops_budget: decoder prefill FLOPs after/before (overrides --config's)")
         p.add_argument("--identity", action="store_true", help="RedLensConfig.identity(): change no number")
         p.add_argument("--max-new-tokens", type=int, default=8)
         p.add_argument("--repeats", type=int, default=20, help="timed prefill runs, interleaved (median)")

@@ -119,8 +119,15 @@ class RedLensConfig:
 
     @classmethod
     def preset(cls, name: str) -> "RedLensConfig":
-        """A named config (benchmarks and the CLI take these names); grows as reductions land."""
-        presets = {"identity": cls.identity}
+        """A named config (benchmarks and the CLI take these names)."""
+        presets = {
+            "identity": cls.identity,
+            "budget-0.75": lambda: cls(flops_budget=0.75),
+            "budget-0.5": lambda: cls(flops_budget=0.5),
+            # One pass alone on every layer, at the default settings.
+            "ffn-only": lambda: cls(layers="all", hollow_window=UNBOUNDED_WINDOW),
+            "hollow-only": lambda: cls(layers="all", ffn_keep=1.0),
+        }
         if name not in presets:
             raise ConfigError(f"unknown config preset {name!r}; presets: {', '.join(sorted(presets))}")
         return presets[name]()

@@ -47,3 +47,17 @@ def test_bad_input_is_one_line_error_and_nonzero_exit(demo_dir, tmp_path, capsys
     assert main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after any loading progress bar
     assert last.startswith("redlens-compile: error:") and message in last
+
+
+def test_optimize_cli_with_a_budget_reports_layers_and_ratios(demo_dir, tmp_path, capsys):
+    out = tmp_path / "budget"
+    assert main(["optimize", str(demo_dir), "--budget", "0.5", "--out", str(out), "--repeats", "1",
+                 "--max-new-tokens", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.45 <= summary["decoder_prefill_flops_ratio"] <= 0.5
+    assert summary["config"]["flops_budget"] == 0.5
+    assert summary["reduced_layers"]
+    printed = capsys.readouterr().out
+    assert "reduced layers" in printed and "ffn_keep" in printed and "latency" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["ranking"]["metric"] == "jsd" and report["plan"]["steps"]

@@ -16,7 +16,7 @@ def test_report_saves_json_markdown_png(tmp_path, identity_optimized):
     assert data["config"] == rc.RedLensConfig.identity().to_dict()
     assert len(data["layers"]) == 3
     assert data["totals"]["decoder_prefill_ratio"] == 1.0
-    assert [p["name"] for p in data["passes"]] == ["StripAssertsPass", "DeadCodeEliminationPass"]
+    assert [p["name"] for p in data["passes"]] == ["StripAssertsPass", "CausalFastPathPass", "DeadCodeEliminationPass"]
     assert (out / "flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "multiply-add = 1 FLOP" in md and "| layer |" in md
@@ -26,7 +26,31 @@ def test_report_saves_json_markdown_png(tmp_path, identity_optimized):
 
 def test_audit_of_unmodified_model(family_models):
     model = family_models("internvl")
-    report = rc.audit(model, make_inputs("internvl", model))
-    assert report.config is None and report.passes == []
-    assert report.inputs["visual_tokens"] == 16
+    inputs = make_inputs("internvl", model)
+    report = rc.audit(model, inputs)
+    assert report.config is None and report.passes == [] and report.chosen_layers == []
+    assert report.inputs["visual_tokens"] == 64
     assert report.flops_ratio == 1.0
+    # The same numbers as the "before" of an optimization that reduces layers 0 and 2 (a separate
+    # capture and count), whose "after" differs exactly on those layers.
+    reduced = rc.optimize(model, inputs, config=rc.RedLensConfig(layers=[0, 2])).report
+    for audited, row in zip(report.layers, reduced.layers):
+        assert audited["before"] == audited["after"] == row["before"]
+        assert (row["after"] != row["before"]) == (row["layer"] in (0, 2))
+    assert reduced.flops_ratio < 1.0
+
+
+def test_report_of_a_budget_shows_ranking_plan_and_settings(tmp_path, family_models):
+    model = family_models("llava")
+    report = rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(flops_budget=0.6)).report
+    out = report.save(tmp_path / "budget")
+    data = json.loads((out / "report.json").read_text())
+    assert data["ranking"]["metric"] == "jsd" and len(data["ranking"]["scores"]) == 3
+    assert data["plan"]["steps"] and data["chosen_layers"]
+    for row in data["layers"]:
+        assert (row["settings"] is not None) == row["reduced"] == (row["layer"] in data["chosen_layers"])
+    assert [p["name"] for p in data["passes"]] == ["StripAssertsPass", "DynamicFFNPass", "HollowAttentionPass",
+                                                   "CausalFastPathPass", "DeadCodeEliminationPass"]
+    md = (out / "report.md").read_text()
+    assert "## Layer ranking (jsd" in md and "## Planner steps" in md and "ffn_keep" in md
+    assert data["totals"]["decoder_prefill_ratio"] <= 0.6
