@@ -112,6 +112,18 @@ def main() -> None:
             del opt
     print(json.dumps({"layers": args.layers, "threads": torch.get_num_threads(), "repeats": args.repeats,
                       "results": results}, indent=2))
+    print()
+    print(markdown(results))
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| case | row | FLOPs ratio | latency ratio | latency / FLOPs | original / optimized s | peak RSS GiB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| ({r['case']}) {r['visual_tokens']} visual of {r['seq_len']} | {r['row']} | "
+                     f"{r['flops_ratio']:.3f} | {r['latency_ratio']:.3f} | {r['latency_over_flops']:.3f} | "
+                     f"{r['original_s']:.2f} / {r['optimized_s']:.2f} | {r['peak_rss_gib']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -125,8 +125,8 @@ class RedLensConfig:
             "budget-0.75": lambda: cls(flops_budget=0.75),
             "budget-0.5": lambda: cls(flops_budget=0.5),
             # One pass alone on every layer, at the default settings.
-            "ffn-only": lambda: cls(layers="all", hollow_window=UNBOUNDED_WINDOW),
-            "hollow-only": lambda: cls(layers="all", ffn_keep=1.0),
+            "ffn-only": lambda: cls(flops_budget=1.0, layers="all", hollow_window=UNBOUNDED_WINDOW),
+            "hollow-only": lambda: cls(flops_budget=1.0, layers="all", ffn_keep=1.0),
         }
         if name not in presets:
             raise ConfigError(f"unknown config preset {name!r}; presets: {', '.join(sorted(presets))}")

@@ -71,9 +71,20 @@ def sdpa_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
     return batch * heads * causal_keys_seen(num_queries, num_keys) * (head_dim + value_dim)
 
 
-def flop_analysis(module: nn.Module, args: tuple) -> FlopCountAnalysis:
+def full_sdpa_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """SDPA where every query sees every key (vision encoders attend both ways)."""
+    q_shape, k_shape, v_shape = (get_shape(v) for v in inputs[:3])
+    *batch_dims, heads, num_queries, head_dim = q_shape
+    batch = 1
+    for dim in batch_dims:
+        batch *= dim
+    return batch * heads * num_queries * k_shape[-2] * (head_dim + v_shape[-1])
+
+
+def flop_analysis(module: nn.Module, args: tuple, causal: bool = True) -> FlopCountAnalysis:
+    """fvcore on `module`; SDPA is counted causally (the decoder) or over every key (vision)."""
     analysis = FlopCountAnalysis(module, args)
-    analysis.set_op_handle(SDPA_OP, sdpa_flop_handle)
+    analysis.set_op_handle(SDPA_OP, sdpa_flop_handle if causal else full_sdpa_flop_handle)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     analysis.tracer_warnings("none")
@@ -262,7 +273,7 @@ def _module_flops(module: nn.Module, args: tuple, kwargs: dict) -> float:
     if len(tensor_args) != len(args):
         raise TypeError("non-tensor positional arguments")
     with torch.no_grad():
-        return float(flop_analysis(_KwargsCall(module, kwargs).eval(), tensor_args).total())
+        return float(flop_analysis(_KwargsCall(module, kwargs).eval(), tensor_args, causal=False).total())
 
 
 @dataclass

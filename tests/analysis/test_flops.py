@@ -69,6 +69,23 @@ def test_vision_and_projector_are_counted(family_models, family):
     assert report.components["projector"] > 0
 
 
+def test_llava_vision_tower_and_projector_match_closed_form(family_models):
+    """CLIP tower: patch conv + per layer q/k/v/o, attention over every patch both ways, MLP;
+    projector: two linears. Counted one module at a time on the inputs of a real forward."""
+    model = family_models("llava")
+    report = rc.audit(model, make_inputs("llava", model))
+    vc, d = model.config.vision_config, model.config.text_config.hidden_size
+    n = (vc.image_size // vc.patch_size) ** 2 + 1  # patches + CLS
+    width, inner = vc.hidden_size, vc.intermediate_size
+    conv = (n - 1) * 3 * vc.patch_size**2 * width
+    per_layer = 4 * n * width * width + 2 * n * n * width + 2 * n * width * inner
+    # fvcore also counts aten::layer_norm, 5 per element: the pre-norm and two per layer.
+    norms = 5 * n * width * (1 + 2 * vc.num_hidden_layers)
+    assert report.components["vision_tower"] == conv + vc.num_hidden_layers * per_layer + norms
+    tokens = n - 1  # the "default" strategy drops CLS before the projector
+    assert report.components["projector"] == tokens * (width * d + d * d)
+
+
 def test_sdpa_handle_counts_causal_pairs():
     class V:  # stands in for a jit value: fvcore's get_shape reads .type().sizes()
         def __init__(self, shape):
