@@ -3,7 +3,8 @@
     python benchmarks/quality.py [--configs identity '{"flops_budget": 0.5}' ...] [--questions 1000]
 
 For each row: held-out accuracy (overall and per question type) with greedy generate, and
-the decoder prefill FLOPs ratio from the audit (after/before, fvcore). Also the image-blind
+the decoder prefill FLOPs ratio from the audit (after/before, fvcore). Layers are ranked on
+--calibration training-split questions (one batch), never on the held-out ones. Also the image-blind
 baseline (the original model with a blank image). Prints JSON, then a markdown table, and
 draws accuracy against FLOPs into --plot. Configs are preset names, JSON text or JSON files.
 """
@@ -80,6 +81,9 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=1000)
     parser.add_argument("--model-dir", default=None, help="default: the bundled proof model")
     parser.add_argument("--plot", default="benchmarks/results/quality.png")
+    parser.add_argument("--calibration", type=int, default=10,
+                        help="training-split questions (balanced over types, one batch) the layer ranking runs on; "
+                             "0: the example alone")
     args = parser.parse_args()
     torch.manual_seed(0)
     model_dir = Path(args.model_dir) if args.model_dir else ensure_default_model()
@@ -87,6 +91,10 @@ def main() -> None:
     processor = AutoProcessor.from_pretrained(model_dir)
     items = heldout_questions(args.questions)
     example = encode_questions(processor, [items[0][0]], [items[0][1].question])
+    calibration = None
+    if args.calibration:
+        calib = heldout_questions(args.calibration, split="train")
+        calibration = [encode_questions(processor, [img for img, _ in calib], [qa.question for _, qa in calib])]
 
     rows = []
     start = time.time()
@@ -96,11 +104,12 @@ def main() -> None:
                  "accuracy": accuracy_by_type(items, answer_questions(model.generate, processor, blank_like(items)))})
     for spec in args.configs:
         config = rc.RedLensConfig.parse(spec)
-        opt = rc.optimize(model, example, config=config)
+        opt = rc.optimize(model, example, config=config, calibration=calibration)
         acc = accuracy_by_type(items, answer_questions(opt.generate, processor, items))
         rows.append({"name": row_name(spec, config), "config": config.to_dict(),
                      "flops_ratio": opt.report.flops_ratio, "accuracy": acc})
-    result = {"model_dir": str(model_dir), "questions": len(items), "seconds": time.time() - start, "rows": rows}
+    result = {"model_dir": str(model_dir), "questions": len(items), "calibration_questions": args.calibration,
+              "seconds": time.time() - start, "rows": rows}
     plot(rows, Path(args.plot))
     print(json.dumps(result, indent=2))
     print()

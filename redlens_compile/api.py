@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .analysis.budget import ReductionPlan, base_settings, needs_ranking, plan_fixed, plan_to_budget, validate_layers
+from .analysis.budget import ReductionPlan, needs_ranking, plan_fixed, plan_to_budget, settings_ladder, validate_layers
 from .analysis.flops import count_graph_flops
 from .analysis.ranking import SENSITIVITY_METRICS, LayerRanking, activation_scores, sensitivity_scores
 from .artifact.optimized_model import OptimizedModel
@@ -39,17 +39,17 @@ def _noop_progress(_: str) -> None:
 def _rank(captured: CapturedDecoder, model: nn.Module, calibration: list[DecoderInputs], config: RedLensConfig,
           layers: list[int]) -> LayerRanking:
     if config.ranking in SENSITIVITY_METRICS:
-        settings = base_settings(config)
+        def at(settings):
+            def reduce_one(layer: int):
+                plan = ReductionPlan(settings={layer: settings})
+                return apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True).graph_module
+            return sensitivity_scores(captured.graph_module, calibration, layers, reduce_one, config.ranking)
 
-        def reduce_one(layer: int):
-            plan = ReductionPlan(settings={layer: settings})
-            return apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True).graph_module
-
-        scores = sensitivity_scores(captured.graph_module, calibration, layers, reduce_one, config.ranking)
-    else:
-        decoder_layers = list(captured.adapter.language_model(model).layers)
-        scores = activation_scores(captured.decoder, decoder_layers, calibration, config.ranking)
-    return LayerRanking(metric=config.ranking, scores=scores)
+        ladder, base = settings_ladder(config)
+        floor = at(ladder[-1]) if len(ladder) > base + 1 else None
+        return LayerRanking(config.ranking, at(ladder[base]), floor)
+    decoder_layers = list(captured.adapter.language_model(model).layers)
+    return LayerRanking(config.ranking, activation_scores(captured.decoder, decoder_layers, calibration, config.ranking))
 
 
 def _probe_note(config: RedLensConfig, example: DecoderInputs, plan: ReductionPlan) -> list[str]:
@@ -106,7 +106,7 @@ def optimize(
             return {i: counted.layer_total(i) for i in before.layers}
 
         layers_before = {i: before.layer_total(i) for i in before.layers}
-        plan = plan_to_budget(config, layers_before, ranking.order, layer_costs)
+        plan = plan_to_budget(config, layers_before, ranking.scores, layer_costs, ranking.floor_scores)
     else:
         plan = plan_fixed(config, adapter.num_layers(model))
 

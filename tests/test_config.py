@@ -39,7 +39,11 @@ def test_parse_preset_json_text_and_file(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text('{"ffn_keep": 0.25}')
     assert rc.RedLensConfig.parse(str(path)).ffn_keep == 0.25
-    with pytest.raises(rc.ConfigError, match="unknown config preset 'fast'; presets: identity"):
+    with pytest.raises(rc.ConfigError, match="unknown config preset 'fast'; presets: budget-0.5, budget-0.75, "
+                                             "ffn-only, hollow-only, identity"):
         rc.RedLensConfig.parse("fast")
+    assert rc.RedLensConfig.parse("budget-0.5").flops_budget == 0.5
+    hollow = rc.RedLensConfig.parse("hollow-only")
+    assert hollow.ffn_keep == 1.0 and hollow.hollow_window == 64 and hollow.layers == "all"
     with pytest.raises(rc.ConfigError, match="no such file"):
         rc.RedLensConfig.parse(str(tmp_path / "missing.json"))

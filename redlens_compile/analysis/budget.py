@@ -1,11 +1,11 @@
 """Budget planner: which decoder layers get reductions, and how hard.
 
 `flops_budget` bounds the decoder layers' prefill FLOPs after/before (lm_head, vision tower
-and projector are reported apart). With `layers="auto"` the planner adds reductions at the
-config's settings to layers from least to most critical (the ranking) until the budget is
-met. When every layer is reduced and it is not, it tightens the least critical layers one
-step at a time (ffn_keep and window times TIGHTEN_FACTOR, down to the floors below); when
-even that cannot meet the budget it raises BudgetUnreachableError naming the lowest ratio.
+and projector are reported apart). With `layers="auto"` the planner reduces layers in order of
+least estimated damage per FLOP saved (`plan_to_budget`): least critical layers first, and it
+tightens them (ffn_keep and window times TIGHTEN_FACTOR, down to the floors below) before it
+touches a layer the ranking found critical. When every layer at the floors cannot meet the
+budget it raises BudgetUnreachableError naming the lowest ratio.
 
 Per-layer costs come from fvcore counts of real rewritten graphs (`LayerCosts`), so the ratio
 the planner predicts is the ratio the audit reports.
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 FFN_KEEP_FLOOR = 0.0625
 WINDOW_FLOOR = 8
-TIGHTEN_FACTOR = 0.85
+TIGHTEN_FACTOR = 0.75
 
 
 @dataclass(frozen=True)
@@ -115,48 +115,132 @@ def plan_fixed(config: RedLensConfig, num_layers: int) -> ReductionPlan:
                          steps=[f"layers given by the config: {sorted(layers)}"])
 
 
+LOOSER_RUNGS = 3
+
+
+def settings_ladder(config: RedLensConfig) -> tuple[list[LayerSettings], int]:
+    """Rungs from loose to tight, and the index of the config's own settings among them.
+
+    Below the config's settings: LOOSER_RUNGS steps towards no reduction (ffn_keep towards 1,
+    the window up to twice as wide), so a critical layer can be reduced a little instead of not
+    at all;
+    above them: each step tighter down to the floors.
+    """
+    base = base_settings(config)
+    looser = []
+    for i in range(LOOSER_RUNGS, 0, -1):
+        share = i / (LOOSER_RUNGS + 1)
+        keep = base.ffn_keep + (1.0 - base.ffn_keep) * share if base.reduces_ffn else base.ffn_keep
+        window = min(UNBOUNDED_WINDOW, round(base.window * (1 + share))) if base.hollow else base.window
+        looser.append(LayerSettings(ffn_keep=keep, window=window))
+    rungs = looser + [base]
+    while (tighter := rungs[-1].tightened()) != rungs[-1]:
+        rungs.append(tighter)
+    return rungs, len(looser)
+
+
 def plan_to_budget(
-    config: RedLensConfig, before: Mapping[int, float], order: Sequence[int], costs: LayerCosts
+    config: RedLensConfig,
+    before: Mapping[int, float],
+    scores: Mapping[int, float],
+    costs: LayerCosts,
+    floor_scores: Mapping[int, float] | None = None,
 ) -> ReductionPlan:
-    """Least critical layers first until the decoder layers' FLOPs ratio <= flops_budget."""
+    """Reductions in order of least damage per FLOP saved, until the decoder FLOPs ratio <= flops_budget.
+
+    Each layer climbs a ladder (settings_ladder): unreduced, looser settings, the config's
+    settings, then one step tighter at a time down to the floors. A move is one layer one rung
+    up; the planner takes the move with the smallest estimated damage per FLOP it saves, then
+    gives back rungs that the last move made unnecessary. Damage: the layer's ranking score at
+    the config's settings, linear in the rung from 0 (unreduced) up to it, and from it up to the
+    score at the floors where that was measured (sensitivity metrics; otherwise growing at the
+    same rate). Least critical layers therefore go first, a layer whose visual rows barely
+    matter is tightened to the floors before a critical one is touched, and a critical layer
+    that must be reduced is reduced as little as the budget allows.
+    """
     budget = config.flops_budget
     total = sum(before.values())
-    levels: list[LayerSettings] = [base_settings(config)]
-    level_costs: list[Mapping[int, float]] = [costs(levels[0])]
-    chosen: dict[int, int] = {}  # layer -> level index
+    ladder, base_index = settings_ladder(config)
+    rungs = len(ladder)
+    base_level = base_index + 1
+    level_costs: dict[int, Mapping[int, float]] = {}
 
-    def ratio() -> float:
-        return sum(level_costs[chosen[i]][i] if i in chosen else before[i] for i in before) / total
+    def cost(layer: int, level: int) -> float:
+        if level == 0:
+            return before[layer]
+        if level not in level_costs:
+            level_costs[level] = costs(ladder[level - 1])
+        return level_costs[level][layer]
 
-    steps = []
-    for layer in order:
-        if ratio() <= budget:
+    def damage(layer: int, level: int) -> float:
+        base = max(0.0, scores[layer])
+        if level <= base_level:
+            return base * level / base_level
+        if floor_scores is None:
+            return base * level / base_level
+        floor = max(base, floor_scores[layer])
+        return base + (floor - base) * (level - base_level) / (rungs - base_level)
+
+    order = sorted(before, key=lambda i: (scores[i], i))
+    level = {i: 0 for i in before}
+    ratio = 1.0
+    steps: list[str] = []
+    def next_saving(layer: int) -> int | None:
+        """The nearest tighter rung that costs fewer FLOPs (a loose rung can cost more than none)."""
+        for nxt in range(level[layer] + 1, rungs + 1):
+            if cost(layer, nxt) < cost(layer, level[layer]):
+                return nxt
+        return None
+
+    while ratio > budget:
+        best, best_key = None, None
+        for rank, layer in enumerate(order):
+            nxt = next_saving(layer)
+            if nxt is None:
+                continue
+            saved = cost(layer, level[layer]) - cost(layer, nxt)
+            key = ((damage(layer, nxt) - damage(layer, level[layer])) / saved, rank)
+            if best_key is None or key < best_key:
+                best, best_key = (layer, nxt), key
+        if best is None:
+            break  # every layer at the floors
+        layer = best[0]
+        verb = "reduce" if level[layer] == 0 else "tighten"
+        level[layer] = best[1]
+        ratio = sum(cost(i, level[i]) for i in before) / total
+        steps.append(f"{verb} layer {layer} to {ladder[level[layer] - 1].to_dict()}: ratio {ratio:.4f}")
+    # The last move may overshoot (a whole layer added at once): give back the rungs that
+    # cost most damage per FLOP while the budget still holds.
+    while ratio <= budget:
+        best, best_key = None, None
+        for rank, layer in enumerate(order):
+            if level[layer] == 0:
+                continue
+            back = level[layer] - 1
+            if back and cost(layer, back) >= before[layer]:
+                back = 0  # a rung that costs more than no reduction is never worth stepping back to
+            added = cost(layer, back) - cost(layer, level[layer])
+            if added <= 0 or ratio + added / total > budget:
+                continue
+            key = (-(damage(layer, level[layer]) - damage(layer, back)) / added, -rank)
+            if best_key is None or key < best_key:
+                best, best_key = (layer, back), key
+        if best is None or best_key[0] >= 0:
             break
-        chosen[layer] = 0
-        steps.append(f"reduce layer {layer} at {levels[0].to_dict()}: ratio {ratio():.4f}")
-    for layer in order:
-        while ratio() > budget:
-            level = chosen[layer]
-            if level + 1 == len(levels):
-                tighter = levels[-1].tightened()
-                if tighter == levels[-1]:
-                    break  # at the floors
-                levels.append(tighter)
-                level_costs.append(costs(tighter))
-            chosen[layer] = level + 1
-            steps.append(f"tighten layer {layer} to {levels[level + 1].to_dict()}: ratio {ratio():.4f}")
-        if ratio() <= budget:
-            break
-    reached = ratio()
-    if reached > budget:
-        floor = levels[-1].to_dict()
+        level[best[0]] = best[1]
+        best = best[0]
+        ratio = sum(cost(i, level[i]) for i in before) / total
+        steps.append(f"relax layer {best} to {ladder[level[best] - 1].to_dict() if level[best] else 'unreduced'}: "
+                     f"ratio {ratio:.4f}")
+    if ratio > budget:
+        floor = ladder[-1].to_dict()
         raise BudgetUnreachableError(
             f"flops_budget={budget} cannot be met: with every decoder layer reduced down to the floors "
             f"(ffn_keep {floor['ffn_keep']}, window {floor['window']}) the lowest reachable decoder FLOPs ratio is "
-            f"{reached:.4f}. Raise flops_budget to at least {math.ceil(reached * 1000) / 1000}, enable both "
+            f"{ratio:.4f}. Raise flops_budget to at least {math.ceil(ratio * 1000) / 1000}, enable both "
             "reductions (ffn_keep < 1 and a finite hollow_window), or prune visual tokens (prune=...)."
         )
-    plan = ReductionPlan(settings={i: levels[lv] for i, lv in chosen.items()}, order=list(order), steps=steps,
-                         predicted_ratio=reached)
-    logger.info("plan: layers %s, predicted ratio %.4f", list(plan.layers), reached)
+    plan = ReductionPlan(settings={i: ladder[lv - 1] for i, lv in level.items() if lv}, order=order, steps=steps,
+                         predicted_ratio=ratio)
+    logger.info("plan: layers %s, predicted ratio %.4f", list(plan.layers), ratio)
     return plan

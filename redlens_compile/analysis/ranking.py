@@ -30,7 +30,8 @@ SENSITIVITY_METRICS = ("jsd", "kl")
 @dataclass
 class LayerRanking:
     metric: str
-    scores: dict[int, float]
+    scores: dict[int, float]  # at the config's settings
+    floor_scores: dict[int, float] | None = None  # at the planner's floors (sensitivity metrics)
 
     @property
     def order(self) -> list[int]:
@@ -38,8 +39,11 @@ class LayerRanking:
         return sorted(self.scores, key=lambda i: (self.scores[i], i))
 
     def to_dict(self) -> dict:
-        return {"metric": self.metric, "scores": {str(i): s for i, s in sorted(self.scores.items())},
-                "order": self.order}
+        out = {"metric": self.metric, "scores": {str(i): s for i, s in sorted(self.scores.items())},
+               "order": self.order}
+        if self.floor_scores is not None:
+            out["floor_scores"] = {str(i): s for i, s in sorted(self.floor_scores.items())}
+        return out
 
 
 def next_token_log_probs(graph_module: fx.GraphModule, inputs: DecoderInputs) -> torch.Tensor:

@@ -172,13 +172,17 @@ def sample(split: str, index: int, num_questions: int = 1, qtypes: tuple[str, ..
     return Sample(objects, qas), seed
 
 
-def heldout_questions(count: int) -> list[tuple[Image.Image, QA]]:
-    """`count` held-out (image, question) pairs, balanced over question types."""
+def heldout_questions(count: int, split: str = "test") -> list[tuple[Image.Image, QA]]:
+    """`count` held-out (image, question) pairs, balanced over question types.
+
+    split="train" gives training-split pairs instead (e.g. calibration inputs for the layer
+    ranking, disjoint from what accuracy is measured on).
+    """
     out: list[tuple[Image.Image, QA]] = []
     index = 0
     while len(out) < count:
         qtype = QUESTION_TYPES[len(out) % len(QUESTION_TYPES)]
-        item, seed = sample("test", index, 1, qtypes=(qtype,))
+        item, seed = sample(split, index, 1, qtypes=(qtype,))
         index += 1
         if item.qas:
             out.append((item.image(seed), item.qas[0]))

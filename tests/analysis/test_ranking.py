@@ -78,3 +78,14 @@ def test_every_metric_plans_to_the_budget(family_models, metric):
                          config=rc.RedLensConfig(flops_budget=0.6, ranking=metric)).report
     assert report.ranking["metric"] == metric and len(report.ranking["order"]) == 3
     assert report.flops_ratio <= 0.6
+
+
+def test_ranking_runs_on_the_calibration_inputs(family_models):
+    model = family_models("llava")
+    example = make_inputs("llava", model)
+    calib = make_inputs("llava", model, text_before=6, text_after=2, batch=2, pad_left=(3,), seed=11)
+    config = rc.RedLensConfig(flops_budget=0.6)
+    on_example = rc.optimize(model, example, config=config).report.ranking["scores"]
+    on_calib = rc.optimize(model, example, config=config, calibration=[calib]).report.ranking["scores"]
+    assert on_example.keys() == on_calib.keys()
+    assert on_example != on_calib
