@@ -107,3 +107,44 @@ def test_causal_shortcut_equals_masked_reference(window):
     layout = visual_layout(visual)
     got = hollow_attention(q, k, v, causal, visual, *layout[:2], *layout[3:5], window, mask_is_causal=True)
     assert (got - want).abs().max().item() <= TOL
+
+
+class _Attention(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self_attn = _Attention()
+
+
+class _PerHeadMaskDecoder(torch.nn.Module):
+    """One 'layer' whose SDPA takes a per-head mask [B, H, S, S]: the blockwise path does not serve it."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Layer()])
+
+    def forward(self, q, k, v, mask, visual_mask):
+        return self.layers[0].self_attn(q, k, v, mask)
+
+
+def test_per_head_mask_takes_the_reported_masked_fallback():
+    from redlens_compile.capture.annotate import annotate_graph
+    from redlens_compile.ops.hollow_attention import hollow_attention_masked
+
+    q, k, v, family, visual = random_case(0, bidirectional=False)
+    per_head = family.expand(-1, q.shape[1], -1, -1).clone()
+    gm = torch.export.export(_PerHeadMaskDecoder(), (q, k, v, per_head, visual), strict=False).module()
+    annotate_graph(gm)
+    hollow = HollowAttentionPass(window={0: 3})
+    gm, records = run_passes(gm, [hollow])
+    assert records[0].modified and "per-head" in hollow.fallback[0]
+    assert sum(n.target is hollow_attention_masked for n in gm.graph.nodes) == 1
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=reference_mask(family, visual, 3).expand_as(per_head))
+    rows = family[:, 0].any(-1)[:, None, :, None].expand_as(want)
+    assert (gm(q, k, v, per_head, visual) - want).abs()[rows].max().item() <= TOL
+    _, again = run_passes(gm, [HollowAttentionPass(window={0: 3})])
+    assert not again[0].modified
