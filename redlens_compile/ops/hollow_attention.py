@@ -2,11 +2,11 @@
 
 Text queries attend as before: every key the family's mask allows. A visual query at position
 i attends to the non-visual keys the mask allows and to the visual keys j with |i - j| < w
-that the mask allows (for causal families: i - w < j <= i). Computed blockwise: each sample's
-visual rows are cut into blocks of c = min(w, longest visual span) rows; a block's queries
-see the sample's text keys, the previous block and their own block (and the next block when
-the family lets image tokens look ahead), with the exact mask inside. Work per visual query:
-T + 2c keys instead of S.
+that the mask allows (for causal families: i - w < j <= i). Computed blockwise (plan_blocks):
+each sample's visual rows are cut into blocks of c = ceil(w / 2) rows; a block's queries see
+the text keys before it, the blocks behind it that a window reaches and their own block (and
+as many ahead when the family lets image tokens look ahead), with the exact mask inside.
+Work per visual query: P + 1.5w keys instead of S. The FLOPs function counts exactly that.
 """
 
 from __future__ import annotations

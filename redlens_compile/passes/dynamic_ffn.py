@@ -2,10 +2,10 @@
 
 For each reduced layer the FFN subgraph (entry -> up-side linears and their elementwise glue
 -> down linear) is split by rows:
-- text rows (gathered with the row layout) run through the original nodes, unchanged;
-- M probe rows per sample run through a copy of the FFN up to the down projection (full
-  width), and score the channels (ops.dynamic_ffn.top_channels);
-- the visual rows run through a second copy whose linears use weights sliced to the K kept
+- text rows (gathered with the row layout) run through the original nodes, unchanged; M probe
+  rows per sample are stacked under them up to the down projection (one full-width GEMM),
+  and their activations score the channels (ops.dynamic_ffn.top_channels);
+- the visual rows run through a copy of the glue whose linears use weights sliced to the K kept
   channels, per sample (gate, up and down all shrink: that is the saved work);
 - both halves go back into one [B, S, D] tensor.
 The glue is copied, not recognised, so any activation (SiLU, GELU, gated or not) works.
@@ -38,7 +38,7 @@ REWRITTEN = "redlens_rewritten"
 class DynamicFFNPass(RedLensPass):
     """Rewrite the FFN of each layer in `keep` (layer -> fraction of channels kept for visual rows).
 
-    probe_tokens: M, an int count or a fraction of the longest visual span (resolved at run time).
+    probe_tokens: M, an int count or a fraction of each sample's visual rows (resolved at run time).
     """
 
     keep: dict[int, float]
