@@ -16,7 +16,7 @@ from .analysis.budget import ReductionPlan, needs_ranking, plan_fixed, plan_to_b
 from .analysis.flops import count_graph_flops
 from .analysis.ranking import SENSITIVITY_METRICS, LayerRanking, activation_scores, sensitivity_scores
 from .artifact.optimized_model import OptimizedModel
-from .capture.decoder_inputs import DecoderInputs, capture_decoder_inputs
+from .capture.decoder_inputs import DecoderInputs, capture_decoder_inputs, image_token_mask
 from .capture.families import adapter_for
 from .capture.pipeline import CapturedDecoder, capture, check_capture
 from .config import RedLensConfig
@@ -77,7 +77,7 @@ def optimize(
     adapter = adapter_for(model)
     model.eval()
     # Bad input before any planning: no image tokens is an error whatever the config.
-    capture_decoder_inputs(model, adapter, example_inputs)
+    image_token_mask(model, adapter, example_inputs)
     validate_layers(config, adapter.num_layers(model))
     if config.prune is not None:
         raise ReductionUnavailableError(

@@ -103,10 +103,9 @@ def _canonical_position_ids(
     return position_ids.expand(rows, batch, seq).clone()
 
 
-def capture_decoder_inputs(
-    model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[str, Any], require_visual: bool = True
-) -> DecoderInputs:
-    """Run `model`'s forward up to its decoder and return the decoder's canonical inputs."""
+def image_token_mask(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[str, Any],
+                     require_visual: bool = True) -> torch.Tensor:
+    """[B, S] bool, True at image placeholder positions; NoImageTokensError when there are none."""
     input_ids = inputs.get("input_ids")
     if input_ids is None:
         raise CaptureError("inputs need 'input_ids' (the dict a processor returns) to locate visual tokens")
@@ -117,6 +116,14 @@ def capture_decoder_inputs(
             "to optimize. Build the prompt with the processor, passing images= and a text that contains the "
             "image placeholder (e.g. processor.image_token)."
         )
+    return visual_mask
+
+
+def capture_decoder_inputs(
+    model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[str, Any], require_visual: bool = True
+) -> DecoderInputs:
+    """Run `model`'s forward up to its decoder and return the decoder's canonical inputs."""
+    visual_mask = image_token_mask(model, adapter, inputs, require_visual)
 
     seen = run_to_decoder(model, adapter, inputs)
     if "inputs_embeds" not in seen or seen["inputs_embeds"] is None:
