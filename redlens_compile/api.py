@@ -22,6 +22,8 @@ from .capture.pipeline import CapturedDecoder, capture, check_capture
 from .config import RedLensConfig
 from .errors import ConfigError, ReductionUnavailableError
 from .passes.pipeline import apply_plan
+from .passes.token_pruning import BEFORE_FIRST_LAYER, TokenPruning
+from .analysis.codebook_file import Codebook
 from .report.audit_report import AuditReport
 from .report.build import build_report
 
@@ -77,12 +79,11 @@ def optimize(
     adapter = adapter_for(model)
     model.eval()
     # Bad input before any planning: no image tokens is an error whatever the config.
-    image_token_mask(model, adapter, example_inputs)
+    visual_mask = image_token_mask(model, adapter, example_inputs)
     validate_layers(config, adapter.num_layers(model))
-    if config.prune is not None:
-        raise ReductionUnavailableError(
-            f"prune={config.prune!r}: the token pruning node is not part of this build; use prune=None"
-        )
+    pruning = build_pruning(config, model, adapter)
+    if pruning is not None:
+        pruning.keep_counts(visual_mask)  # prune_keep above the example's visual count: an error now
 
     progress("running the original model on the example")
     with torch.no_grad():
@@ -92,39 +93,76 @@ def optimize(
     check_capture(captured, reference.logits)
     progress("counting FLOPs before the rewrite (fvcore)")
     before = count_graph_flops(captured.graph_module, captured.example)
+    # The graph runs on the pruned sequence: plan, rank and count the reductions on it.
+    pruned = pruning(captured.example) if pruning is not None else None
+    example = pruned.inputs if pruned is not None else captured.example
+    scoring = float(pruning.scoring_flops(captured.example)) if pruning is not None else 0.0
+    unreduced = count_graph_flops(captured.graph_module, example) if pruned is not None else before
 
     ranking = None
     if needs_ranking(config):
         progress("ranking layers on the calibration inputs")
         calib = [capture_decoder_inputs(model, adapter, x) for x in calibration] if calibration else [captured.example]
+        if pruning is not None:
+            calib = [pruning(x).inputs for x in calib]
         ranking = _rank(captured, model, calib, config, sorted(before.layers))
 
         def layer_costs(settings):
             plan = ReductionPlan(settings={i: settings for i in before.layers})
             trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True).graph_module
-            counted = count_graph_flops(trial, captured.example)
+            counted = count_graph_flops(trial, example)
             return {i: counted.layer_total(i) for i in before.layers}
 
-        layers_before = {i: before.layer_total(i) for i in before.layers}
-        plan = plan_to_budget(config, layers_before, ranking.scores, layer_costs, ranking.floor_scores)
+        layers_unreduced = {i: unreduced.layer_total(i) for i in before.layers}
+        reference_total = sum(before.layer_total(i) for i in before.layers)
+        plan = plan_to_budget(config, layers_unreduced, ranking.scores, layer_costs, ranking.floor_scores,
+                              reference_total=reference_total, extra=scoring)
     else:
         plan = plan_fixed(config, adapter.num_layers(model))
 
     progress("running passes")
     result = apply_plan(captured.graph_module, plan, config.probe_tokens)
     progress("counting FLOPs after the rewrite")
-    after = count_graph_flops(result.graph_module, captured.example)
-    notes = _probe_note(config, captured.example, plan)
+    after = count_graph_flops(result.graph_module, example)
+    notes = _probe_note(config, example, plan)
     notes += [f"layer {i}: hollow attention used the masked fallback ({why}); it saves no work there"
               for i, why in sorted(result.fallback.items())]
     notes += [f"layer {i}: not reduced: {why}" for i, why in sorted(result.skipped.items())]
     if config.layers != "auto" and plan.settings and config.flops_budget < 1.0:
         notes.append(f"layers={config.layers!r} given explicitly: flops_budget={config.flops_budget} was not applied")
-    report = build_report(model, captured, example_inputs, before, after, config, plan, result.records, ranking, notes)
+    pruning_summary = None
+    if pruned is not None:
+        pruning_summary = dict(pruning.describe(), scoring_flops=scoring,
+                               visual_before=pruned.visual_before.tolist(), visual_after=pruned.visual_after.tolist(),
+                               seq_len_before=captured.example.seq_len, seq_len_after=example.seq_len)
+    report = build_report(model, captured, example_inputs, before, after, config, plan, result.records, ranking, notes,
+                          pruning=pruning_summary)
     if config.layers != "auto" and report.flops_ratio > config.flops_budget:
         logger.warning("decoder FLOPs ratio %.3f is above flops_budget %.3f: layers were given explicitly",
                        report.flops_ratio, config.flops_budget)
-    return OptimizedModel(model, adapter, result.graph_module, report, config, output_cls=type(reference))
+    return OptimizedModel(model, adapter, result.graph_module, report, config, output_cls=type(reference),
+                          pruning=pruning)
+
+
+def build_pruning(config: RedLensConfig, model: nn.Module, adapter) -> TokenPruning | None:
+    """The token pruning stage the config asks for, checked against the model before any work."""
+    if config.prune is None:
+        return None
+    num_layers = adapter.num_layers(model)
+    if config.prune not in BEFORE_FIRST_LAYER:
+        if config.prune_layer >= num_layers:
+            raise ConfigError(f"prune_layer={config.prune_layer} is beyond the last decoder layer: the decoder has "
+                              f"{num_layers} layers (valid: 0..{num_layers - 1})")
+        raise ReductionUnavailableError(
+            f"prune={config.prune!r}: pruning inside the decoder (after layer K) is not part of this build yet; "
+            f"use prune='codebook' or 'random' (before the first layer)"
+        )
+    if config.prune == "random":
+        return TokenPruning("random", config.prune_keep, seed=config.prune_seed)
+    codebook = Codebook.load(config.codebook)
+    text_config = adapter.language_model(model).config
+    codebook.check_compatible(model.config.model_type, text_config.hidden_size, path=f"codebook {config.codebook}")
+    return TokenPruning.from_codebook(codebook, config.prune_keep)
 
 
 def audit(model: nn.Module, example_inputs: Mapping[str, Any]) -> AuditReport:

@@ -52,6 +52,7 @@ class RedLensConfig:
     prune_keep: visual tokens kept by pruning (int count or float fraction).
     prune_layer: K, the layer after which `fastv` and `vtw` prune.
     codebook: path of a redundancy codebook (safetensors), required by prune="codebook".
+    prune_seed: the seed of prune="random" (the same input keeps the same rows).
     """
 
     flops_budget: float = 0.5
@@ -64,6 +65,7 @@ class RedLensConfig:
     prune_keep: int | float = 0.25
     prune_layer: int = 2
     codebook: str | None = None
+    prune_seed: int = 0
 
     def __post_init__(self) -> None:
         if not _is_number(self.flops_budget) or not 0.0 < self.flops_budget <= 1.0:
@@ -81,6 +83,8 @@ class RedLensConfig:
         _count_or_fraction("prune_keep", self.prune_keep)
         if not _is_int(self.prune_layer) or self.prune_layer < 0:
             raise ConfigError(f"prune_layer={self.prune_layer!r}: must be an int >= 0")
+        if not _is_int(self.prune_seed):
+            raise ConfigError(f"prune_seed={self.prune_seed!r}: must be an int")
         if self.codebook is not None and not isinstance(self.codebook, (str, Path)):
             raise ConfigError(f"codebook={self.codebook!r}: must be a path (str) or None")
         if self.codebook is not None:

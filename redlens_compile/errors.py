@@ -27,3 +27,11 @@ class ReductionUnavailableError(RedLensError, NotImplementedError):
 
 class BudgetUnreachableError(RedLensError, ValueError):
     """flops_budget cannot be met even with every layer reduced down to the floors."""
+
+
+class PruningError(RedLensError, ValueError):
+    """Token pruning cannot serve these inputs (e.g. prune_keep above a sample's visual count)."""
+
+
+class CodebookError(RedLensError, ValueError):
+    """A redundancy codebook cannot be built, read or used with this model."""

@@ -114,3 +114,44 @@ def test_probe_tokens_above_the_visual_count_are_clamped_and_reported(family_mod
     assert not any("probe_tokens" in n for n in base.report.notes)
     # Clamped: every visual row is a probe, exactly as with probe_tokens == the visual count.
     assert torch.equal(big(**inputs).logits, base(**inputs).logits)
+
+
+def test_prune_keep_above_the_visual_count_is_an_error_before_any_work(family_models):
+    model = family_models("llava")
+    inputs = make_inputs("llava", model)
+    with pytest.raises(rc.PruningError, match=r"prune_keep=65 is above the 64 visual tokens of sample 0"):
+        rc.optimize(model, inputs, config=rc.RedLensConfig(prune="random", prune_keep=65, flops_budget=1.0))
+    with pytest.raises(rc.ConfigError, match=r"prune_keep=0"):
+        rc.RedLensConfig(prune="random", prune_keep=0)
+
+
+def test_prune_layer_beyond_the_last_layer_names_the_range(family_models):
+    model = family_models("llava")
+    for method in ("fastv", "vtw"):
+        with pytest.raises(rc.ConfigError, match=r"prune_layer=3 is beyond the last decoder layer: .* 3 layers"):
+            rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(prune=method, prune_layer=3))
+
+
+def test_a_codebook_of_another_model_is_refused(family_models, tmp_path):
+    from redlens_compile.analysis.codebook_file import Codebook
+
+    model = family_models("llava")
+    inputs = make_inputs("llava", model)
+
+    def run(path):
+        return rc.optimize(model, inputs, config=rc.RedLensConfig(prune="codebook", codebook=str(path)))
+
+    wrong_dim = Codebook(torch.randn(4, 32), {"model_type": "llava"}).save(tmp_path / "dim.safetensors")
+    with pytest.raises(rc.CodebookError, match="prototypes of dim 32, but this model's decoder hidden size is 64"):
+        run(wrong_dim)
+    wrong_type = Codebook(torch.randn(4, 64), {"model_type": "qwen2_vl"}).save(tmp_path / "type.safetensors")
+    with pytest.raises(rc.CodebookError, match="built on a 'qwen2_vl' model, this model is 'llava'"):
+        run(wrong_type)
+    with pytest.raises(rc.CodebookError, match="no such file"):
+        run(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+    save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(rc.CodebookError, match="not a redlens codebook"):
+        run(tmp_path / "other.safetensors")
+    with pytest.raises(rc.CodebookError, match="already exists"):
+        Codebook(torch.randn(4, 64)).save(wrong_type)

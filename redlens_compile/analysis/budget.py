@@ -145,6 +145,8 @@ def plan_to_budget(
     scores: Mapping[int, float],
     costs: LayerCosts,
     floor_scores: Mapping[int, float] | None = None,
+    reference_total: float | None = None,
+    extra: float = 0.0,
 ) -> ReductionPlan:
     """Reductions in order of least damage per FLOP saved, until the decoder FLOPs ratio <= flops_budget.
 
@@ -157,9 +159,14 @@ def plan_to_budget(
     same rate). Least critical layers therefore go first, a layer whose visual rows barely
     matter is tightened to the floors before a critical one is touched, and a critical layer
     that must be reduced is reduced as little as the budget allows.
+
+    `before` holds each layer's unreduced cost on the sequence the graph runs on (after token
+    pruning, when the config prunes); `reference_total` is the unpruned decoder's cost the
+    budget is a fraction of (default: the sum of `before`), and `extra` work added outside the
+    layers (the pruning scores) counts against the budget too.
     """
     budget = config.flops_budget
-    total = sum(before.values())
+    total = sum(before.values()) if reference_total is None else reference_total
     ladder, base_index = settings_ladder(config)
     rungs = len(ladder)
     base_level = base_index + 1
@@ -183,7 +190,7 @@ def plan_to_budget(
 
     order = sorted(before, key=lambda i: (scores[i], i))
     level = {i: 0 for i in before}
-    ratio = 1.0
+    ratio = (sum(before.values()) + extra) / total
     steps: list[str] = []
     def next_saving(layer: int) -> int | None:
         """The nearest tighter rung that costs fewer FLOPs (a loose rung can cost more than none)."""
@@ -207,7 +214,7 @@ def plan_to_budget(
         layer = best[0]
         verb = "reduce" if level[layer] == 0 else "tighten"
         level[layer] = best[1]
-        ratio = sum(cost(i, level[i]) for i in before) / total
+        ratio = (sum(cost(i, level[i]) for i in before) + extra) / total
         steps.append(f"{verb} layer {layer} to {ladder[level[layer] - 1].to_dict()}: ratio {ratio:.4f}")
     # The last move may overshoot (a whole layer added at once): give back the rungs that
     # cost most damage per FLOP while the budget still holds.
@@ -229,7 +236,7 @@ def plan_to_budget(
             break
         level[best[0]] = best[1]
         best = best[0]
-        ratio = sum(cost(i, level[i]) for i in before) / total
+        ratio = (sum(cost(i, level[i]) for i in before) + extra) / total
         steps.append(f"relax layer {best} to {ladder[level[best] - 1].to_dict() if level[best] else 'unreduced'}: "
                      f"ratio {ratio:.4f}")
     if ratio > budget:

@@ -16,6 +16,7 @@ from ..config import RedLensConfig
 from ..passes.infra import run_passes
 from ..passes.last_position_logits import LastPositionLogitsPass
 from ..passes.selectors import clone_graph_module
+from ..passes.token_pruning import TokenPruning
 from ..report.audit_report import AuditReport
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class OptimizedModel(nn.Module):
         report: AuditReport,
         config: RedLensConfig,
         output_cls: type,
+        pruning: TokenPruning | None = None,
     ):
         super().__init__()
         self.model = model
@@ -47,16 +49,23 @@ class OptimizedModel(nn.Module):
         self.report = report
         self.config = config
         self._output_cls = output_cls
+        self.pruning = pruning
 
     @property
     def text_config(self):
         return self.adapter.language_model(self.model).config
 
+    def decoder_inputs(self, decoder_inputs: DecoderInputs) -> DecoderInputs:
+        """What the rewritten graph runs on: the captured inputs, token-pruned when the config prunes."""
+        return decoder_inputs if self.pruning is None else self.pruning(decoder_inputs).inputs
+
     def run_decoder(self, decoder_inputs: DecoderInputs, last_position_only: bool = False
-                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], DecoderInputs]:
+        """Prefill: (logits, KV cache tensors, the inputs the graph ran on, pruned when pruning)."""
+        decoder_inputs = self.decoder_inputs(decoder_inputs)
         graph = self.prefill_graph if last_position_only else self.graph_module
         logits, *kv = graph(*decoder_inputs.as_args())
-        return logits, tuple(kv)
+        return logits, tuple(kv), decoder_inputs
 
     @torch.no_grad()
     def forward(self, **inputs: Any):
@@ -66,7 +75,8 @@ class OptimizedModel(nn.Module):
                 "OptimizedModel.forward runs the prefill; pass no past_key_values (use generate for decoding)"
             )
         decoder_inputs = capture_decoder_inputs(self.model, self.adapter, inputs, require_visual=False)
-        logits, kv = self.run_decoder(decoder_inputs)
+        # With pruning the logits cover the kept rows only: [B, S', V], S' = text + kept visual rows.
+        logits, kv, _ = self.run_decoder(decoder_inputs)
         return self._output_cls(logits=logits, past_key_values=kv_to_cache(kv, self.text_config))
 
     def _generation_position_ids(self, inputs: dict[str, Any]) -> torch.Tensor:
@@ -105,10 +115,11 @@ class OptimizedModel(nn.Module):
         decoder_inputs = capture_decoder_inputs(
             self.model, self.adapter, dict(inputs, position_ids=position_ids), require_visual=False
         )
-        logits, kv = self.run_decoder(decoder_inputs, last_position_only=True)
+        logits, kv, ran_on = self.run_decoder(decoder_inputs, last_position_only=True)
         cache = kv_to_cache(kv, self.text_config)
         # The cache may hold fewer positions than the prompt (token pruning): its mask follows it.
-        cache_mask = decoder_inputs.attention_mask
+        # Positions continue from the prompt's last one, which pruning never drops or renumbers.
+        cache_mask = ran_on.attention_mask
 
         batch = input_ids.shape[0]
         unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)

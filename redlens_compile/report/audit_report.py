@@ -67,6 +67,7 @@ class AuditReport:
     plan: dict[str, Any] = field(default_factory=dict)
     chosen_layers: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    pruning: dict[str, Any] | None = None  # method, keep, visual tokens per sample before/after, scoring FLOPs
     versions: dict[str, str] = field(default_factory=library_versions)
     flops_convention: str = FLOP_CONVENTION
     schema_version: int = SCHEMA_VERSION
@@ -97,6 +98,7 @@ class AuditReport:
             "ranking": self.ranking,
             "plan": self.plan,
             "chosen_layers": self.chosen_layers,
+            "pruning": self.pruning,
             "passes": self.passes,
             "notes": self.notes,
         }
@@ -109,7 +111,7 @@ class AuditReport:
                 "re-run the audit with this version of redlens-compile"
             )
         keys = ("model", "inputs", "layers", "components", "totals", "config", "passes", "ranking",
-                "plan", "chosen_layers", "notes", "versions", "flops_convention")
+                "plan", "chosen_layers", "pruning", "notes", "versions", "flops_convention")
         return cls(**{k: data[k] for k in keys if k in data})
 
     @classmethod
@@ -140,6 +142,11 @@ class AuditReport:
         if self.config is not None:
             lines.append(f"- config: `{json.dumps(self.config, sort_keys=True)}`")
         lines.append(f"- reduced layers: {self.chosen_layers if self.chosen_layers else 'none'}")
+        if self.pruning:
+            p = self.pruning
+            lines.append(f"- token pruning: {p['method']} {p['where']}, visual tokens per sample {p['visual_before']} -> "
+                         f"{p['visual_after']}, sequence {p['seq_len_before']} -> {p['seq_len_after']}; scoring "
+                         f"{p['scoring_flops']:.4g} FLOPs (counted in the decoder prefill after)")
         lines += ["", "## Decoder layers (FLOPs)", "",
                   "| layer | visual before | text before | visual after | text after | after/before | settings |",
                   "|---:|---:|---:|---:|---:|---:|:---|"]

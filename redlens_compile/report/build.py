@@ -57,6 +57,7 @@ def build_report(
     records: list | None = None,
     ranking: LayerRanking | None = None,
     notes: list[str] | None = None,
+    pruning: dict[str, Any] | None = None,
 ) -> AuditReport:
     num_layers = captured.adapter.num_layers(model)
     settings = plan.settings if plan is not None else {}
@@ -75,7 +76,9 @@ def build_report(
     notes = list(notes or [])
     if abs(eager_total - before.total) > 1e-6 * max(1.0, eager_total):
         notes.append(f"graph count {before.total:.6g} differs from fvcore on the eager decoder {eager_total:.6g}")
-    layers_before, layers_after = decoder_layers_total(before), decoder_layers_total(after)
+    # The pruning scores are prefill work the reduced decoder does in place of the dropped rows.
+    scoring = float(pruning["scoring_flops"]) if pruning else 0.0
+    layers_before, layers_after = decoder_layers_total(before), decoder_layers_total(after) + scoring
     return AuditReport(
         model=_model_summary(model, captured.adapter),
         inputs=_inputs_summary(captured.example),
@@ -88,6 +91,7 @@ def build_report(
             "lm_head_after": after.lm_head,
             "other_before": before.other,
             "other_after": after.other,
+            "token_pruning_scoring": scoring,
         },
         totals={
             "decoder_prefill_before": layers_before,
@@ -107,4 +111,5 @@ def build_report(
         plan=plan.to_dict() if plan is not None else {},
         chosen_layers=list(plan.layers) if plan is not None else [],
         notes=notes,
+        pruning=pruning,
     )

@@ -1,0 +1,107 @@
+"""The redundancy codebook on disk: one safetensors file, prototypes plus JSON metadata.
+
+The metadata rides in the safetensors header (string to string), under one key holding JSON:
+model type, hidden size, the thresholds and clustering settings of the build, and how many
+images and candidates it counted. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import CodebookError
+
+FORMAT = "redlens-codebook/1"
+METADATA_KEY = "redlens_codebook"
+PROTOTYPES_KEY = "prototypes"
+
+
+@dataclass
+class Codebook:
+    """Redundant prototypes [P, D] in the projector's output space, and how they were found."""
+
+    prototypes: torch.Tensor
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.prototypes.shape[1])
+
+    @property
+    def model_type(self) -> str | None:
+        return self.metadata.get("model_type")
+
+    def check_compatible(self, model_type: str, hidden_size: int, path: str = "the codebook") -> None:
+        """A codebook is only meaningful in the embedding space of the model it was built on."""
+        if self.hidden_size != hidden_size:
+            raise CodebookError(
+                f"{path} holds prototypes of dim {self.hidden_size}, but this model's decoder hidden size is "
+                f"{hidden_size}: build a codebook for this model with `redlens-compile codebook MODEL_DIR --images DIR`"
+            )
+        if self.model_type is not None and self.model_type != model_type:
+            raise CodebookError(
+                f"{path} was built on a {self.model_type!r} model, this model is {model_type!r}: build a codebook "
+                "for this model with `redlens-compile codebook MODEL_DIR --images DIR`"
+            )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to `path` (which must not exist) through a temporary file: never a half file."""
+        path = Path(path)
+        check_output_path(path)
+        metadata = dict(self.metadata, format=FORMAT, prototypes=int(self.prototypes.shape[0]))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({PROTOTYPES_KEY: self.prototypes.detach().to(torch.float32).contiguous()}, tmp,
+                      metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Codebook":
+        path = Path(path)
+        if not path.is_file():
+            raise CodebookError(f"codebook {path}: no such file (build one with `redlens-compile codebook`)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                if PROTOTYPES_KEY not in f.keys():
+                    raise CodebookError(f"codebook {path}: no '{PROTOTYPES_KEY}' tensor; not a redlens codebook")
+                prototypes = f.get_tensor(PROTOTYPES_KEY)
+        except CodebookError:
+            raise
+        except Exception as exc:
+            raise CodebookError(f"codebook {path} is not a readable safetensors file: {exc}") from exc
+        try:
+            metadata = json.loads(header[METADATA_KEY])
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise CodebookError(f"codebook {path}: no redlens metadata in its header; not a redlens codebook") from exc
+        if metadata.get("format") != FORMAT:
+            raise CodebookError(f"codebook {path}: format {metadata.get('format')!r}, expected {FORMAT!r}")
+        if prototypes.dim() != 2 or prototypes.shape[0] == 0:
+            raise CodebookError(f"codebook {path}: prototypes of shape {tuple(prototypes.shape)}; expected [P >= 1, D]")
+        return cls(prototypes=prototypes, metadata=metadata)
+
+
+def check_output_path(path: Path) -> None:
+    """The output must not exist yet and its folder must be writable: checked before any work."""
+    if path.exists():
+        raise CodebookError(f"{path} already exists: choose another --out path or remove the file")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CodebookError(f"{path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CodebookError(f"{path}: the folder {parent} is not writable")

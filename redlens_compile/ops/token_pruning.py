@@ -1,0 +1,81 @@
+"""Row selection for token pruning: score the visual rows, keep the best R per sample, gather.
+
+Kept rows keep their order; text rows always stay. Samples whose kept sequence is shorter than
+the longest are left-padded (attention mask 0), so the last position of every row is still its
+last real token (what generate reads) and original position ids travel with their rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class KeptRows:
+    """index [B, S']: the original position of each kept row (0 where `valid` is False, a pad)."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def seq_len(self) -> int:
+        return self.index.shape[1]
+
+
+def visual_counts(visual_mask: torch.Tensor) -> torch.Tensor:
+    return visual_mask.sum(dim=1)
+
+
+def redundancy_scores(embeds: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """[B, S]: each row's highest cosine similarity to any prototype (higher = more redundant)."""
+    rows = F.normalize(embeds.float(), dim=-1)
+    protos = F.normalize(prototypes.to(device=embeds.device, dtype=torch.float32), dim=-1)
+    return (rows @ protos.T).amax(dim=-1)
+
+
+def redundancy_flops(visual_tokens: int, prototypes: int, dim: int) -> int:
+    """Multiply-adds of the cosine scores of the visual rows against the codebook."""
+    return visual_tokens * prototypes * dim
+
+
+def random_scores(visual_mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """[B, S] uniform scores from a generator seeded per call: the same input keeps the same rows."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand(visual_mask.shape, generator=generator).to(visual_mask.device)
+
+
+def select_rows(visual_mask: torch.Tensor, keep_score: torch.Tensor, counts: torch.Tensor) -> KeptRows:
+    """Keep every non-visual row and, per sample b, the counts[b] visual rows of highest keep_score.
+
+    Ties go to the earlier position (a stable sort), so the selection is deterministic.
+    """
+    batch, seq = visual_mask.shape
+    rows: list[torch.Tensor] = []
+    for b in range(batch):
+        visual = visual_mask[b].nonzero().flatten()
+        order = torch.sort(keep_score[b, visual], descending=True, stable=True).indices
+        kept_visual = visual[order[: int(counts[b])]]
+        kept = (~visual_mask[b]).clone()
+        kept[kept_visual] = True
+        rows.append(kept.nonzero().flatten())
+    width = max(r.numel() for r in rows)
+    index = torch.zeros(batch, width, dtype=torch.long, device=visual_mask.device)
+    valid = torch.zeros(batch, width, dtype=torch.bool, device=visual_mask.device)
+    for b, r in enumerate(rows):
+        index[b, width - r.numel():] = r  # left-padded
+        valid[b, width - r.numel():] = True
+    return KeptRows(index=index, valid=valid)
+
+
+def gather_seq(tensor: torch.Tensor, kept: KeptRows, seq_dim: int, fill: int | float = 0) -> torch.Tensor:
+    """`tensor` with its sequence axis `seq_dim` (batch axis just before it) cut to the kept rows."""
+    index = kept.index
+    valid = kept.valid
+    lead = seq_dim - 1  # axes before batch (M-RoPE's 3 rows)
+    shape = [1] * lead + list(index.shape) + [1] * (tensor.dim() - seq_dim - 1)
+    index = index.reshape(shape).expand(*tensor.shape[:lead], *index.shape, *tensor.shape[seq_dim + 1:])
+    out = torch.gather(tensor, seq_dim, index)
+    return torch.where(valid.reshape(shape), out, torch.full_like(out, fill))

@@ -1,0 +1,110 @@
+"""Token pruning before the first decoder layer: a stage on the decoder's inputs, ahead of the graph.
+
+Why a stage and not a graph rewrite: before layer 0 pruning is a gather of the graph's inputs
+(embeddings, attention mask, position ids, visual mask), and everything in the graph that
+depends on the sequence length (the causal mask, RoPE, the cache) is derived from those
+inputs. Gathering them ahead of the graph gives every layer, the KV cache and the FLOPs audit
+the pruned sequence without touching a node, and the graph stays one graph for every method.
+
+Kept rows keep their order and their original position ids (1-D and M-RoPE alike: positions
+are not renumbered); text rows stay. Methods:
+- `codebook`: drop the visual rows most similar to a redundancy codebook's prototypes
+  (max cosine similarity, on the projector output, i.e. the visual rows of inputs_embeds);
+- `random`: a seeded baseline, the same rows for the same input.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..analysis.codebook_file import Codebook
+from ..capture.decoder_inputs import DecoderInputs
+from ..errors import ConfigError, PruningError
+from ..ops.token_pruning import (
+    KeptRows, gather_seq, random_scores, redundancy_flops, redundancy_scores, select_rows, visual_counts,
+)
+
+logger = logging.getLogger(__name__)
+
+BEFORE_FIRST_LAYER = ("codebook", "random")
+
+
+@dataclass
+class PrunedInputs:
+    inputs: DecoderInputs  # what the decoder graph runs on
+    kept: KeptRows
+    visual_before: torch.Tensor  # [B] visual tokens per sample before pruning
+    visual_after: torch.Tensor  # [B] after
+
+
+@dataclass
+class TokenPruning:
+    """Keep `keep` visual tokens per sample (an int count, or a fraction of each sample's count)."""
+
+    method: str
+    keep: int | float
+    prototypes: torch.Tensor | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in BEFORE_FIRST_LAYER:
+            raise ConfigError(f"prune={self.method!r} does not prune before the first layer; "
+                              f"this stage serves {BEFORE_FIRST_LAYER}")
+        if self.method == "codebook" and self.prototypes is None:
+            raise ConfigError("prune='codebook' needs the codebook's prototypes")
+
+    @classmethod
+    def from_codebook(cls, codebook: Codebook, keep: int | float) -> "TokenPruning":
+        return cls("codebook", keep, prototypes=codebook.prototypes.to(torch.float32))
+
+    def keep_counts(self, visual_mask: torch.Tensor) -> torch.Tensor:
+        """[B] visual rows each sample keeps; an int keep above a sample's visual count is an error."""
+        counts = visual_counts(visual_mask)
+        if isinstance(self.keep, int):
+            short = [(b, int(c)) for b, c in enumerate(counts.tolist()) if 0 < c < self.keep]
+            if short:
+                b, c = short[0]
+                raise PruningError(
+                    f"prune_keep={self.keep} is above the {c} visual tokens of sample {b}: give a count <= {c} or a "
+                    "fraction such as prune_keep=0.25"
+                )
+            return torch.clamp(counts, max=self.keep)
+        kept = torch.round(counts.to(torch.float64) * self.keep).to(counts.dtype)
+        return torch.where(counts > 0, kept.clamp(min=1), counts)
+
+    def keep_scores(self, inputs: DecoderInputs) -> torch.Tensor:
+        """[B, S]; higher is kept first."""
+        if self.method == "codebook":
+            return -redundancy_scores(inputs.inputs_embeds, self.prototypes)
+        return random_scores(inputs.visual_mask, self.seed)
+
+    def scoring_flops(self, inputs: DecoderInputs) -> int:
+        if self.method != "codebook":
+            return 0
+        dim = inputs.inputs_embeds.shape[-1]
+        return redundancy_flops(int(inputs.visual_mask.sum()), int(self.prototypes.shape[0]), dim)
+
+    def __call__(self, inputs: DecoderInputs) -> PrunedInputs:
+        visual = inputs.visual_mask
+        counts = self.keep_counts(visual)
+        kept = select_rows(visual, self.keep_scores(inputs), counts)
+        pos_dim = inputs.position_ids.dim() - 1  # the sequence axis: 1 (1-D) or 2 (M-RoPE rows first)
+        pruned = DecoderInputs(
+            inputs_embeds=gather_seq(inputs.inputs_embeds, kept, 1),
+            attention_mask=gather_seq(inputs.attention_mask, kept, 1, fill=0),
+            # 1 for the pad rows, as transformers gives left-padded positions
+            position_ids=gather_seq(inputs.position_ids, kept, pos_dim, fill=1),
+            visual_mask=gather_seq(inputs.visual_mask, kept, 1, fill=False),
+        )
+        return PrunedInputs(pruned, kept, visual_counts(visual), visual_counts(pruned.visual_mask))
+
+    def describe(self) -> dict:
+        out = {"method": self.method, "keep": self.keep, "where": "before the first decoder layer"}
+        if self.method == "codebook":
+            out["prototypes"] = int(self.prototypes.shape[0])
+        else:
+            out["seed"] = self.seed
+        return out
