@@ -13,16 +13,18 @@ import torch
 from torch import nn
 
 from .analysis.budget import ReductionPlan, needs_ranking, plan_fixed, plan_to_budget, settings_ladder, validate_layers
-from .analysis.flops import count_graph_flops
+from .analysis.flops import count_graph_flops, merge_flops
 from .analysis.ranking import SENSITIVITY_METRICS, LayerRanking, activation_scores, sensitivity_scores
 from .artifact.optimized_model import OptimizedModel
 from .capture.decoder_inputs import DecoderInputs, capture_decoder_inputs, image_token_mask
 from .capture.families import adapter_for
-from .capture.pipeline import CapturedDecoder, capture, check_capture
+from .capture.pipeline import CapturedDecoder, capture, capture_split, check_capture
 from .config import RedLensConfig
 from .errors import ConfigError, ReductionUnavailableError
-from .passes.pipeline import apply_plan
-from .passes.token_pruning import BEFORE_FIRST_LAYER, TokenPruning
+from .passes.infra import run_passes
+from .passes.last_query_attention import LastQueryAttentionPass
+from .passes.pipeline import apply_plan, build_passes
+from .passes.token_pruning import AFTER_LAYER, TokenPruning
 from .analysis.codebook_file import Codebook
 from .report.audit_report import AuditReport
 from .report.build import build_report
@@ -93,6 +95,8 @@ def optimize(
     check_capture(captured, reference.logits)
     progress("counting FLOPs before the rewrite (fvcore)")
     before = count_graph_flops(captured.graph_module, captured.example)
+    if pruning is not None and pruning.after_layer is not None:
+        return _optimize_split(model, captured, example_inputs, before, config, pruning, type(reference), progress)
     # The graph runs on the pruned sequence: plan, rank and count the reductions on it.
     pruned = pruning(captured.example) if pruning is not None else None
     example = pruned.inputs if pruned is not None else captured.example
@@ -144,19 +148,60 @@ def optimize(
                           pruning=pruning)
 
 
+def _optimize_split(model: nn.Module, captured: CapturedDecoder, example_inputs: Mapping[str, Any], before,
+                    config: RedLensConfig, pruning: TokenPruning, output_cls: type, progress: Progress) -> OptimizedModel:
+    """Pruning after layer K (fastv, vtw): the decoder as two graphs with the pruning stage between them."""
+    layer = pruning.layer
+    progress(f"capturing the decoder as two graphs, cut after layer {layer}")
+    head, tail = capture_split(captured, model, layer)
+    cleanup = build_passes(ReductionPlan(settings={}), config.probe_tokens)
+    head_passes = cleanup[:1] + ([LastQueryAttentionPass(layer)] if pruning.method == "fastv" else []) + cleanup[1:]
+    head, head_records = run_passes(head, head_passes)
+    tail, tail_records = run_passes(tail, cleanup)
+    opt = OptimizedModel(model, captured.adapter, head, None, config, output_cls, pruning=pruning, tail_graph_module=tail)
+
+    progress("counting FLOPs after the rewrite")
+    example = captured.example
+    with torch.no_grad():
+        prefill = opt.run_decoder(example)
+    after = merge_flops(count_graph_flops(head, example), count_graph_flops(tail, prefill.ran_on))
+    layers_before = sum(before.layer_total(i) for i in before.layers)
+    ratio = sum(after.layer_total(i) for i in after.layers) / layers_before
+    if config.flops_budget < 1.0 and ratio > config.flops_budget:
+        raise ReductionUnavailableError(
+            f"prune={pruning.method!r} after layer {layer} brings the decoder FLOPs ratio to {ratio:.4f}, above "
+            f"flops_budget={config.flops_budget}; combining pruning inside the decoder with the per-layer reductions "
+            f"is not part of this build: raise flops_budget to >= {ratio:.3f}, prune earlier or keep fewer tokens"
+        )
+    visual_before = example.visual_mask.sum(dim=1)
+    summary = dict(pruning.describe(), scoring_flops=0.0, visual_before=visual_before.tolist(),
+                   visual_after=prefill.ran_on.visual_mask.sum(dim=1).tolist(), seq_len_before=example.seq_len,
+                   seq_len_after=prefill.ran_on.seq_len)
+    notes = [f"layers 0..{layer} run on every row; layers {layer + 1}.. and their KV cache on the kept rows; "
+             "decode steps run layer by layer with a mask per layer"]
+    opt.report = build_report(model, captured, example_inputs, before, after, config, ReductionPlan(settings={}),
+                              head_records + tail_records, None, notes, pruning=summary)
+    return opt
+
+
 def build_pruning(config: RedLensConfig, model: nn.Module, adapter) -> TokenPruning | None:
     """The token pruning stage the config asks for, checked against the model before any work."""
     if config.prune is None:
         return None
     num_layers = adapter.num_layers(model)
-    if config.prune not in BEFORE_FIRST_LAYER:
-        if config.prune_layer >= num_layers:
-            raise ConfigError(f"prune_layer={config.prune_layer} is beyond the last decoder layer: the decoder has "
-                              f"{num_layers} layers (valid: 0..{num_layers - 1})")
-        raise ReductionUnavailableError(
-            f"prune={config.prune!r}: pruning inside the decoder (after layer K) is not part of this build yet; "
-            f"use prune='codebook' or 'random' (before the first layer)"
-        )
+    if config.prune in AFTER_LAYER:
+        if config.prune_layer >= num_layers - 1:
+            where = "beyond the last decoder layer" if config.prune_layer >= num_layers else "the last decoder layer"
+            raise ConfigError(f"prune_layer={config.prune_layer} is {where}: the decoder has {num_layers} layers and "
+                              f"{config.prune!r} prunes after layer K for the layers after it (valid: 0..{num_layers - 2})")
+        sliding = [t for t in getattr(adapter.language_model(model).config, "layer_types", None) or []
+                   if t != "full_attention"]
+        if sliding:
+            raise ReductionUnavailableError(
+                f"prune={config.prune!r}: this decoder has {sorted(set(sliding))} layers; pruning inside the decoder "
+                "is only served for full-attention decoders. Use prune='codebook' or 'random' (before the first layer)"
+            )
+        return TokenPruning(config.prune, config.prune_keep, layer=config.prune_layer)
     if config.prune == "random":
         return TokenPruning("random", config.prune_keep, seed=config.prune_seed)
     codebook = Codebook.load(config.codebook)

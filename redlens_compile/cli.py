@@ -1,4 +1,4 @@
-"""Command line: `redlens-compile {audit,optimize,demo}`."""
+"""Command line: `redlens-compile {audit,optimize,demo,codebook}`."""
 
 from __future__ import annotations
 
@@ -78,7 +78,10 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
 
     with torch.no_grad():
         latency = interleaved_medians({"before": lambda: model(**inputs), "after": lambda: opt(**inputs)}, repeats)
-        logits_diff = (model(**inputs).logits - opt(**inputs).logits).abs().max().item()
+        ref_logits, opt_logits = model(**inputs).logits, opt(**inputs).logits
+        if ref_logits.shape != opt_logits.shape:  # token pruning: the kept rows only; compare the next token's
+            ref_logits, opt_logits = ref_logits[:, -1], opt_logits[:, -1]
+        logits_diff = (ref_logits - opt_logits).abs().max().item()
         ref_ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     opt_ids = opt.generate(**inputs, max_new_tokens=max_new_tokens)
     prompt_len = inputs["input_ids"].shape[1]
@@ -189,6 +192,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_codebook(args: argparse.Namespace) -> int:
+    from .analysis.codebook import CodebookSettings, build_codebook, list_images
+    from .analysis.codebook_file import check_output_path
+
+    # Every argument and the output path before the model loads: a bad one fails in seconds.
+    out = Path(args.out)
+    check_output_path(out)
+    settings = CodebookSettings(**{f: getattr(args, f) for f in CODEBOOK_FIELDS if getattr(args, f) is not None})
+    list_images(args.images)
+    shards = Path(args.shards) if args.shards else out.with_name(out.name + ".shards")
+    model, processor = _load(args.model_dir)
+    codebook = build_codebook(model, processor, args.images, shards, settings, extra_shards=args.extra_shards or ())
+    codebook.save(out)
+    meta = codebook.metadata
+    print(f"codebook         {out}: {codebook.prototypes.shape[0]} prototypes of dim {codebook.hidden_size}")
+    print(f"from             {meta['images']} images, {meta['visual_tokens']} visual tokens, "
+          f"{meta['candidates']} redundant candidates, {meta['image_clusters']} image clusters, "
+          f"{meta['recurring_clusters']} recurring in >= {meta['min_images']} images")
+    print(f"shards           {shards} (rerun the same command to resume an interrupted build)")
+    return 0
+
+
+# CodebookSettings fields the codebook command takes as --flags (dashes for underscores).
+CODEBOOK_FIELDS = ("prompt", "top_k", "top1_threshold", "jsd_threshold", "global_weight", "region_radius",
+                   "clusters_per_image", "min_cluster_size", "global_clusters", "min_image_share", "batch_size")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="redlens-compile", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log each stage")
@@ -221,6 +251,22 @@ def build_parser() -> argparse.ArgumentParser:
     reductions(p_demo)
     p_demo.add_argument("--questions", type=int, default=200, help="held-out questions for the accuracy check")
     p_demo.set_defaults(func=cmd_demo)
+
+    p_cb = sub.add_parser("codebook", help="build a redundancy codebook from a folder of calibration images")
+    p_cb.add_argument("model_dir", help="a local directory written by save_pretrained (model + processor)")
+    p_cb.add_argument("--images", required=True, help="a folder of calibration images (png, jpg, ...)")
+    p_cb.add_argument("--out", required=True, help="the codebook file to write (.safetensors; must not exist)")
+    p_cb.add_argument("--shards", help="folder of per-image shards (default: OUT.shards); an interrupted build "
+                                       "resumes from it")
+    p_cb.add_argument("--extra-shards", nargs="*", help="shard folders made elsewhere, merged in")
+    p_cb.add_argument("--prompt", help="the probe prompt; '{image}' marks the image (default: a describe-in-one-word "
+                                       "prompt)")
+    for name, kind in (("top_k", int), ("top1_threshold", float), ("jsd_threshold", float),
+                       ("global_weight", float), ("region_radius", int), ("clusters_per_image", int),
+                       ("min_cluster_size", int), ("global_clusters", int), ("min_image_share", float),
+                       ("batch_size", int)):
+        p_cb.add_argument("--" + name.replace("_", "-"), type=kind, help="see CodebookSettings")
+    p_cb.set_defaults(func=cmd_codebook)
     return parser
 
 

@@ -73,10 +73,12 @@ def test_layer_index_out_of_range_is_a_config_error(family_models):
         rc.optimize(model, make_inputs("llava", model), config=cfg)
 
 
-def test_pruning_without_its_pass_is_an_error_not_a_silent_no_op(family_models):
+def test_pruning_inside_the_decoder_above_the_budget_is_an_error_not_a_silent_overrun(family_models):
     model = family_models("llava")
-    with pytest.raises(rc.ReductionUnavailableError, match="prune='fastv'"):
-        rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(prune="fastv"))
+    config = rc.RedLensConfig(prune="fastv", prune_layer=1, prune_keep=1.0, flops_budget=0.5)
+    with pytest.raises(rc.ReductionUnavailableError, match=r"prune='fastv' after layer 1 brings the decoder FLOPs "
+                                                            r"ratio to 1\.000\d, above flops_budget=0.5"):
+        rc.optimize(model, make_inputs("llava", model), config=config)
 
 
 def test_no_image_tokens_with_a_default_config_is_reported_first(family_models):
@@ -130,6 +132,9 @@ def test_prune_layer_beyond_the_last_layer_names_the_range(family_models):
     for method in ("fastv", "vtw"):
         with pytest.raises(rc.ConfigError, match=r"prune_layer=3 is beyond the last decoder layer: .* 3 layers"):
             rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(prune=method, prune_layer=3))
+        # after the last layer there is nothing left to prune for
+        with pytest.raises(rc.ConfigError, match=r"prune_layer=2 is the last decoder layer: .*valid: 0\.\.1"):
+            rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(prune=method, prune_layer=2))
 
 
 def test_a_codebook_of_another_model_is_refused(family_models, tmp_path):

@@ -304,3 +304,17 @@ def count_vision_flops(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping
     # A projector that lives inside the vision module (Qwen2-VL's merger) is already in its count.
     nested = sum(counts[p] for p in adapter.projector_paths if p.startswith(adapter.vision_tower_path + "."))
     return VisionFlops(vision_tower=tower - nested, projector=projector)
+
+
+def merge_flops(*parts: GraphFlops) -> GraphFlops:
+    """The FLOPs of a decoder run as several graphs (each holding its own layers)."""
+    merged = GraphFlops()
+    for part in parts:
+        for layer, groups in part.layers.items():
+            if layer in merged.layers:
+                raise ValueError(f"layer {layer} is counted in two graphs")
+            merged.layers[layer] = groups
+        merged.lm_head += part.lm_head
+        merged.other += part.other
+        merged.total += part.total
+    return merged

@@ -4,6 +4,7 @@ for the prefill, and the original decoder for KV-cached decode steps."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,10 +17,29 @@ from ..config import RedLensConfig
 from ..passes.infra import run_passes
 from ..passes.last_position_logits import LastPositionLogitsPass
 from ..passes.selectors import clone_graph_module
+from ..ops.token_pruning import KeptRows
 from ..passes.token_pruning import TokenPruning
+from .layered_decode import LayeredDecodeStep
 from ..report.audit_report import AuditReport
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prefill:
+    """What a prefill leaves: logits, the KV cache tensors, and each layer's cache mask."""
+
+    logits: torch.Tensor
+    kv: tuple[torch.Tensor, ...]
+    layer_masks: list[torch.Tensor]  # [B, L_i] per decoder layer, 1 = a real row in that layer's cache
+    ran_on: DecoderInputs  # the inputs of the (last) graph, pruned when pruning
+    kept: KeptRows | None = None  # which rows pruning kept (original positions), when pruning
+
+    @property
+    def uniform(self) -> bool:
+        """One mask serves every layer (transformers' own forward can decode)."""
+        first = self.layer_masks[0]
+        return all(m is first for m in self.layer_masks)
 
 
 class OptimizedModel(nn.Module):
@@ -39,12 +59,17 @@ class OptimizedModel(nn.Module):
         config: RedLensConfig,
         output_cls: type,
         pruning: TokenPruning | None = None,
+        tail_graph_module: fx.GraphModule | None = None,
     ):
         super().__init__()
         self.model = model
         self.graph_module = graph_module
         # generate's prefill: the same graph (same weights) with logits for the last position only.
-        self.prefill_graph, _ = run_passes(clone_graph_module(graph_module), [LastPositionLogitsPass()])
+        # Pruning after layer K: graph_module runs layers 0..K, tail_graph_module the rest and the lm_head.
+        self.tail_graph_module = tail_graph_module
+        last = tail_graph_module if tail_graph_module is not None else graph_module
+        self.prefill_graph, _ = run_passes(clone_graph_module(last), [LastPositionLogitsPass()])
+        self.decode_step = LayeredDecodeStep(model, adapter)
         self.adapter = adapter
         self.report = report
         self.config = config
@@ -55,17 +80,34 @@ class OptimizedModel(nn.Module):
     def text_config(self):
         return self.adapter.language_model(self.model).config
 
-    def decoder_inputs(self, decoder_inputs: DecoderInputs) -> DecoderInputs:
-        """What the rewritten graph runs on: the captured inputs, token-pruned when the config prunes."""
-        return decoder_inputs if self.pruning is None else self.pruning(decoder_inputs).inputs
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers(self.model)
 
-    def run_decoder(self, decoder_inputs: DecoderInputs, last_position_only: bool = False
-                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], DecoderInputs]:
-        """Prefill: (logits, KV cache tensors, the inputs the graph ran on, pruned when pruning)."""
-        decoder_inputs = self.decoder_inputs(decoder_inputs)
+    def run_decoder(self, decoder_inputs: DecoderInputs, last_position_only: bool = False) -> Prefill:
+        """The prefill through the rewritten graph(s), with token pruning where the config prunes."""
+        if self.tail_graph_module is not None:
+            return self._run_split(decoder_inputs, last_position_only)
+        kept = None
+        if self.pruning is not None:
+            pruned = self.pruning(decoder_inputs)
+            decoder_inputs, kept = pruned.inputs, pruned.kept
         graph = self.prefill_graph if last_position_only else self.graph_module
         logits, *kv = graph(*decoder_inputs.as_args())
-        return logits, tuple(kv), decoder_inputs
+        return Prefill(logits, tuple(kv), [decoder_inputs.attention_mask] * self.num_layers, decoder_inputs, kept)
+
+    def _run_split(self, decoder_inputs: DecoderInputs, last_position_only: bool) -> Prefill:
+        """Layers 0..K on every row, the pruning stage on their output, layers K+1.. on the kept rows."""
+        layer = self.pruning.layer
+        hidden, *rest = self.graph_module(*decoder_inputs.as_args())
+        # fastv's head graph returns layer K's last-query attention after its KV tensors
+        head_kv, attention = (tuple(rest[:-1]), rest[-1]) if self.pruning.method == "fastv" else (tuple(rest), None)
+        mid = DecoderInputs(hidden, decoder_inputs.attention_mask, decoder_inputs.position_ids, decoder_inputs.visual_mask)
+        pruned = self.pruning(mid, attention)
+        tail = self.prefill_graph if last_position_only else self.tail_graph_module
+        logits, *tail_kv = tail(*pruned.inputs.as_args())
+        masks = [decoder_inputs.attention_mask] * (layer + 1) + [pruned.inputs.attention_mask] * (self.num_layers - layer - 1)
+        return Prefill(logits, head_kv + tuple(tail_kv), masks, pruned.inputs, pruned.kept)
 
     @torch.no_grad()
     def forward(self, **inputs: Any):
@@ -76,8 +118,8 @@ class OptimizedModel(nn.Module):
             )
         decoder_inputs = capture_decoder_inputs(self.model, self.adapter, inputs, require_visual=False)
         # With pruning the logits cover the kept rows only: [B, S', V], S' = text + kept visual rows.
-        logits, kv, _ = self.run_decoder(decoder_inputs)
-        return self._output_cls(logits=logits, past_key_values=kv_to_cache(kv, self.text_config))
+        prefill = self.run_decoder(decoder_inputs)
+        return self._output_cls(logits=prefill.logits, past_key_values=kv_to_cache(prefill.kv, self.text_config))
 
     def _generation_position_ids(self, inputs: dict[str, Any]) -> torch.Tensor:
         """The prefill position ids exactly as transformers' generate makes them (M-RoPE too)."""
@@ -115,11 +157,14 @@ class OptimizedModel(nn.Module):
         decoder_inputs = capture_decoder_inputs(
             self.model, self.adapter, dict(inputs, position_ids=position_ids), require_visual=False
         )
-        logits, kv, ran_on = self.run_decoder(decoder_inputs, last_position_only=True)
-        cache = kv_to_cache(kv, self.text_config)
-        # The cache may hold fewer positions than the prompt (token pruning): its mask follows it.
+        prefill = self.run_decoder(decoder_inputs, last_position_only=True)
+        cache = kv_to_cache(prefill.kv, self.text_config)
+        # The cache may hold fewer positions than the prompt (token pruning): its masks follow it.
         # Positions continue from the prompt's last one, which pruning never drops or renumbers.
-        cache_mask = ran_on.attention_mask
+        layer_masks = prefill.layer_masks
+        cache_mask = layer_masks[0]
+        canonical_positions = decoder_inputs.position_ids
+        logits = prefill.logits
 
         batch = input_ids.shape[0]
         unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
@@ -134,15 +179,20 @@ class OptimizedModel(nn.Module):
                 unfinished &= ~torch.isin(next_tokens, eos_ids)
             if step == max_new_tokens - 1 or not bool(unfinished.any()):
                 break
-            cache_mask = torch.cat([cache_mask, cache_mask.new_ones(batch, 1)], dim=-1)
-            position_ids = position_ids[..., -1:] + 1
-            out = self.model(
-                input_ids=next_tokens[:, None],
-                attention_mask=cache_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            next_logits = out.logits[:, -1, :]
+            if prefill.uniform:
+                cache_mask = torch.cat([cache_mask, cache_mask.new_ones(batch, 1)], dim=-1)
+                position_ids = position_ids[..., -1:] + 1
+                out = self.model(
+                    input_ids=next_tokens[:, None],
+                    attention_mask=cache_mask,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                cache = out.past_key_values
+                next_logits = out.logits[:, -1, :]
+            else:  # layers hold caches of different lengths: the project's own step, a mask per layer
+                canonical_positions = canonical_positions[..., -1:] + 1
+                layer_masks = [torch.cat([m, m.new_ones(batch, 1)], dim=-1) for m in layer_masks]
+                next_logits = self.decode_step(next_tokens[:, None], canonical_positions, cache, layer_masks)
         return sequences

@@ -12,6 +12,7 @@ from ..errors import CaptureError
 from .annotate import annotate_graph
 from .decoder_inputs import DecoderInputs, capture_decoder_inputs
 from .decoder_module import DecoderWithHead
+from .decoder_parts import DecoderPart
 from .export import export_decoder
 from .families import FamilyAdapter, adapter_for
 
@@ -51,3 +52,22 @@ def check_capture(captured: CapturedDecoder, reference_logits: torch.Tensor) -> 
             f"the captured decoder graph differs from the eager model on the example (max abs logit diff "
             f"{diff:.3g} > {CAPTURE_TOLERANCE}); please report this model and transformers version"
         )
+
+
+def capture_split(captured: CapturedDecoder, model: nn.Module, layer: int) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Export the decoder as two graphs cut after `layer`: (layers 0..K -> hidden, K+1.. -> logits)."""
+    language_model = captured.adapter.language_model(model)
+    num_layers = len(language_model.layers)
+    text_config = language_model.config
+    max_len = int(getattr(text_config, "max_position_embeddings", 4096) or 4096)
+    head = DecoderPart(language_model, 0, layer + 1, None).eval()
+    tail = DecoderPart(language_model, layer + 1, num_layers, captured.adapter.lm_head(model)).eval()
+    head_gm = export_decoder(head, captured.example, max_seq_len=max_len).module()
+    annotate_graph(head_gm)
+    with torch.no_grad():
+        hidden = head_gm(*captured.example.as_args())[0]
+    example = captured.example
+    tail_gm = export_decoder(tail, DecoderInputs(hidden, example.attention_mask, example.position_ids,
+                                                 example.visual_mask), max_seq_len=max_len).module()
+    annotate_graph(tail_gm)
+    return head_gm, tail_gm

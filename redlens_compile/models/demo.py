@@ -48,9 +48,10 @@ def make_tokenizer(words: list[str]):
     )
 
 
-def build_llava(tokenizer, seed: int = 0):
+def build_llava(tokenizer, seed: int = 0, image_size: int = IMAGE_SIZE):
     """The proof model's architecture: a CLIP-style vision tower (128x128 images, 8x8 patches:
-    256 visual tokens) and a 4-layer Llama decoder; random weights from `seed`."""
+    256 visual tokens) and a 4-layer Llama decoder; random weights from `seed`. A smaller
+    `image_size` gives fewer visual tokens (tests)."""
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
@@ -64,7 +65,7 @@ def build_llava(tokenizer, seed: int = 0):
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64,
+            image_size=image_size, patch_size=PATCH_SIZE, projection_dim=64,
         ),
         text_config=LlamaConfig(
             hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
@@ -82,7 +83,7 @@ def build_llava(tokenizer, seed: int = 0):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
     )
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .rows import counted
+
 
 @dataclass
 class KeptRows:
@@ -79,3 +81,32 @@ def gather_seq(tensor: torch.Tensor, kept: KeptRows, seq_dim: int, fill: int | f
     index = index.reshape(shape).expand(*tensor.shape[:lead], *index.shape, *tensor.shape[seq_dim + 1:])
     out = torch.gather(tensor, seq_dim, index)
     return torch.where(valid.reshape(shape), out, torch.full_like(out, fill))
+
+
+def _last_query_flops(query, key, attn_mask=None, scale=None, enable_gqa=False):
+    """Q.K^T of one query per head: batch * heads * keys * head_dim (the visual/text split: all text)."""
+    batch, heads, _, head_dim = query.shape
+    return 0.0, float(batch * heads * key.shape[-2] * head_dim)
+
+
+@counted(_last_query_flops)
+def last_query_attention(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                         scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """[B, S]: the attention of each sample's last query over the keys, averaged over heads.
+
+    FastV's signal, computed from the layer's own SDPA inputs (no eager attention maps): the
+    softmax of the last row of Q.K^T, masked as the layer masks it.
+    """
+    q = query[:, :, -1:, :].float()
+    k = key.float()
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)).squeeze(-2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if attn_mask is not None:
+        last = attn_mask[..., -1, :]
+        if last.dtype == torch.bool:
+            scores = scores.masked_fill(~last, float("-inf"))
+        else:
+            scores = scores + last.float()
+    return scores.softmax(dim=-1).mean(dim=1)
+

@@ -1,4 +1,4 @@
-"""Token pruning before the first decoder layer: a stage on the decoder's inputs, ahead of the graph.
+"""Token pruning: a stage on the decoder's inputs, before the first layer or between two layers.
 
 Why a stage and not a graph rewrite: before layer 0 pruning is a gather of the graph's inputs
 (embeddings, attention mask, position ids, visual mask), and everything in the graph that
@@ -10,7 +10,12 @@ Kept rows keep their order and their original position ids (1-D and M-RoPE alike
 are not renumbered); text rows stay. Methods:
 - `codebook`: drop the visual rows most similar to a redundancy codebook's prototypes
   (max cosine similarity, on the projector output, i.e. the visual rows of inputs_embeds);
-- `random`: a seeded baseline, the same rows for the same input.
+- `random`: a seeded baseline, the same rows for the same input;
+- `fastv` (after layer K): keep the visual rows the last query attends to most at layer K (the
+  graph returns that attention row, passes/last_query_attention.py);
+- `vtw` (after layer K): drop every visual row.
+For the last two the decoder runs as two graphs (capture/decoder_parts.py) and this stage sits
+between them, on the head's output hidden state instead of the embeddings.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ..ops.token_pruning import (
 logger = logging.getLogger(__name__)
 
 BEFORE_FIRST_LAYER = ("codebook", "random")
+AFTER_LAYER = ("fastv", "vtw")
 
 
 @dataclass
@@ -48,13 +54,20 @@ class TokenPruning:
     keep: int | float
     prototypes: torch.Tensor | None = None
     seed: int = 0
+    layer: int | None = None  # K, for the methods that prune after layer K
 
     def __post_init__(self) -> None:
-        if self.method not in BEFORE_FIRST_LAYER:
-            raise ConfigError(f"prune={self.method!r} does not prune before the first layer; "
-                              f"this stage serves {BEFORE_FIRST_LAYER}")
+        if self.method not in BEFORE_FIRST_LAYER + AFTER_LAYER:
+            raise ConfigError(f"prune={self.method!r}: must be one of {BEFORE_FIRST_LAYER + AFTER_LAYER}")
         if self.method == "codebook" and self.prototypes is None:
             raise ConfigError("prune='codebook' needs the codebook's prototypes")
+        if self.method in AFTER_LAYER and self.layer is None:
+            raise ConfigError(f"prune={self.method!r} needs the layer K after which it prunes")
+
+    @property
+    def after_layer(self) -> int | None:
+        """K when the stage runs between layers K and K+1; None before the first layer."""
+        return self.layer if self.method in AFTER_LAYER else None
 
     @classmethod
     def from_codebook(cls, codebook: Codebook, keep: int | float) -> "TokenPruning":
@@ -63,6 +76,8 @@ class TokenPruning:
     def keep_counts(self, visual_mask: torch.Tensor) -> torch.Tensor:
         """[B] visual rows each sample keeps; an int keep above a sample's visual count is an error."""
         counts = visual_counts(visual_mask)
+        if self.method == "vtw":
+            return torch.zeros_like(counts)
         if isinstance(self.keep, int):
             short = [(b, int(c)) for b, c in enumerate(counts.tolist()) if 0 < c < self.keep]
             if short:
@@ -75,10 +90,14 @@ class TokenPruning:
         kept = torch.round(counts.to(torch.float64) * self.keep).to(counts.dtype)
         return torch.where(counts > 0, kept.clamp(min=1), counts)
 
-    def keep_scores(self, inputs: DecoderInputs) -> torch.Tensor:
-        """[B, S]; higher is kept first."""
+    def keep_scores(self, inputs: DecoderInputs, attention: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, S]; higher is kept first. `attention`: fastv's last-query attention at layer K."""
         if self.method == "codebook":
             return -redundancy_scores(inputs.inputs_embeds, self.prototypes)
+        if self.method == "fastv":
+            if attention is None:
+                raise ValueError("prune='fastv' selects by the attention of layer K's last query; none was given")
+            return attention
         return random_scores(inputs.visual_mask, self.seed)
 
     def scoring_flops(self, inputs: DecoderInputs) -> int:
@@ -87,10 +106,10 @@ class TokenPruning:
         dim = inputs.inputs_embeds.shape[-1]
         return redundancy_flops(int(inputs.visual_mask.sum()), int(self.prototypes.shape[0]), dim)
 
-    def __call__(self, inputs: DecoderInputs) -> PrunedInputs:
+    def __call__(self, inputs: DecoderInputs, attention: torch.Tensor | None = None) -> PrunedInputs:
         visual = inputs.visual_mask
         counts = self.keep_counts(visual)
-        kept = select_rows(visual, self.keep_scores(inputs), counts)
+        kept = select_rows(visual, self.keep_scores(inputs, attention), counts)
         pos_dim = inputs.position_ids.dim() - 1  # the sequence axis: 1 (1-D) or 2 (M-RoPE rows first)
         pruned = DecoderInputs(
             inputs_embeds=gather_seq(inputs.inputs_embeds, kept, 1),
@@ -102,9 +121,12 @@ class TokenPruning:
         return PrunedInputs(pruned, kept, visual_counts(visual), visual_counts(pruned.visual_mask))
 
     def describe(self) -> dict:
-        out = {"method": self.method, "keep": self.keep, "where": "before the first decoder layer"}
+        where = "before the first decoder layer" if self.after_layer is None else f"after decoder layer {self.layer}"
+        out = {"method": self.method, "keep": 0 if self.method == "vtw" else self.keep, "where": where}
         if self.method == "codebook":
             out["prototypes"] = int(self.prototypes.shape[0])
-        else:
+        elif self.method == "random":
             out["seed"] = self.seed
+        else:
+            out["layer"] = self.layer
         return out

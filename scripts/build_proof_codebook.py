@@ -1,0 +1,66 @@
+"""Build the redundancy codebook shipped beside the proof model, with `redlens-compile codebook`.
+
+    python scripts/build_proof_codebook.py [--images 64] [--out redlens_compile/models/proof_llava/codebook.safetensors]
+
+Calibration images are training-split scenes of the proof task (never the held-out split the
+accuracy is measured on), written as PNG files into a temporary folder that the command reads.
+
+Settings, and why they differ from the paper's defaults:
+- prompt: the task's own question format ("what colour is the object ?"); the word-level
+  tokenizer knows no "describe".
+- top1_threshold 1.0 (the single-token condition off): on this model a background token repeated
+  over the whole image is a confident answer ("an empty scene"), so a low top-1 probability does
+  not mark redundancy here (measured on training images: background tokens' median top-1 0.65,
+  object tokens' 0.14-0.63). The leave-one-out condition separates them: background JSD median
+  2e-4, object tokens mostly above 4e-3.
+- jsd_threshold 1e-3, top_k 10 (the vocabulary has 48 words, the answers a dozen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from redlens_compile.models.demo import SHIPPED_MODEL_DIR  # noqa: E402
+from redlens_compile.models.shapes_task import prompt, sample  # noqa: E402
+
+SETTINGS = ["--prompt", prompt("what colour is the object ?", "{image}"), "--top1-threshold", "1.0",
+            "--jsd-threshold", "1e-3", "--top-k", "10"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=64, help="training-split scenes to calibrate on")
+    parser.add_argument("--out", default=str(SHIPPED_MODEL_DIR / "codebook.safetensors"))
+    parser.add_argument("--model-dir", default=str(SHIPPED_MODEL_DIR))
+    parser.add_argument("--replace", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args()
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        for index in range(args.images):
+            item, seed = sample("train", 500_000 + index)
+            item.image(seed).save(folder / f"train_{index:04d}.png")
+        staged = Path(tmp) / "codebook.safetensors"
+        command = [sys.executable, "-m", "redlens_compile.cli", "codebook", args.model_dir, "--images", str(folder),
+                   "--out", str(staged), *SETTINGS]
+        print(" ".join(command[2:5] + ["..."]), file=sys.stderr)
+        subprocess.run(command, check=True, cwd=ROOT)
+        if out.exists():
+            if not args.replace:
+                raise SystemExit(f"{out} exists; pass --replace to overwrite it")
+            out.unlink()
+        shutil.move(staged, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
