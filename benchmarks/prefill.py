@@ -1,14 +1,20 @@
 """Prefill latency against FLOPs, measured side by side; prints JSON.
 
     python benchmarks/prefill.py [--layers 4] [--repeats 5] [--cases a b] [--rows identity budget-0.5 ...]
+    python benchmarks/prefill.py --cases a --rows codebook-0.125 random-0.125 fastv-0.125 vtw --decode
 
 A LlavaForConditionalGeneration whose decoder has Qwen2-VL-2B geometry (hidden 1536, FFN 8960,
 12 heads, 2 KV heads; `--layers` decoder layers), random weights, fp32, 2 threads. Cases:
 (a) one image of 1024 visual tokens and 64 text tokens; (b) four images, 4096 visual tokens.
 
-For each row (a config) the decoder prefill is timed as generate runs it: the rewritten graph
-with logits for the last position only (`OptimizedModel.prefill_graph`) against the original
+For each row (a config) the decoder prefill is timed as generate runs it
+(`OptimizedModel.run_decoder(..., last_position_only=True)`: the token pruning stage where the
+row prunes, the rewritten graph(s), logits for the last position only) against the original
 eager decoder doing the same (transformers' language model, lm_head on the last position).
+Pruning rows: the presets `<method>-<keep>` for codebook, random and fastv (K = 1), and vtw-1. The
+codebook of this random-weight model is 64 random prototypes: the rows time the work, they say
+nothing of what is kept. `--decode` adds the time per generated token after the prefill
+(generate of 9 tokens minus generate of 1, over 8), optimized against the original's generate.
 The two run interleaved on the same inputs, so drift hits both alike; the latency ratio is the
 ratio of their medians. The FLOPs ratio is the audit's (decoder layers, fvcore). Peak memory
 is the process's peak RSS after the row (it only grows: read it as an upper bound).
@@ -27,14 +33,16 @@ import torch
 from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 import redlens_compile as rc
+from redlens_compile.analysis.codebook_file import Codebook
 from redlens_compile.analysis.timing import interleaved_medians
 from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
 
 IMAGE_TOKEN = 1000
 VOCAB = 1024  # small: the lm_head of one position is negligible either way, and init stays fast
 
-ROWS = {name: rc.RedLensConfig.preset(name) for name in ("identity", "budget-0.75", "budget-0.5", "ffn-only",
-                                                          "hollow-only")}
+DEFAULT_ROWS = ("identity", "budget-0.75", "budget-0.5", "ffn-only", "hollow-only")
+PRUNING_ROWS = ("codebook-0.25", "codebook-0.125", "random-0.25", "random-0.125", "fastv-0.25", "fastv-0.125", "vtw-1")
+ROWS = {name: rc.RedLensConfig.preset(name) for name in DEFAULT_ROWS + PRUNING_ROWS}
 CASES = {"a": (1, 64), "b": (4, 64)}  # images of 1024 tokens, text tokens
 
 
@@ -81,22 +89,28 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=list(ROWS))
+    parser.add_argument("--decode", action="store_true", help="also time generated tokens after the prefill")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(args.layers, Path(tmp))
+    tmp = tempfile.TemporaryDirectory()
+    model = build_model(args.layers, Path(tmp.name))
+    codebook = Codebook(torch.randn(64, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0)),
+                        {"model_type": model.config.model_type}).save(Path(tmp.name) / "random_codebook.safetensors")
     results = []
     for case in args.cases:
         inputs = make_inputs(*CASES[case])
         for row in args.rows:
             print(f"case {case}, {row} ...", file=sys.stderr, flush=True)
-            opt = rc.optimize(model, inputs, config=ROWS[row])
+            config = ROWS[row]
+            if config.prune == "codebook":
+                config = rc.RedLensConfig.from_dict(dict(config.to_dict(), codebook=str(codebook)))
+            opt = rc.optimize(model, inputs, config=config)
             decoder_inputs = capture_decoder_inputs(model, opt.adapter, inputs)
             original = eager_prefill(model, opt.adapter)
             with torch.no_grad():
                 medians = interleaved_medians({"original": lambda: original(decoder_inputs),
-                                               "optimized": lambda: opt.prefill_graph(*decoder_inputs.as_args())},
+                                               "optimized": lambda: opt.run_decoder(decoder_inputs, True)},
                                               args.repeats)
             latency = medians["optimized"] / medians["original"]
             flops = opt.report.flops_ratio
@@ -106,8 +120,12 @@ def main() -> None:
                 "latency_ratio": round(latency, 4), "latency_over_flops": round(latency / flops, 4),
                 "original_s": round(medians["original"], 4), "optimized_s": round(medians["optimized"], 4),
                 "reduced_layers": opt.report.chosen_layers,
+                "pruning": None if opt.report.pruning is None else {
+                    k: opt.report.pruning[k] for k in ("method", "where", "visual_after", "seq_len_after")},
                 "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             })
+            if args.decode:
+                results[-1].update(decode_per_token(model, opt, inputs, args.repeats))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
             del opt
     print(json.dumps({"layers": args.layers, "threads": torch.get_num_threads(), "repeats": args.repeats,
@@ -116,13 +134,33 @@ def main() -> None:
     print(markdown(results))
 
 
+def decode_per_token(model, opt, inputs: dict, repeats: int, tokens: int = 8) -> dict:
+    """Seconds per generated token after the prefill: (generate of 1 + tokens) - (generate of 1), over tokens."""
+    def original(n):  # min_new_tokens: an end-of-sequence token must not cut the run short
+        return lambda: model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    def optimized(n):
+        return lambda: opt.generate(**inputs, max_new_tokens=n, eos_token_id=[])
+
+    with torch.no_grad():
+        medians = interleaved_medians({"original_1": original(1), "original_n": original(1 + tokens),
+                                       "optimized_1": optimized(1), "optimized_n": optimized(1 + tokens)}, repeats)
+    before = (medians["original_n"] - medians["original_1"]) / tokens
+    after = (medians["optimized_n"] - medians["optimized_1"]) / tokens
+    return {"decode_s_per_token_original": round(before, 5), "decode_s_per_token_optimized": round(after, 5),
+            "decode_ratio": round(after / before, 4)}
+
+
 def markdown(results: list[dict]) -> str:
-    lines = ["| case | row | FLOPs ratio | latency ratio | latency / FLOPs | original / optimized s | peak RSS GiB |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    with_decode = any("decode_ratio" in r for r in results)
+    lines = ["| case | row | FLOPs ratio | latency ratio | latency / FLOPs | original / optimized s | peak RSS GiB |"
+             + (" decode s/token ratio |" if with_decode else ""),
+             "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if with_decode else "")]
     for r in results:
+        decode = f" | {r['decode_ratio']:.3f}" if "decode_ratio" in r else (" | n/a" if with_decode else "")
         lines.append(f"| ({r['case']}) {r['visual_tokens']} visual of {r['seq_len']} | {r['row']} | "
                      f"{r['flops_ratio']:.3f} | {r['latency_ratio']:.3f} | {r['latency_over_flops']:.3f} | "
-                     f"{r['original_s']:.2f} / {r['optimized_s']:.2f} | {r['peak_rss_gib']:.2f} |")
+                     f"{r['original_s']:.2f} / {r['optimized_s']:.2f} | {r['peak_rss_gib']:.2f}{decode} |")
     return "\n".join(lines)
 
 

@@ -1,12 +1,15 @@
 """Accuracy against decoder FLOPs on the proof task, for the original model and any configs.
 
-    python benchmarks/quality.py [--configs identity '{"flops_budget": 0.5}' ...] [--questions 1000]
+    python benchmarks/quality.py [--configs identity '{"flops_budget": 0.5}' codebook-0.125 ...] [--questions 1000]
 
 For each row: held-out accuracy (overall and per question type) with greedy generate, and
 the decoder prefill FLOPs ratio from the audit (after/before, fvcore). Layers are ranked on
 --calibration training-split questions (one batch), never on the held-out ones. Also the image-blind
 baseline (the original model with a blank image). Prints JSON, then a markdown table, and
-draws accuracy against FLOPs into --plot. Configs are preset names, JSON text or JSON files.
+draws accuracy against FLOPs into --plot. Configs are preset names (RedLensConfig.preset, among
+them the token-pruning rows: `codebook-0.125`, `fastv-0.25`, `random-0.125`, `vtw-1`,
+`codebook-0.25+budget-0.2`, ... with the codebook shipped beside the proof model), JSON text or
+JSON files.
 """
 
 from __future__ import annotations

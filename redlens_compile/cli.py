@@ -96,6 +96,7 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
         "decoder_prefill_flops_after": report.decoder_flops_after,
         "decoder_prefill_flops_ratio": report.flops_ratio,
         "reduced_layers": {str(i): report.plan["settings"][str(i)] for i in report.chosen_layers},
+        "token_pruning": report.pruning,
         "ranking": report.ranking,
         "prefill_latency_s_before": latency["before"],
         "prefill_latency_s_after": latency["after"],
@@ -132,6 +133,10 @@ def _print_summary(summary: dict) -> None:
     layers = summary["reduced_layers"]
     print("reduced layers   " + ("none" if not layers else ", ".join(
         f"{i} (ffn_keep {s['ffn_keep']:.3g}, window {s['window']})" for i, s in layers.items())))
+    pruning = summary.get("token_pruning")
+    if pruning:
+        print(f"token pruning    {pruning['method']} {pruning['where']}: visual tokens {pruning['visual_before']} -> "
+              f"{pruning['visual_after']}, sequence {pruning['seq_len_before']} -> {pruning['seq_len_after']}")
     before, after = summary["prefill_latency_s_before"], summary["prefill_latency_s_after"]
     print(f"prefill latency  {before * 1e3:.1f} ms -> {after * 1e3:.1f} ms (ratio {after / before:.3f}; median of "
           "interleaved runs, whole model, this machine)")
@@ -232,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output folder for the report")
 
     def reductions(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="a preset name (identity, budget-0.75, budget-0.5, ffn-only, hollow-only), "
+        p.add_argument("--config", help="a preset name (identity, budget-0.75, budget-0.5, ffn-only, hollow-only; "
+                                        "token pruning: codebook-0.125, fastv-0.25, random-0.25, vtw-1, ...), "
                                         "JSON text or a JSON file (default: RedLensConfig(), flops_budget 0.5)")
         p.add_argument("--budget", type=float, help="flops_budget: decoder prefill FLOPs after/before (overrides --config's)")
         p.add_argument("--identity", action="store_true", help="RedLensConfig.identity(): change no number")

@@ -15,6 +15,10 @@ RANKING_METRICS = ("jsd", "kl", "activation", "variance", "gradient")
 PRUNE_METHODS = ("codebook", "fastv", "vtw", "random")
 # A hollow window this wide is larger than any visual span a model can hold.
 UNBOUNDED_WINDOW = 2**31 - 1
+# The codebook shipped beside the bundled proof model (the pruning presets' default).
+PROOF_CODEBOOK = Path(__file__).resolve().parent / "models" / "proof_llava" / "codebook.safetensors"
+# FastV and VTW presets prune after this layer (of the proof model's 4).
+PRESET_PRUNE_LAYER = 1
 
 
 def _is_int(value: Any) -> bool:
@@ -132,6 +136,18 @@ class RedLensConfig:
             "ffn-only": lambda: cls(flops_budget=1.0, layers="all", hollow_window=UNBOUNDED_WINDOW),
             "hollow-only": lambda: cls(flops_budget=1.0, layers="all", ffn_keep=1.0),
         }
+        # Token pruning alone (no per-layer reduction); the codebook ones use the proof model's codebook.
+        for keep in (0.25, 0.125):
+            for method in ("codebook", "fastv", "random"):
+                presets[f"{method}-{keep}"] = (
+                    lambda method=method, keep=keep: cls(flops_budget=1.0, prune=method, prune_keep=keep,
+                                                         prune_layer=PRESET_PRUNE_LAYER,
+                                                         codebook=str(PROOF_CODEBOOK) if method == "codebook" else None))
+        for layer in (1, 2):
+            presets[f"vtw-{layer}"] = lambda layer=layer: cls(flops_budget=1.0, prune="vtw", prune_layer=layer)
+        # Pruning, then the budget planner on the pruned sequence.
+        presets["codebook-0.25+budget-0.2"] = lambda: cls(flops_budget=0.2, prune="codebook", prune_keep=0.25,
+                                                          codebook=str(PROOF_CODEBOOK))
         if name not in presets:
             raise ConfigError(f"unknown config preset {name!r}; presets: {', '.join(sorted(presets))}")
         return presets[name]()

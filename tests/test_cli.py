@@ -61,3 +61,20 @@ def test_optimize_cli_with_a_budget_reports_layers_and_ratios(demo_dir, tmp_path
     assert "reduced layers" in printed and "ffn_keep" in printed and "latency" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["ranking"]["metric"] == "jsd" and report["plan"]["steps"]
+
+
+@pytest.mark.parametrize("preset, visual_after", [("codebook-0.125", 32), ("fastv-0.25", 64), ("vtw-1", 0)])
+def test_optimize_cli_with_a_pruning_preset_prints_the_tokens_kept(tmp_path, capsys, preset, visual_after):
+    from redlens_compile.models.demo import SHIPPED_MODEL_DIR
+
+    out = tmp_path / preset
+    # The shipped proof model: its codebook sits beside it (the codebook presets load it).
+    assert main(["optimize", str(SHIPPED_MODEL_DIR), "--config", preset, "--out", str(out), "--repeats", "1",
+                 "--max-new-tokens", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["token_pruning"]["visual_before"] == [256]
+    assert summary["token_pruning"]["visual_after"] == [visual_after]
+    assert summary["decoder_prefill_flops_ratio"] < 0.75
+    assert f"-> [{visual_after}]" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruning"]["method"] == preset.split("-")[0]
