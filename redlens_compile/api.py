@@ -41,13 +41,14 @@ def _noop_progress(_: str) -> None:
 
 
 def _rank(captured: CapturedDecoder, model: nn.Module, calibration: list[DecoderInputs], config: RedLensConfig,
-          layers: list[int]) -> LayerRanking:
+          layers: list[int], reference, key_bias: bool) -> LayerRanking:
     if config.ranking in SENSITIVITY_METRICS:
         def at(settings):
             def reduce_one(layer: int):
                 plan = ReductionPlan(settings={layer: settings})
-                return apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True).graph_module
-            return sensitivity_scores(captured.graph_module, calibration, layers, reduce_one, config.ranking)
+                return apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True,
+                                  key_bias=key_bias).graph_module
+            return sensitivity_scores(reference, calibration, layers, reduce_one, config.ranking)
 
         ladder, base = settings_ladder(config)
         floor = at(ladder[-1]) if len(ladder) > base + 1 else None
@@ -101,7 +102,11 @@ def optimize(
     pruned = pruning(captured.example) if pruning is not None else None
     example = pruned.inputs if pruned is not None else captured.example
     scoring = float(pruning.scoring_flops(captured.example)) if pruning is not None else 0.0
-    unreduced = count_graph_flops(captured.graph_module, example) if pruned is not None else before
+    key_bias = pruning is not None and pruning.key_bias
+    # The unreduced graph the reductions are measured against (with the key-bias input when pruning sets one).
+    reference_graph = captured.graph_module if not key_bias else apply_plan(
+        captured.graph_module, ReductionPlan(settings={}), config.probe_tokens, copy=True, key_bias=True).graph_module
+    unreduced = count_graph_flops(reference_graph, example) if pruned is not None else before
 
     ranking = None
     if needs_ranking(config):
@@ -109,11 +114,11 @@ def optimize(
         calib = [capture_decoder_inputs(model, adapter, x) for x in calibration] if calibration else [captured.example]
         if pruning is not None:
             calib = [pruning(x).inputs for x in calib]
-        ranking = _rank(captured, model, calib, config, sorted(before.layers))
+        ranking = _rank(captured, model, calib, config, sorted(before.layers), reference_graph, key_bias)
 
         def layer_costs(settings):
             plan = ReductionPlan(settings={i: settings for i in before.layers})
-            trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True).graph_module
+            trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True, key_bias=key_bias).graph_module
             counted = count_graph_flops(trial, example)
             return {i: counted.layer_total(i) for i in before.layers}
 
@@ -125,13 +130,17 @@ def optimize(
         plan = plan_fixed(config, adapter.num_layers(model))
 
     progress("running passes")
-    result = apply_plan(captured.graph_module, plan, config.probe_tokens)
+    result = apply_plan(captured.graph_module, plan, config.probe_tokens, key_bias=key_bias)
     progress("counting FLOPs after the rewrite")
     after = count_graph_flops(result.graph_module, example)
     notes = _probe_note(config, example, plan)
     notes += [f"layer {i}: hollow attention used the masked fallback ({why}); it saves no work there"
               for i, why in sorted(result.fallback.items())]
     notes += [f"layer {i}: not reduced: {why}" for i, why in sorted(result.skipped.items())]
+    hollow = [i for i, s in sorted(plan.settings.items()) if s.hollow]
+    if key_bias and hollow:
+        notes.append(f"layers {hollow}: hollow attention reads the family's mask without the proportional-attention "
+                     "key bias of token pruning")
     if config.layers != "auto" and plan.settings and config.flops_budget < 1.0:
         notes.append(f"layers={config.layers!r} given explicitly: flops_budget={config.flops_budget} was not applied")
     pruning_summary = None
@@ -203,11 +212,11 @@ def build_pruning(config: RedLensConfig, model: nn.Module, adapter) -> TokenPrun
             )
         return TokenPruning(config.prune, config.prune_keep, layer=config.prune_layer)
     if config.prune == "random":
-        return TokenPruning("random", config.prune_keep, seed=config.prune_seed)
+        return TokenPruning("random", config.prune_keep, seed=config.prune_seed, proportional=config.prune_proportional)
     codebook = Codebook.load(config.codebook)
     text_config = adapter.language_model(model).config
     codebook.check_compatible(model.config.model_type, text_config.hidden_size, path=f"codebook {config.codebook}")
-    return TokenPruning.from_codebook(codebook, config.prune_keep)
+    return TokenPruning.from_codebook(codebook, config.prune_keep, proportional=config.prune_proportional)
 
 
 def audit(model: nn.Module, example_inputs: Mapping[str, Any]) -> AuditReport:

@@ -57,6 +57,8 @@ class RedLensConfig:
     prune_layer: K, the layer after which `fastv` and `vtw` prune.
     codebook: path of a redundancy codebook (safetensors), required by prune="codebook".
     prune_seed: the seed of prune="random" (the same input keeps the same rows).
+    prune_proportional: pruning before the first layer gives each kept visual token the attention
+        mass of the dropped tokens most like it (a log-count bias on its attention scores).
     """
 
     flops_budget: float = 0.5
@@ -70,6 +72,7 @@ class RedLensConfig:
     prune_layer: int = 2
     codebook: str | None = None
     prune_seed: int = 0
+    prune_proportional: bool = True
 
     def __post_init__(self) -> None:
         if not _is_number(self.flops_budget) or not 0.0 < self.flops_budget <= 1.0:
@@ -87,6 +90,8 @@ class RedLensConfig:
         _count_or_fraction("prune_keep", self.prune_keep)
         if not _is_int(self.prune_layer) or self.prune_layer < 0:
             raise ConfigError(f"prune_layer={self.prune_layer!r}: must be an int >= 0")
+        if not isinstance(self.prune_proportional, bool):
+            raise ConfigError(f"prune_proportional={self.prune_proportional!r}: must be true or false")
         if not _is_int(self.prune_seed):
             raise ConfigError(f"prune_seed={self.prune_seed!r}: must be an int")
         if self.codebook is not None and not isinstance(self.codebook, (str, Path)):
@@ -143,6 +148,10 @@ class RedLensConfig:
                     lambda method=method, keep=keep: cls(flops_budget=1.0, prune=method, prune_keep=keep,
                                                          prune_layer=PRESET_PRUNE_LAYER,
                                                          codebook=str(PROOF_CODEBOOK) if method == "codebook" else None))
+            for method in ("codebook", "random"):  # without proportional attention
+                presets[f"{method}-{keep}-plain"] = (
+                    lambda method=method, keep=keep: cls.from_dict(dict(presets[f"{method}-{keep}"]().to_dict(),
+                                                                        prune_proportional=False)))
         for layer in (1, 2):
             presets[f"vtw-{layer}"] = lambda layer=layer: cls(flops_budget=1.0, prune="vtw", prune_layer=layer)
         # Pruning, then the budget planner on the pruned sequence.

@@ -27,14 +27,16 @@ class LayeredDecodeStep:
         """Next-token logits [B, V] for `tokens` [B, 1].
 
         position_ids: [B, 1] or [rows, B, 1] (M-RoPE); masks: per layer, [B, L_i + 1] over that
-        layer's cache after this step's key is appended (1 = attend).
+        layer's cache after this step's key is appended: 1 = attend (integer or bool), or an
+        additive float mask (0 or a key bias to attend, -inf not to).
         """
         lm = self.language_model
         hidden = self.embed(tokens)
         position_embeddings = lm.rotary_emb(hidden, position_ids)
         text_positions = position_ids if position_ids.dim() == 2 else position_ids[0]
         for index, layer in enumerate(lm.layers):
-            mask = masks[index].bool()[:, None, None, :]
+            mask = masks[index]
+            mask = (mask if mask.is_floating_point() else mask.bool())[:, None, None, :]
             out = layer(hidden, attention_mask=mask, position_ids=text_positions, past_key_values=cache,
                         use_cache=True, position_embeddings=position_embeddings)
             hidden = out[0] if isinstance(out, tuple) else out

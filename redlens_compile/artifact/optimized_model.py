@@ -18,6 +18,7 @@ from ..passes.infra import run_passes
 from ..passes.last_position_logits import LastPositionLogitsPass
 from ..passes.selectors import clone_graph_module
 from ..ops.token_pruning import KeptRows
+from ..passes.key_bias import KEY_BIAS_LAYERS
 from ..passes.token_pruning import TokenPruning
 from .layered_decode import LayeredDecodeStep
 from ..report.audit_report import AuditReport
@@ -109,6 +110,15 @@ class OptimizedModel(nn.Module):
         masks = [decoder_inputs.attention_mask] * (layer + 1) + [pruned.inputs.attention_mask] * (self.num_layers - layer - 1)
         return Prefill(logits, head_kv + tuple(tail_kv), masks, pruned.inputs, pruned.kept)
 
+    def _decode_masks(self, prefill: Prefill) -> list[torch.Tensor]:
+        """Each layer's cache mask; additive, with the pruning's key bias, in the layers whose prefill had it."""
+        bias = prefill.ran_on.key_bias
+        if bias is None:
+            return prefill.layer_masks
+        biased = set(self.graph_module.meta.get(KEY_BIAS_LAYERS, ()))
+        return [torch.where(m.bool(), bias if i in biased else torch.zeros_like(bias), torch.full_like(bias, float("-inf")))
+                for i, m in enumerate(prefill.layer_masks)]
+
     @torch.no_grad()
     def forward(self, **inputs: Any):
         inputs.pop("use_cache", None)
@@ -161,7 +171,7 @@ class OptimizedModel(nn.Module):
         cache = kv_to_cache(prefill.kv, self.text_config)
         # The cache may hold fewer positions than the prompt (token pruning): its masks follow it.
         # Positions continue from the prompt's last one, which pruning never drops or renumbers.
-        layer_masks = prefill.layer_masks
+        layer_masks = self._decode_masks(prefill)
         cache_mask = layer_masks[0]
         canonical_positions = decoder_inputs.position_ids
         logits = prefill.logits
@@ -179,7 +189,7 @@ class OptimizedModel(nn.Module):
                 unfinished &= ~torch.isin(next_tokens, eos_ids)
             if step == max_new_tokens - 1 or not bool(unfinished.any()):
                 break
-            if prefill.uniform:
+            if prefill.uniform and prefill.ran_on.key_bias is None:
                 cache_mask = torch.cat([cache_mask, cache_mask.new_ones(batch, 1)], dim=-1)
                 position_ids = position_ids[..., -1:] + 1
                 out = self.model(
@@ -193,6 +203,7 @@ class OptimizedModel(nn.Module):
                 next_logits = out.logits[:, -1, :]
             else:  # layers hold caches of different lengths: the project's own step, a mask per layer
                 canonical_positions = canonical_positions[..., -1:] + 1
-                layer_masks = [torch.cat([m, m.new_ones(batch, 1)], dim=-1) for m in layer_masks]
+                step = [m.new_zeros(batch, 1) if m.is_floating_point() else m.new_ones(batch, 1) for m in layer_masks]
+                layer_masks = [torch.cat([m, s], dim=-1) for m, s in zip(layer_masks, step)]
                 next_logits = self.decode_step(next_tokens[:, None], canonical_positions, cache, layer_masks)
         return sequences

@@ -58,9 +58,13 @@ class DecoderInputs:
     attention_mask: torch.Tensor  # [B, S], 1 = attend
     position_ids: torch.Tensor  # [B, S], or [3, B, S] for M-RoPE
     visual_mask: torch.Tensor  # [B, S] bool, True at visual-token positions
+    # [B, S] added to every attention score of each key: set by token pruning with proportional
+    # attention, read by graphs rewritten with passes/key_bias.py (a fifth input); None otherwise.
+    key_bias: torch.Tensor | None = None
 
     def as_args(self) -> tuple[torch.Tensor, ...]:
-        return (self.inputs_embeds, self.attention_mask, self.position_ids, self.visual_mask)
+        args = (self.inputs_embeds, self.attention_mask, self.position_ids, self.visual_mask)
+        return args if self.key_bias is None else (*args, self.key_bias)
 
     @property
     def batch_size(self) -> int:
@@ -77,6 +81,7 @@ class DecoderInputs:
             attention_mask=self.attention_mask.repeat(times, 1),
             position_ids=torch.cat([self.position_ids] * times, dim=pos_dim),
             visual_mask=self.visual_mask.repeat(times, 1),
+            key_bias=None if self.key_bias is None else self.key_bias.repeat(times, 1),
         )
 
 

@@ -70,4 +70,12 @@ def capture_split(captured: CapturedDecoder, model: nn.Module, layer: int) -> tu
     tail_gm = export_decoder(tail, DecoderInputs(hidden, example.attention_mask, example.position_ids,
                                                  example.visual_mask), max_seq_len=max_len).module()
     annotate_graph(tail_gm)
+    # The two graphs chained must be the decoder: checked on the example before any pass runs.
+    with torch.no_grad():
+        logits = tail_gm(hidden, example.attention_mask, example.position_ids, example.visual_mask)[0]
+        want = captured.graph_module(*example.as_args())[0]
+    diff = (logits - want).abs().max().item()
+    if not diff <= CAPTURE_TOLERANCE:
+        raise CaptureError(f"the decoder cut after layer {layer} does not reproduce the whole decoder (max abs logit "
+                           f"diff {diff:.3g}); prune before the first layer (codebook, random) instead")
     return head_gm, tail_gm

@@ -110,3 +110,44 @@ def last_query_attention(query: torch.Tensor, key: torch.Tensor, attn_mask: torc
             scores = scores + last.float()
     return scores.softmax(dim=-1).mean(dim=1)
 
+
+
+def proportional_key_bias(embeds: torch.Tensor, visual_mask: torch.Tensor, kept: KeptRows) -> torch.Tensor:
+    """[B, S'] log(m) for each kept visual row standing for m visual rows; 0 for every other row.
+
+    Each dropped visual row is assigned to the kept visual row of the same sample most similar to it
+    (cosine, in the embedding space the rows were selected in). Added to every attention score of
+    the key, the bias gives a kept row the softmax mass of its m rows (proportional attention, as
+    token merging does): what attends to "the image" still sees how much of it each kind fills.
+    """
+    batch, width = kept.index.shape
+    bias = torch.zeros(batch, width, dtype=embeds.dtype, device=embeds.device)  # SDPA wants the query's dtype
+    for b in range(batch):
+        rows = kept.index[b]
+        kept_visual = kept.valid[b] & visual_mask[b, rows]
+        if not bool(kept_visual.any()):
+            continue
+        is_kept = torch.zeros_like(visual_mask[b])
+        is_kept[rows[kept.valid[b]]] = True
+        dropped = (visual_mask[b] & ~is_kept).nonzero().flatten()
+        slots = kept_visual.nonzero().flatten()
+        counts = torch.ones(slots.numel(), dtype=torch.float32, device=embeds.device)
+        if dropped.numel():
+            owners = F.normalize(embeds[b, dropped].float(), dim=-1) @ F.normalize(embeds[b, rows[slots]].float(), dim=-1).T
+            counts.index_add_(0, owners.argmax(dim=-1), torch.ones(dropped.numel(), device=embeds.device))
+        bias[b, slots] = counts.log().to(bias.dtype)
+    return bias
+
+
+def proportional_flops(dropped: int, kept: int, dim: int) -> int:
+    """Multiply-adds of assigning each dropped row to its most similar kept row."""
+    return dropped * kept * dim
+
+
+def key_biased_mask(attn_mask: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+    """An additive SDPA mask: the family's mask (bool: True = attend, or additive float) plus a
+    per-key bias [B, S] on every query's scores."""
+    bias = key_bias[:, None, None, :]
+    if attn_mask.dtype == torch.bool:
+        return torch.where(attn_mask, bias, torch.full_like(bias, float("-inf")))
+    return attn_mask + bias.to(attn_mask.dtype)

@@ -12,6 +12,7 @@ from .dead_code import DeadCodeEliminationPass
 from .dynamic_ffn import DynamicFFNPass
 from .hollow_attention import HollowAttentionPass
 from .infra import PassRecord, RedLensPass, run_passes
+from .key_bias import KeyBiasPass
 from .selectors import clone_graph_module
 from .strip_asserts import StripAssertsPass
 
@@ -24,8 +25,9 @@ class PipelineResult:
     skipped: dict[int, str] = field(default_factory=dict)  # layer -> why a reduction could not be applied
 
 
-def build_passes(plan: ReductionPlan, probe_tokens: int | float) -> list[RedLensPass]:
-    """Strip asserts, the reductions the plan asks for, the causal fast path, dead-code elimination."""
+def build_passes(plan: ReductionPlan, probe_tokens: int | float, key_bias: bool = False) -> list[RedLensPass]:
+    """Strip asserts, the reductions the plan asks for, the key-bias input (proportional attention
+    after pruning), the causal fast path, dead-code elimination."""
     passes: list[RedLensPass] = [StripAssertsPass()]
     keep = {i: s.ffn_keep for i, s in plan.settings.items() if s.reduces_ffn}
     window = {i: s.window for i, s in plan.settings.items() if s.hollow}
@@ -33,16 +35,18 @@ def build_passes(plan: ReductionPlan, probe_tokens: int | float) -> list[RedLens
         passes.append(DynamicFFNPass(keep=keep, probe_tokens=probe_tokens))
     if window:
         passes.append(HollowAttentionPass(window=window))
+    if key_bias:
+        passes.append(KeyBiasPass())
     passes += [CausalFastPathPass(), DeadCodeEliminationPass()]
     return passes
 
 
 def apply_plan(graph_module: fx.GraphModule, plan: ReductionPlan, probe_tokens: int | float,
-               copy: bool = False) -> PipelineResult:
+               copy: bool = False, key_bias: bool = False) -> PipelineResult:
     """Run the plan's passes (on a copy sharing the weights when `copy`, e.g. for ranking trials)."""
     if copy:
         graph_module = clone_graph_module(graph_module)
-    passes = build_passes(plan, probe_tokens)
+    passes = build_passes(plan, probe_tokens, key_bias)
     graph_module, records = run_passes(graph_module, passes)
     result = PipelineResult(graph_module, records)
     for p in passes:

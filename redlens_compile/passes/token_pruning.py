@@ -29,7 +29,8 @@ from ..analysis.codebook_file import Codebook
 from ..capture.decoder_inputs import DecoderInputs
 from ..errors import ConfigError, PruningError
 from ..ops.token_pruning import (
-    KeptRows, gather_seq, random_scores, redundancy_flops, redundancy_scores, select_rows, visual_counts,
+    KeptRows, gather_seq, proportional_flops, proportional_key_bias, random_scores, redundancy_flops,
+    redundancy_scores, select_rows, visual_counts,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class TokenPruning:
     prototypes: torch.Tensor | None = None
     seed: int = 0
     layer: int | None = None  # K, for the methods that prune after layer K
+    # Before the first layer: each kept visual row keeps the attention mass of the dropped rows most
+    # like it (a log-count key bias; the graph then takes a `key_bias` input, passes/key_bias.py).
+    proportional: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in BEFORE_FIRST_LAYER + AFTER_LAYER:
@@ -70,8 +74,13 @@ class TokenPruning:
         return self.layer if self.method in AFTER_LAYER else None
 
     @classmethod
-    def from_codebook(cls, codebook: Codebook, keep: int | float) -> "TokenPruning":
-        return cls("codebook", keep, prototypes=codebook.prototypes.to(torch.float32))
+    def from_codebook(cls, codebook: Codebook, keep: int | float, proportional: bool = False) -> "TokenPruning":
+        return cls("codebook", keep, prototypes=codebook.prototypes.to(torch.float32), proportional=proportional)
+
+    @property
+    def key_bias(self) -> bool:
+        """The graph takes a per-key attention bias (proportional attention before the first layer)."""
+        return self.proportional and self.after_layer is None
 
     def keep_counts(self, visual_mask: torch.Tensor) -> torch.Tensor:
         """[B] visual rows each sample keeps; an int keep above a sample's visual count is an error."""
@@ -101,10 +110,16 @@ class TokenPruning:
         return random_scores(inputs.visual_mask, self.seed)
 
     def scoring_flops(self, inputs: DecoderInputs) -> int:
-        if self.method != "codebook":
-            return 0
+        """Matrix work of the stage itself: codebook similarities, proportional assignment."""
         dim = inputs.inputs_embeds.shape[-1]
-        return redundancy_flops(int(inputs.visual_mask.sum()), int(self.prototypes.shape[0]), dim)
+        flops = 0
+        if self.method == "codebook":
+            flops += redundancy_flops(int(inputs.visual_mask.sum()), int(self.prototypes.shape[0]), dim)
+        if self.key_bias:
+            counts = visual_counts(inputs.visual_mask)
+            kept = self.keep_counts(inputs.visual_mask)
+            flops += sum(proportional_flops(int(c - k), int(k), dim) for c, k in zip(counts, kept))
+        return flops
 
     def __call__(self, inputs: DecoderInputs, attention: torch.Tensor | None = None) -> PrunedInputs:
         visual = inputs.visual_mask
@@ -118,11 +133,15 @@ class TokenPruning:
             position_ids=gather_seq(inputs.position_ids, kept, pos_dim, fill=1),
             visual_mask=gather_seq(inputs.visual_mask, kept, 1, fill=False),
         )
+        if self.key_bias:
+            pruned.key_bias = proportional_key_bias(inputs.inputs_embeds, visual, kept)
         return PrunedInputs(pruned, kept, visual_counts(visual), visual_counts(pruned.visual_mask))
 
     def describe(self) -> dict:
         where = "before the first decoder layer" if self.after_layer is None else f"after decoder layer {self.layer}"
         out = {"method": self.method, "keep": 0 if self.method == "vtw" else self.keep, "where": where}
+        if self.after_layer is None:
+            out["proportional_attention"] = self.proportional
         if self.method == "codebook":
             out["prototypes"] = int(self.prototypes.shape[0])
         elif self.method == "random":

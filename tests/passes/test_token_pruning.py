@@ -77,7 +77,8 @@ def test_keeping_every_visual_token_changes_nothing(family_models, family):
 def test_pruned_prefill_and_generate_match_the_original_decoder_on_the_kept_rows(family_models, family):
     model = family_models(family)
     example = make_inputs(family, model)
-    opt = rc.optimize(model, example, config=rc.RedLensConfig(prune="random", prune_keep=0.125, flops_budget=1.0))
+    opt = rc.optimize(model, example, config=rc.RedLensConfig(prune="random", prune_keep=0.125, flops_budget=1.0,
+                                                                          prune_proportional=False))
     batch = make_inputs(family, model, text_before=5, batch=2, pad_left=(3,), seed=11)
     decoder_inputs = capture_decoder_inputs(model, opt.adapter, batch)
     visual = int(decoder_inputs.visual_mask[0].sum())
@@ -110,7 +111,8 @@ def test_pruned_prefill_and_generate_match_the_original_decoder_on_the_kept_rows
 def test_ragged_visual_counts_keep_a_fraction_of_each_sample(family_models):
     model = family_models("llava")
     opt = rc.optimize(model, make_inputs("llava", model),
-                      config=rc.RedLensConfig(prune="random", prune_keep=0.25, flops_budget=1.0))
+                      config=rc.RedLensConfig(prune="random", prune_keep=0.25, flops_budget=1.0,
+                                              prune_proportional=False))
     batch = ragged_llava_inputs(model)
     decoder_inputs = capture_decoder_inputs(model, opt.adapter, batch)
     pruned = opt.pruning(decoder_inputs)
@@ -144,7 +146,8 @@ def test_codebook_keeps_the_rows_least_similar_to_the_prototypes(family_models, 
     positions = decoder_inputs.visual_mask[0].nonzero().flatten()
     want = sorted(int(positions[i]) for i in torch.argsort(similarity)[:10])
     assert kept_visual == want
-    assert opt.report.pruning["scoring_flops"] == 64 * prototypes.shape[0] * 64
+    # cosine scores against the codebook, then each of the 54 dropped rows against the 10 kept ones
+    assert opt.report.pruning["scoring_flops"] == 64 * prototypes.shape[0] * 64 + 54 * 10 * 64
 
 
 def test_pruned_flops_match_the_closed_form_of_the_shorter_sequence(family_models):
@@ -184,3 +187,59 @@ def test_select_rows_left_pads_the_shorter_sample():
     kept = select_rows(visual, score, torch.tensor([1, 1]))
     assert kept.index.tolist() == [[0, 0, 2, 4], [0, 1, 3, 4]]
     assert kept.valid.tolist() == [[False, True, True, True], [True, True, True, True]]
+
+
+def proportional_reference(model, adapter, decoder_inputs, kept_rows_b, b, steps):
+    """The original language model on sample b's kept rows with an additive 4-D mask: causal, plus
+    log(count) on each kept visual key for the dropped visual rows nearest to it (cosine). Greedy
+    tokens recomputed from scratch each step; returns (prefill logits, tokens)."""
+    embeds = decoder_inputs.inputs_embeds[b]
+    visual = decoder_inputs.visual_mask[b]
+    rows = kept_rows_b
+    kept_visual = [int(r) for r in rows if visual[r]]
+    dropped = [int(i) for i in visual.nonzero().flatten() if int(i) not in kept_visual]
+    similarity = F.cosine_similarity(embeds[dropped][:, None], embeds[kept_visual][None], dim=-1)
+    counts = torch.bincount(similarity.argmax(dim=1), minlength=len(kept_visual)).float() + 1
+    bias = torch.zeros(rows.numel())
+    for slot, row in enumerate(kept_visual):
+        bias[(rows == row).nonzero()[0, 0]] = counts[slot].log()
+    lm, head = adapter.language_model(model), adapter.lm_head(model)
+    x = embeds[rows][None]
+    positions = decoder_inputs.position_ids[..., b:b + 1, rows]
+    first, tokens = None, []
+    for _ in range(steps + 1):
+        n = x.shape[1]
+        mask = torch.full((n, n), float("-inf")).triu(1) + torch.nn.functional.pad(bias, (0, n - bias.numel()))
+        with torch.no_grad():
+            logits = head(lm(inputs_embeds=x, attention_mask=mask[None, None], position_ids=positions).last_hidden_state)
+        first = logits[0] if first is None else first
+        tokens.append(int(logits[0, -1].argmax()))
+        with torch.no_grad():
+            x = torch.cat([x, model.get_input_embeddings()(torch.tensor([[tokens[-1]]]))], dim=1)
+        positions = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
+    return first, tokens[:steps]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_proportional_attention_gives_kept_rows_the_mass_of_the_dropped(family_models, family):
+    model = family_models(family)
+    opt = rc.optimize(model, make_inputs(family, model),
+                      config=rc.RedLensConfig(prune="random", prune_keep=0.125, flops_budget=1.0))
+    assert opt.pruning.key_bias and any(n.name == "key_bias" for n in opt.graph_module.graph.nodes)
+    batch = make_inputs(family, model, text_before=5, batch=2, pad_left=(3,), seed=11)
+    gen_positions = model._prepare_position_ids_for_generation(batch["input_ids"], dict(batch))
+    decoder_inputs = capture_decoder_inputs(model, opt.adapter, dict(batch, position_ids=gen_positions))
+    with torch.no_grad():
+        prefill = opt.run_decoder(decoder_inputs)
+    ours = opt.generate(**batch, max_new_tokens=NEW_TOKENS, eos_token_id=[])[:, -NEW_TOKENS:]
+    for b in range(2):
+        rows = prefill.kept.index[b][prefill.kept.valid[b]]
+        rows = rows[decoder_inputs.attention_mask[b, rows] == 1]
+        want, tokens = proportional_reference(model, opt.adapter, decoder_inputs, rows, b, NEW_TOKENS)
+        assert (prefill.logits[b, -rows.numel():] - want).abs().max() <= 1e-5
+        assert ours[b].tolist() == tokens
+    # The bias is real: without it the prefill differs.
+    plain = rc.optimize(model, make_inputs(family, model), config=rc.RedLensConfig(
+        prune="random", prune_keep=0.125, flops_budget=1.0, prune_proportional=False))
+    with torch.no_grad():
+        assert (plain.run_decoder(decoder_inputs).logits - prefill.logits).abs().max() > 1e-3

@@ -1,0 +1,61 @@
+"""A per-key attention bias as a fifth graph input (`key_bias` [B, S]), added to every SDPA's mask.
+
+Token pruning with proportional attention sets it: a kept visual row that stands for m rows
+gets log(m) on its scores in every layer, so the dropped rows' softmax mass is not lost (see
+ops.token_pruning.proportional_key_bias). The pass wraps each distinct mask that feeds an aten
+SDPA call in ops.token_pruning.key_biased_mask (the family's mask, now additive, plus the bias).
+Run it after the reduction passes: hollow attention layers read the family's bool mask and do
+not see the bias (the report says so). A mask-free SDPA (is_causal) is left as it is.
+"""
+
+from __future__ import annotations
+
+import torch.utils._pytree as pytree
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from ..capture.annotate import ATTENTION_CORE_TARGETS, annotation
+from ..ops.token_pruning import key_biased_mask
+from .hollow_attention import sdpa_arguments
+from .infra import RedLensPass
+from .selectors import call_like
+
+KEY_BIAS_INPUT = "key_bias"
+KEY_BIAS_LAYERS = "redlens_key_bias_layers"
+
+
+def add_input(gm: fx.GraphModule, name: str) -> fx.Node:
+    """A new last placeholder, keeping an exported graph's pytree input spec true."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        node = graph.placeholder(name)
+    codegen = graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        codegen.pytree_info = info._replace(
+            orig_args=[*info.orig_args, name] if info.orig_args else info.orig_args,
+            in_spec=pytree.tree_flatten((tuple(range(len(placeholders) + 1)), {}))[1])
+    return node
+
+
+class KeyBiasPass(RedLensPass):
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        if any(n.op == "placeholder" and n.name == KEY_BIAS_INPUT for n in graph.nodes):
+            return PassResult(graph_module, False)
+        cores = [n for n in graph.nodes if n.op == "call_function" and n.target in ATTENTION_CORE_TARGETS
+                 and isinstance(sdpa_arguments(n).get("attn_mask"), fx.Node)]
+        bias = add_input(graph_module, KEY_BIAS_INPUT)
+        # Decode steps apply the same bias in the same layers (artifact/optimized_model.py).
+        graph_module.meta[KEY_BIAS_LAYERS] = sorted({a.layer for c in cores if (a := annotation(c)) is not None
+                                                     and a.layer is not None})
+        biased: dict[fx.Node, fx.Node] = {}
+        for core in cores:
+            mask = sdpa_arguments(core)["attn_mask"]
+            if mask not in biased:
+                with graph.inserting_after(mask):
+                    biased[mask] = call_like(graph, mask, key_biased_mask, (mask, bias))
+            core.replace_input_with(mask, biased[mask])
+        graph_module.recompile()
+        return PassResult(graph_module, True)
