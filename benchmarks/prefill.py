@@ -13,8 +13,10 @@ row prunes, the rewritten graph(s), logits for the last position only) against t
 eager decoder doing the same (transformers' language model, lm_head on the last position).
 Pruning rows: the presets `<method>-<keep>` for codebook, random and fastv (K = 1), and vtw-1. The
 codebook of this random-weight model is 64 random prototypes: the rows time the work, they say
-nothing of what is kept. `--decode` adds the time per generated token after the prefill
-(generate of 9 tokens minus generate of 1, over 8), optimized against the original's generate.
+nothing of what is kept. Rows that prune before the first layer also time the eager decoder
+on the kept rows alone (`eager_on_kept_rows_ratio`): what the shorter sequence costs with no
+pruning machinery at all, the floor for the optimized prefill. `--decode` adds the time per generated token after the prefill
+(generate of 33 tokens minus generate of 1, over 32), optimized against the original's generate.
 The two run interleaved on the same inputs, so drift hits both alike; the latency ratio is the
 ratio of their medians. The FLOPs ratio is the audit's (decoder layers, fvcore). Peak memory
 is the process's peak RSS after the row (it only grows: read it as an upper bound).
@@ -108,10 +110,15 @@ def main() -> None:
             opt = rc.optimize(model, inputs, config=config)
             decoder_inputs = capture_decoder_inputs(model, opt.adapter, inputs)
             original = eager_prefill(model, opt.adapter)
+            timed = {"original": lambda: original(decoder_inputs),
+                     "optimized": lambda: opt.run_decoder(decoder_inputs, True)}
+            if opt.pruning is not None and opt.pruning.after_layer is None:
+                # What the shorter sequence costs the eager decoder itself: the floor for a pruned prefill.
+                with torch.no_grad():
+                    kept_inputs = opt.run_decoder(decoder_inputs, True).ran_on
+                timed["eager_on_kept_rows"] = lambda: original(kept_inputs)
             with torch.no_grad():
-                medians = interleaved_medians({"original": lambda: original(decoder_inputs),
-                                               "optimized": lambda: opt.run_decoder(decoder_inputs, True)},
-                                              args.repeats)
+                medians = interleaved_medians(timed, args.repeats)
             latency = medians["optimized"] / medians["original"]
             flops = opt.report.flops_ratio
             results.append({
@@ -119,6 +126,8 @@ def main() -> None:
                 "seq_len": decoder_inputs.seq_len, "flops_ratio": round(flops, 4),
                 "latency_ratio": round(latency, 4), "latency_over_flops": round(latency / flops, 4),
                 "original_s": round(medians["original"], 4), "optimized_s": round(medians["optimized"], 4),
+                "eager_on_kept_rows_ratio": round(medians["eager_on_kept_rows"] / medians["original"], 4)
+                if "eager_on_kept_rows" in medians else None,
                 "reduced_layers": opt.report.chosen_layers,
                 "pruning": None if opt.report.pruning is None else {
                     k: opt.report.pruning[k] for k in ("method", "where", "visual_after", "seq_len_after")},
@@ -134,7 +143,7 @@ def main() -> None:
     print(markdown(results))
 
 
-def decode_per_token(model, opt, inputs: dict, repeats: int, tokens: int = 8) -> dict:
+def decode_per_token(model, opt, inputs: dict, repeats: int, tokens: int = 32) -> dict:
     """Seconds per generated token after the prefill: (generate of 1 + tokens) - (generate of 1), over tokens."""
     def original(n):  # min_new_tokens: an end-of-sequence token must not cut the run short
         return lambda: model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -153,11 +162,15 @@ def decode_per_token(model, opt, inputs: dict, repeats: int, tokens: int = 8) ->
 
 def markdown(results: list[dict]) -> str:
     with_decode = any("decode_ratio" in r for r in results)
+    with_floor = any(r.get("eager_on_kept_rows_ratio") is not None for r in results)
     lines = ["| case | row | FLOPs ratio | latency ratio | latency / FLOPs | original / optimized s | peak RSS GiB |"
-             + (" decode s/token ratio |" if with_decode else ""),
-             "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if with_decode else "")]
+             + (" eager on kept rows |" if with_floor else "") + (" decode s/token ratio |" if with_decode else ""),
+             "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if with_floor else "") + ("---:|" if with_decode else "")]
     for r in results:
         decode = f" | {r['decode_ratio']:.3f}" if "decode_ratio" in r else (" | n/a" if with_decode else "")
+        if with_floor:
+            floor = r.get("eager_on_kept_rows_ratio")
+            decode = (f" | {floor:.3f}" if floor is not None else " | n/a") + decode
         lines.append(f"| ({r['case']}) {r['visual_tokens']} visual of {r['seq_len']} | {r['row']} | "
                      f"{r['flops_ratio']:.3f} | {r['latency_ratio']:.3f} | {r['latency_over_flops']:.3f} | "
                      f"{r['original_s']:.2f} / {r['optimized_s']:.2f} | {r['peak_rss_gib']:.2f}{decode} |")

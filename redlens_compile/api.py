@@ -87,6 +87,12 @@ def optimize(
     pruning = build_pruning(config, model, adapter)
     if pruning is not None:
         pruning.keep_counts(visual_mask)  # prune_keep above the example's visual count: an error now
+        if pruning.after_layer is not None and plan_fixed(config, adapter.num_layers(model)).settings:
+            raise ReductionUnavailableError(
+                f"prune={config.prune!r} with layers={config.layers!r}: pruning inside the decoder combined with the "
+                "per-layer reductions is not part of this build; use layers='auto' (pruning alone when it meets "
+                "flops_budget) or prune='codebook'/'random' (before the first layer), which combine"
+            )
 
     progress("running the original model on the example")
     with torch.no_grad():

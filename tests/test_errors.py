@@ -79,6 +79,10 @@ def test_pruning_inside_the_decoder_above_the_budget_is_an_error_not_a_silent_ov
     with pytest.raises(rc.ReductionUnavailableError, match=r"prune='fastv' after layer 1 brings the decoder FLOPs "
                                                             r"ratio to 1\.000\d, above flops_budget=0.5"):
         rc.optimize(model, make_inputs("llava", model), config=config)
+    # explicit layers with pruning inside the decoder: refused before any work, never ignored
+    config = rc.RedLensConfig(prune="vtw", prune_layer=0, layers="all")
+    with pytest.raises(rc.ReductionUnavailableError, match=r"prune='vtw' with layers='all'"):
+        rc.optimize(model, make_inputs("llava", model), config=config)
 
 
 def test_no_image_tokens_with_a_default_config_is_reported_first(family_models):

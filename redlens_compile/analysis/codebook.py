@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -44,13 +43,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
 from ..capture.decoder_inputs import DecoderInputs, capture_decoder_inputs
 from ..capture.families import FamilyAdapter, adapter_for
 from ..errors import CodebookError
+from ..files import save_safetensors
 from .codebook_file import Codebook
 
 logger = logging.getLogger(__name__)
@@ -304,17 +303,7 @@ class ImageShard:
     metadata: dict[str, Any]
 
     def save(self, folder: Path) -> Path:
-        path = folder / f"{self.key}.safetensors"
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.key}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            save_file({"centres": self.centres.to(torch.float32).contiguous()}, tmp,
-                      metadata={SHARD_KEY: json.dumps(self.metadata, sort_keys=True)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return save_safetensors(folder / f"{self.key}.safetensors", {"centres": self.centres}, SHARD_KEY, self.metadata)
 
     @classmethod
     def load(cls, path: Path) -> "ImageShard":

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import CodebookError
+from ..files import save_safetensors
 
 FORMAT = "redlens-codebook/1"
 METADATA_KEY = "redlens_codebook"
@@ -58,17 +57,7 @@ class Codebook:
         path = Path(path)
         check_output_path(path)
         metadata = dict(self.metadata, format=FORMAT, prototypes=int(self.prototypes.shape[0]))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({PROTOTYPES_KEY: self.prototypes.detach().to(torch.float32).contiguous()}, tmp,
-                      metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return save_safetensors(path, {PROTOTYPES_KEY: self.prototypes}, METADATA_KEY, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Codebook":

@@ -6,12 +6,12 @@ import json
 import logging
 import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ..analysis.flops import FLOP_CONVENTION, GROUPS, groups_total
+from ..files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -36,20 +36,6 @@ def library_versions() -> dict[str, str]:
         "fvcore": dist_version("fvcore"),
         "python": platform.python_version(),
     }
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: no half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @dataclass
