@@ -2,8 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .api import audit, capture, optimize  # noqa: E402
-from .artifact.optimized_model import OptimizedModel  # noqa: E402
 from .config import RedLensConfig  # noqa: E402
 from .errors import (  # noqa: E402
     BudgetUnreachableError,
@@ -16,7 +14,29 @@ from .errors import (  # noqa: E402
     ReductionUnavailableError,
     UnsupportedModelError,
 )
-from .report.audit_report import AuditReport  # noqa: E402
+
+# torch and transformers load on first use of these (PEP 562), so the CLI can reject bad
+# arguments in well under a second.
+_LAZY = {
+    "audit": ("api", "audit"),
+    # `redlens_compile.capture` is the capture stage's package; its entry point is capture_decoder.
+    "capture_decoder": ("api", "capture"),
+    "optimize": ("api", "optimize"),
+    "OptimizedModel": ("artifact.optimized_model", "OptimizedModel"),
+    "AuditReport": ("report.audit_report", "AuditReport"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BudgetUnreachableError",
@@ -25,14 +45,14 @@ __all__ = [
     "CodebookError",
     "ConfigError",
     "NoImageTokensError",
-    "PruningError",
     "OptimizedModel",
+    "PruningError",
     "RedLensConfig",
     "RedLensError",
     "ReductionUnavailableError",
     "UnsupportedModelError",
     "__version__",
     "audit",
-    "capture",
+    "capture_decoder",
     "optimize",
 ]

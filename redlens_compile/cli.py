@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,12 +18,32 @@ logger = logging.getLogger("redlens_compile")
 DEFAULT_QUESTION = "what colour is the circle ?"
 
 
-def _load(model_dir: str):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def _check_model_dir(model_dir: str) -> Path:
+    """A save_pretrained directory of a supported class: read its config.json before loading anything."""
+    from .errors import UnsupportedModelError
 
     path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such directory; pass a directory written by save_pretrained")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; pass a directory written by save_pretrained")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FileNotFoundError(f"{model_dir}/config.json is not readable JSON: {exc}") from exc
+    if "vision_config" not in config:
+        # Image-text-to-text configs carry a vision_config; the family itself is checked once loaded.
+        architectures = ", ".join(config.get("architectures") or []) or f"model_type {config.get('model_type')!r}"
+        raise UnsupportedModelError(
+            f"{model_dir} holds {architectures} with no vision_config: not an image-text-to-text model. "
+            "redlens-compile optimizes multimodal models (LLaVA, LLaVA-NeXT, Qwen2-VL, InternVL)")
+    return path
+
+
+def _load(model_dir: str):
+    path = _check_model_dir(model_dir)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     return model, processor
@@ -72,8 +96,6 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
             bar.update(1)
 
         opt = optimize(model, inputs, config=config, progress=progress)
-        bar.set_postfix_str("writing report")
-        opt.report.save(out)
         bar.update(bar.total - bar.n)
 
     with torch.no_grad():
@@ -108,7 +130,9 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
     }
     if questions:
         summary.update(_task_accuracy(model, opt, processor, questions))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with _staged(out) as staging:  # every output or none
+        report.save(staging)
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -150,18 +174,59 @@ def _print_summary(summary: dict) -> None:
 
 
 def _check_image_arg(args: argparse.Namespace) -> None:
-    if getattr(args, "image", None) is not None and not Path(args.image).is_file():
-        raise FileNotFoundError(f"--image {args.image}: no such file")
+    image = getattr(args, "image", None)
+    if image is None:
+        return
+    if Path(image).is_dir():
+        raise FileNotFoundError(f"--image {image}: a folder, not an image file")
+    if not Path(image).is_file():
+        raise FileNotFoundError(f"--image {image}: no such file")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _check_out(out: str) -> Path:
+    """--out must be a folder (or not exist yet) that can be written: checked before any model work."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--out {out}: a file, not a folder; choose a folder for the report")
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        raise FileExistsError(f"--out {out}: {existing} is a file, so the folder cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: {existing} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def _staged(out: Path):
+    """A scratch folder beside --out; its files move into --out only when everything succeeded."""
+    staging = Path(tempfile.mkdtemp(prefix=".redlens-out-", dir=_nearest_existing(out.parent)))
+    try:
+        yield staging
+        out.mkdir(parents=True, exist_ok=True)
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from .api import audit
 
     _check_image_arg(args)
+    out = _check_out(args.out)
+    _check_model_dir(args.model_dir)
     model, processor = _load(args.model_dir)
     inputs = _build_inputs(processor, args.image, args.prompt)
     report = audit(model, inputs)
-    report.save(args.out)
+    with _staged(out) as staging:
+        report.save(staging)
     print(report.summary())
     print(f"report written to {args.out}/report.md, report.json, flops.png")
     return 0
@@ -170,10 +235,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_optimize(args: argparse.Namespace) -> int:
     config = _config_from_args(args)  # bad configs fail before the model loads
     _check_image_arg(args)
+    out = _check_out(args.out)
+    _check_model_dir(args.model_dir)
     model, processor = _load(args.model_dir)
     inputs = _build_inputs(processor, args.image, args.prompt)
-    summary = _run_optimize(model, processor, inputs, config, Path(args.out),
-                            args.max_new_tokens, args.repeats)
+    summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats)
     _print_summary(summary)
     return 0
 
@@ -184,6 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .models.shapes_task import heldout_questions
 
     config = _config_from_args(args)
+    out = _check_out(args.out)
     model_dir = ensure_default_model()
     meta = json.loads((model_dir / "redlens_model.json").read_text())
     print(f"default model    {model_dir} ({meta['weights']} weights)")
@@ -191,8 +258,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     image, qa = heldout_questions(1)[0]
     inputs = encode_questions(processor, [image], [qa.question])
     questions = args.questions if meta["weights"] == "trained" else 0  # random weights: accuracy means nothing
-    summary = _run_optimize(model, processor, inputs, config, Path(args.out), args.max_new_tokens, args.repeats,
-                            questions)
+    summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats, questions)
     _print_summary(summary)
     return 0
 
@@ -204,6 +270,7 @@ def cmd_codebook(args: argparse.Namespace) -> int:
     # Every argument and the output path before the model loads: a bad one fails in seconds.
     out = Path(args.out)
     check_output_path(out)
+    _check_model_dir(args.model_dir)
     settings = CodebookSettings(**{f: getattr(args, f) for f in CODEBOOK_FIELDS if getattr(args, f) is not None})
     list_images(args.images)
     shards = Path(args.shards) if args.shards else out.with_name(out.name + ".shards")
@@ -224,10 +291,42 @@ CODEBOOK_FIELDS = ("prompt", "top_k", "top1_threshold", "jsd_threshold", "global
                    "clusters_per_image", "min_cluster_size", "global_clusters", "min_image_share", "batch_size")
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    return parse
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]: the decoder FLOPs ratio after/before")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments print one line naming the problem (no usage block) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="redlens-compile", description=__doc__)
+    parser = _Parser(prog="redlens-compile", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log each stage")
     sub = parser.add_subparsers(dest="command", required=True)
+    # -v also after the subcommand; SUPPRESS keeps an absent one from resetting the top-level flag
+    verbose = _Parser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log each stage")
 
     def common(p: argparse.ArgumentParser, with_model: bool = True) -> None:
         if with_model:
@@ -237,28 +336,32 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output folder for the report")
 
     def reductions(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="a preset name (identity, budget-0.75, budget-0.5, ffn-only, hollow-only; "
-                                        "token pruning: codebook-0.125, fastv-0.25, random-0.25, vtw-1, ...), "
-                                        "JSON text or a JSON file (default: RedLensConfig(), flops_budget 0.5)")
-        p.add_argument("--budget", type=float, help="flops_budget: decoder prefill FLOPs after/before (overrides --config's)")
-        p.add_argument("--identity", action="store_true", help="RedLensConfig.identity(): change no number")
-        p.add_argument("--max-new-tokens", type=int, default=8)
-        p.add_argument("--repeats", type=int, default=20, help="timed prefill runs, interleaved (median)")
+        which = p.add_mutually_exclusive_group()
+        which.add_argument("--config", help="a preset name (identity, budget-0.75, budget-0.5, ffn-only, hollow-only; "
+                                            "token pruning: codebook-0.125, fastv-0.25, random-0.25, vtw-1, ...), "
+                                            "JSON text or a JSON file (default: RedLensConfig(), flops_budget 0.5)")
+        which.add_argument("--identity", action="store_true", help="RedLensConfig.identity(): change no number")
+        p.add_argument("--budget", type=_budget, help="flops_budget: decoder prefill FLOPs after/before "
+                                                      "(overrides --config's; not with --identity)")
+        p.add_argument("--max-new-tokens", type=_int_at_least(1), default=8)
+        p.add_argument("--repeats", type=_int_at_least(1), default=20, help="timed prefill runs, interleaved (median)")
 
-    p_audit = sub.add_parser("audit", help="FLOPs audit of the unmodified model")
+    p_audit = sub.add_parser("audit", help="FLOPs audit of the unmodified model", parents=[verbose])
     common(p_audit)
     p_audit.set_defaults(func=cmd_audit)
-    p_opt = sub.add_parser("optimize", help="optimize a model and write its audit report")
+    p_opt = sub.add_parser("optimize", help="optimize a model and write its audit report", parents=[verbose])
     common(p_opt)
     reductions(p_opt)
     p_opt.set_defaults(func=cmd_optimize)
-    p_demo = sub.add_parser("demo", help="optimize the bundled default model (the quick start)")
+    p_demo = sub.add_parser("demo", help="optimize the bundled default model (the quick start)", parents=[verbose])
     common(p_demo, with_model=False)
     reductions(p_demo)
-    p_demo.add_argument("--questions", type=int, default=200, help="held-out questions for the accuracy check")
+    p_demo.add_argument("--questions", type=_int_at_least(0), default=200,
+                        help="held-out questions for the accuracy check (0: none)")
     p_demo.set_defaults(func=cmd_demo)
 
-    p_cb = sub.add_parser("codebook", help="build a redundancy codebook from a folder of calibration images")
+    p_cb = sub.add_parser("codebook", help="build a redundancy codebook from a folder of calibration images",
+                          parents=[verbose])
     p_cb.add_argument("model_dir", help="a local directory written by save_pretrained (model + processor)")
     p_cb.add_argument("--images", required=True, help="a folder of calibration images (png, jpg, ...)")
     p_cb.add_argument("--out", required=True, help="the codebook file to write (.safetensors; must not exist)")
@@ -279,7 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from .errors import RedLensError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "identity", False) and args.budget is not None:
+        parser.error("argument --budget: not allowed with argument --identity (identity changes no number)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args)

@@ -50,7 +50,7 @@ def captured_family(family_models):
         if name not in cache:
             model = family_models(name)
             example = make_inputs(name, model)
-            cache[name] = (model, example, rc.capture(model, example))
+            cache[name] = (model, example, rc.capture_decoder(model, example))
         return cache[name]
 
     return get

@@ -32,21 +32,72 @@ def test_audit_cli_with_prompt(demo_dir, tmp_path):
     assert data["config"] is None
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["audit", "/no/such/dir", "--out", "x"], "no config.json"),
-        (["optimize", "{model}", "--config", '{"flops_budget": 2}', "--out", "x"], "flops_budget=2"),
-        (["optimize", "{model}", "--config", '{"flops_budget": 0.05}', "--out", "x"], "flops_budget=0.05 cannot be met"),
-        (["audit", "{model}", "--image", "/no/such.png", "--out", "x"], "--image /no/such.png: no such file"),
-    ],
-)
-def test_bad_input_is_one_line_error_and_nonzero_exit(demo_dir, tmp_path, capsys, argv, message):
-    argv = [a.replace("{model}", str(demo_dir)).replace("x", str(tmp_path / "o")) if a in ("{model}", "x") else a
-            for a in argv]
-    assert main(argv) == 2
+BAD_INVOCATIONS = [
+    (["audit", "/no/such/dir", "--out", "{out}"], "no such directory"),
+    (["audit", "{empty}", "--out", "{out}"], "no config.json"),
+    (["optimize", "{llama}", "--out", "{out}"], "no vision_config: not an image-text-to-text model"),
+    (["optimize", "{model}", "--config", '{"flops_budget": 2}', "--out", "{out}"], "flops_budget=2"),
+    (["optimize", "{model}", "--config", "{not json", "--out", "{out}"], "not valid JSON"),
+    (["optimize", "{model}", "--config", "fast", "--out", "{out}"], "unknown config preset 'fast'"),
+    (["optimize", "{model}", "--config", "/no/such.json", "--out", "{out}"], "no such file"),
+    (["optimize", "{model}", "--identity", "--config", "budget-0.5", "--out", "{out}"],
+     "argument --config: not allowed with argument --identity"),
+    (["optimize", "{model}", "--identity", "--budget", "0.5", "--out", "{out}"], "not allowed with argument --identity"),
+    (["optimize", "{model}", "--budget", "1.5", "--out", "{out}"], "argument --budget: 1.5 is not in (0, 1]"),
+    (["optimize", "{model}", "--repeats", "0", "--out", "{out}"], "argument --repeats: 0 is below 1"),
+    (["optimize", "{model}", "--max-new-tokens", "0", "--out", "{out}"], "argument --max-new-tokens: 0 is below 1"),
+    (["optimize", "{model}", "--out", "{file}"], "a file, not a folder"),
+    (["optimize", "{model}", "--out", "{file}/sub"], "is a file, so the folder cannot be made"),
+    (["audit", "{model}", "--image", "/no/such.png", "--out", "{out}"], "--image /no/such.png: no such file"),
+    (["audit", "{model}", "--image", "{empty}", "--out", "{out}"], "a folder, not an image file"),
+    (["demo", "--questions", "-1", "--out", "{out}"], "argument --questions: -1 is below 0"),
+    (["codebook", "{model}", "--images", "{empty}", "--out", "{cb}"], "the folder is empty"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INVOCATIONS)
+def test_bad_invocation_is_one_line_exit_2_before_any_model_work(demo_dir, tmp_path, argv, message):
+    import subprocess
+    import sys
+    import time
+
+    from transformers import LlamaConfig
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    llama = tmp_path / "llama"
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64).save_pretrained(llama)
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "out"
+    names = {"{model}": str(demo_dir), "{out}": str(out), "{empty}": str(empty), "{llama}": str(llama),
+             "{file}": str(tmp_path / "a_file"), "{cb}": str(tmp_path / "cb.safetensors")}
+    argv = [names.get(a, a) for a in argv]
+    argv = [a.replace("{out}", str(out)).replace("{file}", str(tmp_path / "a_file")) for a in argv]
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "redlens_compile.cli", *argv], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and message in lines[0] and "error:" in lines[0], lines
+    assert seconds < 5.0, f"took {seconds:.1f} s: the check must come before any model work"
+    assert not out.exists() or not list(out.iterdir())
+    assert not (tmp_path / "cb.safetensors").exists()
+
+
+def test_an_unreachable_budget_is_a_clear_error_and_writes_nothing(demo_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["optimize", str(demo_dir), "--config", '{"flops_budget": 0.05}', "--out", str(out)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after any loading progress bar
-    assert last.startswith("redlens-compile: error:") and message in last
+    assert last.startswith("redlens-compile: error:") and "flops_budget=0.05 cannot be met" in last
+    assert not out.exists()
+
+
+def test_verbose_is_accepted_after_the_subcommand():
+    from redlens_compile.cli import build_parser
+
+    assert build_parser().parse_args(["audit", "m", "--out", "o", "-v"]).verbose is True
+    assert build_parser().parse_args(["-v", "audit", "m", "--out", "o"]).verbose is True
+    assert build_parser().parse_args(["audit", "m", "--out", "o"]).verbose is False
 
 
 def test_optimize_cli_with_a_budget_reports_layers_and_ratios(demo_dir, tmp_path, capsys):

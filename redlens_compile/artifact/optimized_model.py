@@ -43,6 +43,32 @@ class Prefill:
         return all(m is first for m in self.layer_masks)
 
 
+# Generation options that are not model inputs; the values that change nothing are allowed.
+_GENERATION_ONLY = ("logits_processor", "stopping_criteria", "streamer", "generation_config",
+                    "prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids", "synced_gpus")
+# What greedy decoding does anyway (transformers 5's GenerationConfig leaves these None).
+_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "num_beam_groups": 1, "return_dict_in_generate": False,
+            "output_scores": False, "output_logits": False, "output_attentions": False,
+            "output_hidden_states": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+# Sampling parameters: transformers' greedy generate ignores them too (do_sample=False).
+_SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def _refuse_unserved_generation_options(kwargs: dict[str, Any]) -> None:
+    from transformers import GenerationConfig
+
+    known = set(GenerationConfig().to_dict()) | set(_GENERATION_ONLY)
+    unserved = sorted(k for k, v in kwargs.items() if k in known and k not in _SAMPLING_ONLY
+                      and v is not None and not (k in _NEUTRAL and v == _NEUTRAL[k]))
+    if unserved:
+        raise ValueError(
+            f"OptimizedModel.generate decodes greedily with a KV cache and does not serve {unserved}: "
+            "remove them (served: max_new_tokens, min_new_tokens, eos_token_id, pad_token_id)"
+        )
+    for key in [k for k in kwargs if k in known]:  # neutral generation options are not model inputs
+        kwargs.pop(key)
+
+
 class OptimizedModel(nn.Module):
     """Drop-in for the original model: `forward` returns its output type, `generate` is greedy.
 
@@ -145,14 +171,24 @@ class OptimizedModel(nn.Module):
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         do_sample: bool = False,
+        min_new_tokens: int | None = None,
         **model_inputs: Any,
     ) -> torch.Tensor:
-        """Greedy decoding; returns the prompt followed by the new tokens, like transformers."""
+        """Greedy decoding; returns the prompt followed by the new tokens, like transformers.
+
+        Served: max_new_tokens, min_new_tokens, eos_token_id, pad_token_id. Any other generation
+        option set to a non-default value (beam search, sampling, scores, streamers, ...) raises:
+        it is never silently ignored.
+        """
         if do_sample:
             raise ValueError("OptimizedModel.generate decodes greedily; pass do_sample=False")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
-        model_inputs.pop("use_cache", None)
+        min_new = 0 if min_new_tokens is None else min_new_tokens
+        if not isinstance(min_new, int) or min_new < 0:
+            raise ValueError(f"min_new_tokens={min_new_tokens!r}: must be an int >= 0")
+        model_inputs.pop("use_cache", None)  # always a KV cache
+        _refuse_unserved_generation_options(model_inputs)
         gen_config = self.model.generation_config
         eos = eos_token_id if eos_token_id is not None else gen_config.eos_token_id
         eos_ids = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=input_ids.device)
@@ -181,6 +217,8 @@ class OptimizedModel(nn.Module):
         sequences = input_ids
         next_logits = logits[:, -1, :]
         for step in range(max_new_tokens):
+            if step < min_new and eos_ids.numel():  # as transformers' MinNewTokensLengthLogitsProcessor
+                next_logits = next_logits.index_fill(-1, eos_ids, float("-inf"))
             next_tokens = next_logits.argmax(dim=-1)
             if pad is not None:
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
@@ -203,7 +241,8 @@ class OptimizedModel(nn.Module):
                 next_logits = out.logits[:, -1, :]
             else:  # layers hold caches of different lengths: the project's own step, a mask per layer
                 canonical_positions = canonical_positions[..., -1:] + 1
-                step = [m.new_zeros(batch, 1) if m.is_floating_point() else m.new_ones(batch, 1) for m in layer_masks]
-                layer_masks = [torch.cat([m, s], dim=-1) for m, s in zip(layer_masks, step)]
+                # the new key: attend (1 in a 0/1 mask, no bias in an additive one)
+                new_key = [m.new_zeros(batch, 1) if m.is_floating_point() else m.new_ones(batch, 1) for m in layer_masks]
+                layer_masks = [torch.cat([m, k], dim=-1) for m, k in zip(layer_masks, new_key)]
                 next_logits = self.decode_step(next_tokens[:, None], canonical_positions, cache, layer_masks)
         return sequences

@@ -38,6 +38,18 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def _whole_flops(value: Any, key: str = "") -> Any:
+    """FLOPs as integers in the JSON (a visual/text split leaves float noise such as 12264447.99999999);
+    ratios and shares stay floats."""
+    if isinstance(value, dict):
+        return {k: _whole_flops(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_flops(v, key) for v in value]
+    if isinstance(value, float) and "ratio" not in key and "share" not in key:
+        return int(round(value))
+    return value
+
+
 @dataclass
 class AuditReport:
     """What the decoder costs before and after optimization, and what was done to it."""
@@ -70,6 +82,11 @@ class AuditReport:
     def flops_ratio(self) -> float:
         return self.totals["decoder_prefill_ratio"]
 
+    @property
+    def is_audit(self) -> bool:
+        """Nothing was rewritten (rc.audit): one set of numbers, no before/after."""
+        return self.config is None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
@@ -78,9 +95,9 @@ class AuditReport:
             "model": self.model,
             "inputs": self.inputs,
             "config": self.config,
-            "totals": self.totals,
-            "components": self.components,
-            "layers": self.layers,
+            "totals": _whole_flops(self.totals),
+            "components": _whole_flops(self.components),
+            "layers": _whole_flops(self.layers),
             "ranking": self.ranking,
             "plan": self.plan,
             "chosen_layers": self.chosen_layers,
@@ -115,14 +132,17 @@ class AuditReport:
             "",
             f"- inputs: batch {self.inputs['batch']}, sequence {self.inputs['seq_len']}, "
             f"visual tokens {self.inputs['visual_tokens']}, text tokens {self.inputs['text_tokens']}",
+            f"- decoder prefill FLOPs: {t['decoder_prefill_before']:.4g}" if self.is_audit else
             f"- decoder prefill FLOPs: before {t['decoder_prefill_before']:.4g}, after "
             f"{t['decoder_prefill_after']:.4g}, ratio {t['decoder_prefill_ratio']:.4f}",
             f"- cross-check, fvcore on the eager decoder: {t.get('eager_fvcore_decoder', float('nan')):.4g}",
         ]
         comp = self.components
-        for key in ("vision_tower", "projector", "lm_head_before", "lm_head_after"):
+        keys = ("vision_tower", "projector") + (("lm_head_before",) if self.is_audit else ("lm_head_before", "lm_head_after"))
+        for key in keys:
             value = comp.get(key)
-            lines.append(f"- {key}: {'not counted' if value is None else f'{value:.4g}'}")
+            name = "lm_head" if self.is_audit and key == "lm_head_before" else key
+            lines.append(f"- {name}: {'not counted' if value is None else f'{value:.4g}'}")
         if comp.get("vision_note"):
             lines.append(f"- vision note: {comp['vision_note']}")
         if self.config is not None:
@@ -133,9 +153,21 @@ class AuditReport:
             lines.append(f"- token pruning: {p['method']} {p['where']}, visual tokens per sample {p['visual_before']} -> "
                          f"{p['visual_after']}, sequence {p['seq_len_before']} -> {p['seq_len_after']}; scoring "
                          f"{p['scoring_flops']:.4g} FLOPs (counted in the decoder prefill after)")
-        lines += ["", "## Decoder layers (FLOPs)", "",
-                  "| layer | visual before | text before | visual after | text after | after/before | settings |",
-                  "|---:|---:|---:|---:|---:|---:|:---|"]
+        if self.is_audit:
+            lines += ["", "## Decoder layers (FLOPs)", "", "| layer | visual | text | proj | attn core | ffn |",
+                      "|---:|---:|---:|---:|---:|---:|"]
+            for row in self.layers:
+                groups = [groups_total({g: row["before"][g]}) for g in GROUPS]
+                lines.append(f"| {row['layer']} | {groups_total(row['before'], 'visual'):.4g} | "
+                             f"{groups_total(row['before'], 'text'):.4g} | " + " | ".join(f"{v:.4g}" for v in groups) + " |")
+        else:
+            lines += self._before_after_tables()
+        return self._closing_sections(lines)
+
+    def _before_after_tables(self) -> list[str]:
+        lines = ["", "## Decoder layers (FLOPs)", "",
+                 "| layer | visual before | text before | visual after | text after | after/before | settings |",
+                 "|---:|---:|---:|---:|---:|---:|:---|"]
         for row in self.layers:
             vb, tb = groups_total(row["before"], "visual"), groups_total(row["before"], "text")
             va, ta = groups_total(row["after"], "visual"), groups_total(row["after"], "text")
@@ -149,6 +181,9 @@ class AuditReport:
             for row in self.layers:
                 cells = [f"{row[phase][g]['visual']:.3g} / {row[phase][g]['text']:.3g}" for g in GROUPS]
                 lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
+        return lines
+
+    def _closing_sections(self, lines: list[str]) -> str:
         if self.ranking:
             lines += ["", f"## Layer ranking ({self.ranking['metric']}; lower = less critical, reduced first)", "",
                       "| layer | score |", "|---:|---:|"]
@@ -174,17 +209,19 @@ class AuditReport:
         layers = [row["layer"] for row in self.layers]
         width = 0.4
         fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(layers) + 3), 4))
-        for offset, phase, alpha in ((-width / 2, "before", 1.0), (width / 2, "after", 0.6)):
+        phases = ((0.0, "before", 1.0),) if self.is_audit else ((-width / 2, "before", 1.0), (width / 2, "after", 0.6))
+        for offset, phase, alpha in phases:
             xs = [x + offset for x in layers]
             visual = [groups_total(r[phase], "visual") for r in self.layers]
             text = [groups_total(r[phase], "text") for r in self.layers]
-            ax.bar(xs, visual, width, label=f"visual ({phase})", color="tab:orange", alpha=alpha)
-            ax.bar(xs, text, width, bottom=visual, label=f"text ({phase})", color="tab:blue", alpha=alpha)
+            suffix = "" if self.is_audit else f" ({phase})"
+            ax.bar(xs, visual, width, label=f"visual{suffix}", color="tab:orange", alpha=alpha)
+            ax.bar(xs, text, width, bottom=visual, label=f"text{suffix}", color="tab:blue", alpha=alpha)
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("FLOPs (fvcore, multiply-add = 1)")
         ax.set_title(f"{self.model.get('class', '')}: decoder prefill FLOPs per layer")
         ax.set_xticks(layers)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
         fig.tight_layout()
         fig.savefig(path, format="png", dpi=100)
         plt.close(fig)
@@ -202,6 +239,9 @@ class AuditReport:
 
     def summary(self) -> str:
         t = self.totals
+        if self.is_audit:
+            return (f"decoder prefill FLOPs {t['decoder_prefill_before']:.4g}; visual tokens "
+                    f"{self.inputs['visual_tokens']} of {self.inputs['seq_len'] * self.inputs['batch']}")
         return (
             f"decoder prefill FLOPs {t['decoder_prefill_before']:.4g} -> {t['decoder_prefill_after']:.4g} "
             f"(ratio {t['decoder_prefill_ratio']:.3f}); visual tokens {self.inputs['visual_tokens']} of "

@@ -12,7 +12,7 @@ from tiny_families import make_inputs
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_every_matmul_has_layer_and_role(family_models, family):
     model = family_models(family)
-    captured = rc.capture(model, make_inputs(family, model))
+    captured = rc.capture_decoder(model, make_inputs(family, model))
     roles = collections.Counter()
     for node in captured.graph_module.graph.nodes:
         if node.op == "call_function" and node.target in (torch.ops.aten.linear.default,

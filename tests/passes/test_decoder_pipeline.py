@@ -10,7 +10,7 @@ from redlens_compile.passes.strip_asserts import ASSERT_TARGETS
 
 def test_cleanup_on_llava_decoder(family_models):
     model = family_models("llava")
-    captured = rc.capture(model, make_inputs("llava", model))
+    captured = rc.capture_decoder(model, make_inputs("llava", model))
     gm = captured.graph_module
     args = captured.example.as_args()
     with torch.no_grad():

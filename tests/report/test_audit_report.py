@@ -54,3 +54,27 @@ def test_report_of_a_budget_shows_ranking_plan_and_settings(tmp_path, family_mod
     md = (out / "report.md").read_text()
     assert "## Layer ranking (jsd" in md and "## Planner steps" in md and "ffn_keep" in md
     assert data["totals"]["decoder_prefill_ratio"] <= 0.6
+
+
+def test_an_audit_shows_one_column_integer_flops_and_normal_file_modes(family_models, tmp_path):
+    import json
+    import os
+
+    from tiny_families import make_inputs
+
+    model = family_models("llava")
+    report = rc.audit(model, make_inputs("llava", model))
+    assert report.is_audit
+    markdown = report.to_markdown()
+    assert "FLOPs: before" not in markdown and "visual after" not in markdown and "Per group, after" not in markdown
+    assert "| layer | visual | text | proj | attn core | ffn |" in markdown
+    assert "->" not in report.summary()
+    report.save(tmp_path / "r")
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert all(isinstance(v, int) for g in data["layers"][0]["before"].values() for v in g.values())
+    assert isinstance(data["totals"]["decoder_prefill_before"], int)
+    assert isinstance(data["totals"]["decoder_prefill_ratio"], float)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("report.json", "report.md", "flops.png"):
+        assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o666 & ~mask
