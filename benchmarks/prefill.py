@@ -111,7 +111,7 @@ def main() -> None:
             decoder_inputs = capture_decoder_inputs(model, opt.adapter, inputs)
             original = eager_prefill(model, opt.adapter)
             timed = {"original": lambda: original(decoder_inputs),
-                     "optimized": lambda: opt.run_decoder(decoder_inputs, True)}
+                     "optimized": lambda opt=opt: opt.run_decoder(decoder_inputs, True)}
             if opt.pruning is not None and opt.pruning.after_layer is None:
                 # What the shorter sequence costs the eager decoder itself: the floor for a pruned prefill.
                 with torch.no_grad():
@@ -136,7 +136,7 @@ def main() -> None:
             if args.decode:
                 results[-1].update(decode_per_token(model, opt, inputs, args.repeats))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-            del opt
+            del opt  # the next row's optimize must not hold this one's graphs (peak RSS column)
     print(json.dumps({"layers": args.layers, "threads": torch.get_num_threads(), "repeats": args.repeats,
                       "results": results}, indent=2))
     print()

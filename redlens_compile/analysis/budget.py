@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 from ..config import UNBOUNDED_WINDOW, RedLensConfig
 from ..errors import BudgetUnreachableError, ConfigError

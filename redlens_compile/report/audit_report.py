@@ -8,7 +8,7 @@ import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..analysis.flops import FLOP_CONVENTION, GROUPS, groups_total
 from ..files import atomic_write

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-from PIL import Image
 
 import redlens_compile as rc
 from redlens_compile.analysis.codebook import (
