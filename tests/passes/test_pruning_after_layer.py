@@ -11,10 +11,6 @@ from tiny_families import make_inputs
 
 import redlens_compile as rc
 from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
-from redlens_compile.passes.last_query_attention import LastQueryAttentionPass
-from redlens_compile.passes.infra import run_passes
-from redlens_compile.passes.selectors import clone_graph_module
-from redlens_compile.ops.token_pruning import last_query_attention
 
 NEW_TOKENS = 4
 K = 0
@@ -132,20 +128,3 @@ def test_fastv_report_counts_the_shorter_tail_and_vtw_keeps_text_only(family_mod
         assert total(layers[2], "after") < 0.5 * total(layers[2], "before")
     assert fastv.report.pruning["visual_after"] == [8] and vtw.report.pruning["visual_after"] == [0]
     assert fastv.report.pruning["where"] == "after decoder layer 1"
-
-
-def test_last_query_attention_pass_adds_one_output_and_runs_once(captured_family):
-    model, example, captured = captured_family("llava")
-    gm, records = run_passes(clone_graph_module(captured.graph_module), [LastQueryAttentionPass(1)])
-    assert records[0].modified
-    assert sum(n.target is last_query_attention for n in gm.graph.nodes) == 1
-    with torch.no_grad():
-        want = captured.graph_module(*captured.example.as_args())
-        got = gm(*captured.example.as_args())
-    assert len(got) == len(want) + 1
-    assert all(torch.equal(a, b) for a, b in zip(got, want))  # the graph's own outputs are untouched
-    scores = got[-1]
-    assert scores.shape == captured.example.attention_mask.shape
-    assert torch.allclose(scores.sum(dim=-1), torch.ones(scores.shape[0]), atol=1e-5)
-    _, again = run_passes(gm, [LastQueryAttentionPass(1)])
-    assert not again[0].modified
