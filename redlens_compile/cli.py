@@ -217,12 +217,11 @@ def _staged(out: Path):
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .api import audit
-
     _check_image_arg(args)
     out = _check_out(args.out)
-    _check_model_dir(args.model_dir)
-    model, processor = _load(args.model_dir)
+    model, processor = _load(args.model_dir)  # checks the directory's config.json first
+    from .api import audit
+
     inputs = _build_inputs(processor, args.image, args.prompt)
     report = audit(model, inputs)
     with _staged(out) as staging:
@@ -236,8 +235,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     config = _config_from_args(args)  # bad configs fail before the model loads
     _check_image_arg(args)
     out = _check_out(args.out)
-    _check_model_dir(args.model_dir)
-    model, processor = _load(args.model_dir)
+    model, processor = _load(args.model_dir)  # checks the directory's config.json first
     inputs = _build_inputs(processor, args.image, args.prompt)
     summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats)
     _print_summary(summary)

@@ -54,7 +54,6 @@ from .codebook_file import Codebook
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SHARD_FORMAT = "redlens-codebook-shard/1"
 SHARD_KEY = "redlens_shard"
 

@@ -28,15 +28,18 @@ class CapturedDecoder:
     graph_module: fx.GraphModule
 
 
+def max_seq_len(language_model: nn.Module) -> int:
+    """The longest sequence the exported graph's dynamic axis admits."""
+    return int(getattr(language_model.config, "max_position_embeddings", 4096) or 4096)
+
+
 def capture(model: nn.Module, example_inputs: Mapping[str, Any]) -> CapturedDecoder:
     """Split `model`, export its decoder with dynamic batch/sequence and annotate the graph."""
     adapter = adapter_for(model)
     model.eval()
     example = capture_decoder_inputs(model, adapter, example_inputs)
     decoder = DecoderWithHead(adapter.language_model(model), adapter.lm_head(model)).eval()
-    text_config = adapter.language_model(model).config
-    max_len = int(getattr(text_config, "max_position_embeddings", 4096) or 4096)
-    program = export_decoder(decoder, example, max_seq_len=max_len)
+    program = export_decoder(decoder, example, max_seq_len=max_seq_len(adapter.language_model(model)))
     graph_module = program.module()
     annotate_graph(graph_module)
     return CapturedDecoder(adapter, decoder, example, graph_module)
@@ -58,8 +61,7 @@ def capture_split(captured: CapturedDecoder, model: nn.Module, layer: int) -> tu
     """Export the decoder as two graphs cut after `layer`: (layers 0..K -> hidden, K+1.. -> logits)."""
     language_model = captured.adapter.language_model(model)
     num_layers = len(language_model.layers)
-    text_config = language_model.config
-    max_len = int(getattr(text_config, "max_position_embeddings", 4096) or 4096)
+    max_len = max_seq_len(language_model)
     head = DecoderPart(language_model, 0, layer + 1, None).eval()
     tail = DecoderPart(language_model, layer + 1, num_layers, captured.adapter.lm_head(model)).eval()
     head_gm = export_decoder(head, captured.example, max_seq_len=max_len).module()

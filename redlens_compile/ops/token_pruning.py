@@ -22,10 +22,6 @@ class KeptRows:
     index: torch.Tensor
     valid: torch.Tensor
 
-    @property
-    def seq_len(self) -> int:
-        return self.index.shape[1]
-
 
 def visual_counts(visual_mask: torch.Tensor) -> torch.Tensor:
     return visual_mask.sum(dim=1)

@@ -10,7 +10,6 @@ not see the bias (the report says so). A mask-free SDPA (is_causal) is left as i
 
 from __future__ import annotations
 
-import torch.utils._pytree as pytree
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
@@ -18,25 +17,10 @@ from ..capture.annotate import ATTENTION_CORE_TARGETS, annotation
 from ..ops.token_pruning import key_biased_mask
 from .hollow_attention import sdpa_arguments
 from .infra import RedLensPass
-from .selectors import call_like
+from .selectors import add_input, call_like
 
 KEY_BIAS_INPUT = "key_bias"
 KEY_BIAS_LAYERS = "redlens_key_bias_layers"
-
-
-def add_input(gm: fx.GraphModule, name: str) -> fx.Node:
-    """A new last placeholder, keeping an exported graph's pytree input spec true."""
-    graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    with graph.inserting_after(placeholders[-1]):
-        node = graph.placeholder(name)
-    codegen = graph._codegen
-    info = getattr(codegen, "pytree_info", None)
-    if info is not None and info.in_spec is not None:
-        codegen.pytree_info = info._replace(
-            orig_args=[*info.orig_args, name] if info.orig_args else info.orig_args,
-            in_spec=pytree.tree_flatten((tuple(range(len(placeholders) + 1)), {}))[1])
-    return node
 
 
 class KeyBiasPass(RedLensPass):

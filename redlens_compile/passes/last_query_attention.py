@@ -8,25 +8,13 @@ eager-attention model is not needed: the graph computes the one row it needs.
 
 from __future__ import annotations
 
-import torch.utils._pytree as pytree
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops.token_pruning import last_query_attention
 from .hollow_attention import sdpa_arguments
 from .infra import RedLensPass
-from .selectors import attention_core, call_like
-
-
-def append_output(gm: fx.GraphModule, value: fx.Node) -> None:
-    """Add `value` after the graph's outputs (a flat tuple), keeping an exported graph's pytree spec true."""
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    (values,) = out.args
-    out.args = ((*values, value),)
-    codegen = gm.graph._codegen
-    info = getattr(codegen, "pytree_info", None)
-    if info is not None and info.out_spec is not None:
-        codegen.pytree_info = info._replace(out_spec=pytree.tree_flatten(tuple(range(len(values) + 1)))[1])
+from .selectors import append_output, attention_core, call_like
 
 
 class LastQueryAttentionPass(RedLensPass):

@@ -11,6 +11,7 @@ import operator
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 
 from ..capture.annotate import ATTENTION_CORE_TARGETS, FFN_ROLES, annotation, copy_node_meta
@@ -160,3 +161,33 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
     return fx.GraphModule(gm, graph)
+
+
+# Graph signature: an exported graph's codegen carries pytree specs that must follow its
+# placeholders and outputs.
+
+
+def add_input(gm: fx.GraphModule, name: str) -> fx.Node:
+    """A new last placeholder, keeping an exported graph's pytree input spec true."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        node = graph.placeholder(name)
+    codegen = graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        codegen.pytree_info = info._replace(
+            orig_args=[*info.orig_args, name] if info.orig_args else info.orig_args,
+            in_spec=pytree.tree_flatten((tuple(range(len(placeholders) + 1)), {}))[1])
+    return node
+
+
+def append_output(gm: fx.GraphModule, value: fx.Node) -> None:
+    """Add `value` after the graph's outputs (a flat tuple), keeping an exported graph's pytree spec true."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    (values,) = out.args
+    out.args = ((*values, value),)
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None and info.out_spec is not None:
+        codegen.pytree_info = info._replace(out_spec=pytree.tree_flatten(tuple(range(len(values) + 1)))[1])
