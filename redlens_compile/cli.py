@@ -105,7 +105,7 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
             ref_logits, opt_logits = ref_logits[:, -1], opt_logits[:, -1]
         logits_diff = (ref_logits - opt_logits).abs().max().item()
         ref_ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    opt_ids = opt.generate(**inputs, max_new_tokens=max_new_tokens)
+    opt_ids = opt.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     prompt_len = inputs["input_ids"].shape[1]
     report = opt.report
     summary = {
