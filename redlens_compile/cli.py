@@ -42,11 +42,9 @@ def _check_model_dir(model_dir: str) -> Path:
 
 def _load(model_dir: str):
     path = _check_model_dir(model_dir)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from .loading import load_model_dir
 
-    processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    return model, processor
+    return load_model_dir(path)  # the processor without its video part where torchvision is missing
 
 
 def _build_inputs(processor, image_path: str | None, prompt: str | None) -> dict[str, Any]:

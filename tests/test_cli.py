@@ -129,3 +129,28 @@ def test_optimize_cli_with_a_pruning_preset_prints_the_tokens_kept(tmp_path, cap
     assert f"-> [{visual_after}]" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["pruning"]["method"] == preset.split("-")[0]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl", "internvl"])
+def test_console_script_audits_and_optimizes_a_saved_directory_of_every_family(tmp_path, family):
+    """The model and the family's own processor saved together; torchvision is not installed, so the
+    video-capable families' processors load without their video part."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tiny_families import build_and_reload, make_processor
+
+    model_dir = tmp_path / "model"
+    make_processor(family, build_and_reload(family, model_dir)).save_pretrained(model_dir)
+    script = Path(sys.executable).parent / "redlens-compile"
+    assert script.is_file(), "the console script is installed beside the interpreter (pip install -e .)"
+    for command in (["audit"], ["optimize", "--identity", "--repeats", "1", "--max-new-tokens", "3"]):
+        out = tmp_path / command[0]
+        done = subprocess.run([str(script), command[0], str(model_dir), *command[1:], "--out", str(out)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        report = json.loads((out / "report.json").read_text())
+        assert report["inputs"]["visual_tokens"] > 0
+    summary = json.loads((tmp_path / "optimize" / "summary.json").read_text())
+    assert summary["max_abs_logit_diff"] <= 1e-5 and summary["generated_tokens_equal"] is True

@@ -176,3 +176,70 @@ def make_inputs(family: str, model, text_before: int = 3, text_after: int = 4, b
     if qwen:
         inputs["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).to(torch.int)
     return inputs
+
+
+# The family's own processor, built offline: a word-level tokenizer whose special tokens sit at the
+# ids the tiny configs use, and the family's image processor sized for the tiny vision tower.
+_SPECIAL_NAMES = {
+    "llava": {IMAGE_TOKEN: "<image>"},
+    "llava-next": {IMAGE_TOKEN: "<image>"},
+    "qwen2-vl": {IMAGE_TOKEN: "<|image_pad|>", VIDEO_TOKEN: "<|video_pad|>", VISION_START: "<|vision_start|>",
+                 VISION_END: "<|vision_end|>"},
+    "internvl": {IMAGE_TOKEN: "<IMG_CONTEXT>", VIDEO_TOKEN: "<video>", VISION_START: "<img>", VISION_END: "</img>"},
+}
+_EXTRA_SPECIAL = {
+    "llava": {"image_token": "<image>"},
+    "llava-next": {"image_token": "<image>"},
+    "qwen2-vl": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                 "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+    "internvl": {"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>", "end_image_token": "</img>",
+                 "video_token": "<video>"},
+}
+
+
+def make_tokenizer(family: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = {PAD: "<pad>", BOS: "<s>", EOS: "</s>", **_SPECIAL_NAMES[family]}
+    vocab = {names.get(i, f"w{i}"): i for i in range(VOCAB)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w3"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="w3", extra_special_tokens=_EXTRA_SPECIAL[family], padding_side="left")
+
+
+def make_processor(family: str, model):
+    """The family's processor class (its video part left out: torchvision is not installed)."""
+    import transformers
+
+    from redlens_compile.loading import image_only_processor_class
+
+    tokenizer = make_tokenizer(family)
+    vc = model.config.vision_config
+    if family == "llava":
+        image = transformers.CLIPImageProcessorPil(size={"shortest_edge": vc.image_size},
+                                                   crop_size={"height": vc.image_size, "width": vc.image_size})
+        return transformers.LlavaProcessor(image_processor=image, tokenizer=tokenizer, patch_size=vc.patch_size,
+                                           vision_feature_select_strategy="default", image_token="<image>",
+                                           num_additional_image_tokens=1)
+    if family == "llava-next":
+        image = transformers.LlavaNextImageProcessorPil(
+            size={"shortest_edge": vc.image_size}, crop_size={"height": vc.image_size, "width": vc.image_size},
+            image_grid_pinpoints=model.config.image_grid_pinpoints)
+        return transformers.LlavaNextProcessor(image_processor=image, tokenizer=tokenizer, patch_size=vc.patch_size,
+                                               vision_feature_select_strategy="default", image_token="<image>",
+                                               num_additional_image_tokens=1)
+    if family == "qwen2-vl":
+        side = 16 * vc.patch_size  # a 16x16 patch grid: 64 visual tokens after the 2x2 merge
+        image = transformers.Qwen2VLImageProcessorPil(patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
+                                                      temporal_patch_size=vc.temporal_patch_size,
+                                                      size={"shortest_edge": side * side, "longest_edge": side * side})
+        return image_only_processor_class(transformers.Qwen2VLProcessor)(image_processor=image, tokenizer=tokenizer)
+    if family == "internvl":
+        side = vc.image_size[0]
+        image = transformers.GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=False)
+        tokens = int((side // vc.patch_size[0]) ** 2 * model.config.downsample_ratio**2)
+        return image_only_processor_class(transformers.InternVLProcessor)(image_processor=image, tokenizer=tokenizer,
+                                                                          image_seq_length=tokens)
+    raise KeyError(family)
