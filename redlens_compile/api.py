@@ -199,6 +199,16 @@ def _optimize_split(model: nn.Module, captured: CapturedDecoder, example_inputs:
     return opt
 
 
+def _refuse_layered_decode(model: nn.Module, adapter, what: str, instead: str) -> None:
+    """Decode steps the project runs layer by layer (artifact/layered_decode.py) give every layer a
+    mask over its whole cache: right for full attention only, not for sliding-window layers."""
+    sliding = adapter.sliding_layer_types(model)
+    if sliding:
+        raise ReductionUnavailableError(
+            f"{what}: this decoder has {sliding} layers, and the decode steps it needs run layer by layer with "
+            f"one mask per layer, served for full-attention decoders only; {instead}")
+
+
 def build_pruning(config: RedLensConfig, model: nn.Module, adapter) -> TokenPruning | None:
     """The token pruning stage the config asks for, checked against the model before any work."""
     if config.prune is None:
@@ -209,14 +219,12 @@ def build_pruning(config: RedLensConfig, model: nn.Module, adapter) -> TokenPrun
             where = "beyond the last decoder layer" if config.prune_layer >= num_layers else "the last decoder layer"
             raise ConfigError(f"prune_layer={config.prune_layer} is {where}: the decoder has {num_layers} layers and "
                               f"{config.prune!r} prunes after layer K for the layers after it (valid: 0..{num_layers - 2})")
-        sliding = [t for t in getattr(adapter.language_model(model).config, "layer_types", None) or []
-                   if t != "full_attention"]
-        if sliding:
-            raise ReductionUnavailableError(
-                f"prune={config.prune!r}: this decoder has {sorted(set(sliding))} layers; pruning inside the decoder "
-                "is only served for full-attention decoders. Use prune='codebook' or 'random' (before the first layer)"
-            )
+        _refuse_layered_decode(model, adapter, f"prune={config.prune!r} (pruning inside the decoder)",
+                               "use prune='codebook' or 'random' (before the first layer)")
         return TokenPruning(config.prune, config.prune_keep, layer=config.prune_layer)
+    if config.prune_proportional:
+        _refuse_layered_decode(model, adapter, "prune_proportional=True (a key bias in every layer)",
+                               "set prune_proportional=False (presets: the '-plain' ones)")
     if config.prune == "random":
         return TokenPruning("random", config.prune_keep, seed=config.prune_seed, proportional=config.prune_proportional)
     codebook = Codebook.load(config.codebook)

@@ -36,7 +36,7 @@ def _check_model_dir(model_dir: str) -> Path:
         architectures = ", ".join(config.get("architectures") or []) or f"model_type {config.get('model_type')!r}"
         raise UnsupportedModelError(
             f"{model_dir} holds {architectures} with no vision_config: not an image-text-to-text model. "
-            "redlens-compile optimizes multimodal models (LLaVA, LLaVA-NeXT, Qwen2-VL, InternVL)")
+            "redlens-compile optimizes decoder-only image-text-to-text models (the README lists the families)")
     return path
 
 

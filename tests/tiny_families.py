@@ -135,6 +135,124 @@ FAMILIES = {
 }
 
 
+# Families served by the derived adapter (capture/families.py's derive_adapter): no table entry.
+def _siglip(**extra) -> dict:
+    return dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, **extra)
+
+
+def llava_onevision_config():
+    import transformers
+    return transformers.LlavaOnevisionConfig(
+        vision_config=_siglip(image_size=16, patch_size=4), text_config=dict(TEXT, model_type="qwen2"),
+        image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], vision_feature_layer=-1)
+
+
+def qwen2_5_vl_config():
+    import transformers
+    text = dict(TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, out_hidden_size=TEXT["hidden_size"], window_size=16,
+                  fullatt_block_indexes=[1])
+    return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                                         video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                                         vision_end_token_id=VISION_END)
+
+
+def mistral3_config():
+    import transformers
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=64, patch_size=4, head_dim=16)
+    return transformers.Mistral3Config(vision_config=vision, text_config=dict(TEXT, model_type="mistral", head_dim=16),
+                                       image_token_index=IMAGE_TOKEN, spatial_merge_size=2)
+
+
+def idefics3_config():
+    import transformers
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                  patch_size=4)
+    return transformers.Idefics3Config(vision_config=vision, text_config=dict(TEXT, model_type="llama"),
+                                       image_token_id=IMAGE_TOKEN, scale_factor=2)
+
+
+def smolvlm_config():
+    import transformers
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                  patch_size=4)
+    return transformers.SmolVLMConfig(vision_config=vision, text_config=dict(TEXT, model_type="llama"),
+                                      image_token_id=IMAGE_TOKEN, scale_factor=2)
+
+
+def gemma3_config():
+    import transformers
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                  patch_size=4)
+    text = dict(TEXT, head_dim=16, sliding_window=256, layer_types=["sliding_attention", "full_attention", "full_attention"])
+    return transformers.Gemma3Config(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                                     mm_tokens_per_image=64, boi_token_index=VISION_START, eoi_token_index=VISION_END)
+
+
+def aya_vision_config():
+    import transformers
+    text = dict(TEXT, model_type="cohere2", layer_types=["sliding_attention", "full_attention", "full_attention"],
+                sliding_window=256)
+    return transformers.AyaVisionConfig(vision_config=_siglip(image_size=64, patch_size=4), text_config=text,
+                                        image_token_index=IMAGE_TOKEN, downsample_factor=2)
+
+
+def _pixels(model, batch: int, generator: torch.Generator, tiles: int | None = None) -> torch.Tensor:
+    size = model.config.vision_config.image_size
+    shape = (batch, 3, size, size) if tiles is None else (batch, tiles, 3, size, size)
+    return torch.randn(*shape, generator=generator)
+
+
+def _count_features(model, vision: dict, batch: int) -> int:
+    """Visual rows per sample, as the family's own get_image_features makes them."""
+    with torch.no_grad():
+        out = model.model.get_image_features(**vision, return_dict=True).pooler_output
+    parts = out if isinstance(out, (list, tuple)) else [out]
+    return sum(p.reshape(-1, p.shape[-1]).shape[0] for p in parts) // batch
+
+
+def _generic_vision(kind: str):
+    def make(model, batch: int, generator: torch.Generator):
+        if kind == "anyres":  # tiles of the best-fit grid + the base view, with each image's size
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+            size = [32, 16]
+            tiles = image_size_to_num_patches(size, model.config.image_grid_pinpoints,
+                                              model.config.vision_config.image_size)
+            vision = {"pixel_values": _pixels(model, batch, generator, tiles), "image_sizes": torch.tensor([size] * batch)}
+        elif kind == "grid":  # flattened patches with a (t, h, w) grid per image
+            vc = model.config.vision_config
+            dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+            vision = {"pixel_values": torch.randn(batch * 256, dim, generator=generator),
+                      "image_grid_thw": torch.tensor([(1, 16, 16)] * batch)}
+        elif kind == "sized":  # one image with its size
+            size = model.config.vision_config.image_size
+            vision = {"pixel_values": _pixels(model, batch, generator), "image_sizes": torch.tensor([[size, size]] * batch)}
+        elif kind == "tiled":  # [B, images, 3, H, W]
+            vision = {"pixel_values": _pixels(model, batch, generator, 1)}
+        else:
+            vision = {"pixel_values": _pixels(model, batch, generator)}
+        return vision, _count_features(model, vision, batch)
+    return make
+
+
+GENERIC_FAMILIES = {
+    "llava-onevision": Family("llava-onevision", llava_onevision_config, _generic_vision("anyres")),
+    "qwen2.5-vl": Family("qwen2.5-vl", qwen2_5_vl_config, _generic_vision("grid")),
+    "mistral3": Family("mistral3", mistral3_config, _generic_vision("sized")),
+    "idefics3": Family("idefics3", idefics3_config, _generic_vision("tiled")),
+    "smolvlm": Family("smolvlm", smolvlm_config, _generic_vision("tiled")),
+    "gemma3": Family("gemma3", gemma3_config, _generic_vision("plain")),
+    "aya-vision": Family("aya-vision", aya_vision_config, _generic_vision("plain")),
+}
+FAMILIES.update(GENERIC_FAMILIES)
+FIRST_FAMILIES = ("llava", "llava-next", "qwen2-vl", "internvl")
+M_ROPE_FAMILIES = ("qwen2-vl", "qwen2.5-vl")
+
+
 def build_and_reload(family: str, directory: Path, seed: int = 0):
     """Random weights from the family's tiny config, saved and loaded back from `directory`."""
     torch.manual_seed(seed)
@@ -154,7 +272,7 @@ def make_inputs(family: str, model, text_before: int = 3, text_after: int = 4, b
     """
     generator = torch.Generator().manual_seed(seed)
     vision, n_image = FAMILIES[family].image_tokens(model, batch, generator)
-    qwen = family == "qwen2-vl"
+    qwen = family in M_ROPE_FAMILIES
     pads = list(pad_left) + [0] * (batch - len(pad_left))
     rows = []
     for b in range(batch):
@@ -175,6 +293,8 @@ def make_inputs(family: str, model, text_before: int = 3, text_after: int = 4, b
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **vision}
     if qwen:
         inputs["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).to(torch.int)
+    if family == "gemma3":  # image tokens attend to each other both ways where token_type_ids marks them
+        inputs["token_type_ids"] = (input_ids == IMAGE_TOKEN).to(torch.long)
     return inputs
 
 

@@ -37,7 +37,7 @@ class LayeredDecodeStep:
         for index, layer in enumerate(lm.layers):
             mask = masks[index]
             mask = (mask if mask.is_floating_point() else mask.bool())[:, None, None, :]
-            out = layer(hidden, attention_mask=mask, position_ids=text_positions, past_key_values=cache,
+            out = layer(hidden, attention_mask=mask, position_ids=text_positions, cache=cache,
                         use_cache=True, position_embeddings=position_embeddings)
             hidden = out[0] if isinstance(out, tuple) else out
         return self.lm_head(lm.norm(hidden))[:, -1]

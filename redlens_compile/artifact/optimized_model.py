@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from ..capture.decoder_inputs import DecoderInputs, capture_decoder_inputs
 from ..capture.decoder_module import kv_to_cache
+from ..capture.export import SEQ_RANGE
 from ..capture.families import FamilyAdapter
 from ..config import RedLensConfig
 from ..passes.infra import run_passes
@@ -88,6 +89,12 @@ class OptimizedModel(nn.Module):
 
     def run_decoder(self, decoder_inputs: DecoderInputs, last_position_only: bool = False) -> Prefill:
         """The prefill through the rewritten graph(s), with token pruning where the config prunes."""
+        longest = self.graph_module.meta.get(SEQ_RANGE, (2, None))[1]
+        if longest is not None and decoder_inputs.seq_len > longest:
+            raise ValueError(
+                f"the prompt holds {decoder_inputs.seq_len} positions; the decoder graph serves at most {longest} "
+                f"(the family's masks depend on the length, e.g. a sliding window of "
+                f"{getattr(self.text_config, 'sliding_window', None)}): use a shorter prompt or fewer image tiles")
         if self.tail_graph_module is not None:
             return self._run_split(decoder_inputs, last_position_only)
         kept = None

@@ -124,11 +124,24 @@ def image_token_mask(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[s
     return visual_mask
 
 
+def _check_token_types(model: nn.Module, inputs: Mapping[str, Any], visual_mask: torch.Tensor) -> None:
+    """Families whose forward takes token type ids (M-RoPE positions, image blocks that attend both
+    ways) compute other results without them, silently: refuse instead."""
+    import inspect
+
+    wanted = [p for p in inspect.signature(type(model).forward).parameters if p.endswith("token_type_ids")]
+    if wanted and bool(visual_mask.any()) and all(inputs.get(name) is None for name in wanted):
+        raise CaptureError(
+            f"{type(model).__name__} needs {' or '.join(wanted)} with image inputs (its processor returns them): "
+            "without them the family computes other positions or masks for the image tokens")
+
+
 def capture_decoder_inputs(
     model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[str, Any], require_visual: bool = True
 ) -> DecoderInputs:
     """Run `model`'s forward up to its decoder and return the decoder's canonical inputs."""
     visual_mask = image_token_mask(model, adapter, inputs, require_visual)
+    _check_token_types(model, inputs, visual_mask)
 
     seen = run_to_decoder(model, adapter, inputs)
     if "inputs_embeds" not in seen or seen["inputs_embeds"] is None:
@@ -140,6 +153,14 @@ def capture_decoder_inputs(
     embeds: torch.Tensor = seen["inputs_embeds"]
     batch, seq = embeds.shape[:2]
     mask = seen.get("attention_mask")
+    if isinstance(mask, dict):
+        # The family built its decoder's masks itself (image blocks attending both ways, sliding
+        # windows); the decoder graph rebuilds them from the 2-D mask (adapter.decoder_masks).
+        if adapter.decoder_masks(model) is None:
+            raise CaptureError(f"{type(model).__name__} hands its decoder a mask mapping built by code the "
+                               "capture does not know how to rebuild (no get_block_sequence_ids_for_mask / "
+                               "create_masks_for_vision_model beside the model)")
+        mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones(batch, seq, dtype=torch.long, device=embeds.device)
     elif not isinstance(mask, torch.Tensor) or mask.dim() != 2:

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from .decoder_module import ImageBlockMasks, decoder_attention_mask
+
 
 class NamedLayers(nn.ModuleList):
     """A ModuleList whose children keep their original indices as names (iteration and slices work)."""
@@ -49,8 +51,10 @@ class DecoderPart(nn.Module):
     The output is the last layer's hidden state (head), or the logits (tail, with lm_head).
     """
 
-    def __init__(self, language_model: nn.Module, start: int, stop: int, lm_head: nn.Module | None):
+    def __init__(self, language_model: nn.Module, start: int, stop: int, lm_head: nn.Module | None,
+                 masks: ImageBlockMasks | None = None):
         super().__init__()
+        self.masks = masks
         self.start, self.stop = start, stop
         self.language_model = layer_range_view(language_model, start, stop, final_norm=lm_head is not None)
         self.lm_head = lm_head if lm_head is not None else nn.Identity()
@@ -59,7 +63,9 @@ class DecoderPart(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 visual_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cache = DynamicCache(config=self.config)
-        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+        mask = decoder_attention_mask(self.masks, self.config, inputs_embeds, attention_mask, position_ids,
+                                      visual_mask, cache)
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask,
                                   position_ids=position_ids, past_key_values=cache, use_cache=True)
         kv: list[torch.Tensor] = []
         for index in range(self.start, self.stop):

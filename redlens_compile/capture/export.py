@@ -16,18 +16,12 @@ logger = logging.getLogger(__name__)
 MAX_BATCH = 1024
 
 
-def export_decoder(decoder: DecoderWithHead, example: DecoderInputs, max_seq_len: int) -> ExportedProgram:
-    """Export `decoder` non-strict; batch and sequence stay symbolic.
+# graph_module.meta key: (shortest, longest) sequence the exported graph serves.
+SEQ_RANGE = "redlens_seq_range"
 
-    A batch of 1 would be specialized by export (0/1 specialization), so the example is traced
-    at batch 2 with the batch Dim starting at 1; the graph then serves any batch size.
-    """
-    if example.batch_size == 1:
-        example = example.repeat_batch(2)
-    if example.seq_len > max_seq_len:
-        raise CaptureError(f"example sequence length {example.seq_len} exceeds the model's maximum {max_seq_len}")
+
+def _export(decoder, example: DecoderInputs, seq) -> ExportedProgram:
     batch = Dim("batch", min=1, max=MAX_BATCH)
-    seq = Dim("seq", min=2, max=max(max_seq_len, 3))
     pos_batch_axis = example.position_ids.dim() - 2
     dynamic_shapes = (
         {0: batch, 1: seq},
@@ -35,12 +29,46 @@ def export_decoder(decoder: DecoderWithHead, example: DecoderInputs, max_seq_len
         {pos_batch_axis: batch, pos_batch_axis + 1: seq},
         {0: batch, 1: seq},
     )
+    with torch.no_grad():
+        return torch.export.export(decoder, example.as_args(), dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def export_decoder(decoder: DecoderWithHead, example: DecoderInputs, max_seq_len: int) -> ExportedProgram:
+    """Export `decoder` non-strict; batch and sequence stay symbolic.
+
+    A batch of 1 would be specialized by export (0/1 specialization), so the example is traced
+    at batch 2 with the batch Dim starting at 1; the graph then serves any batch size. Where the
+    family's code constrains the length (sliding-window masks branch on it), export is asked
+    for the range it can serve instead, and `served_seq_range` reads it back.
+    """
+    if example.batch_size == 1:
+        example = example.repeat_batch(2)
+    if example.seq_len > max_seq_len:
+        raise CaptureError(f"example sequence length {example.seq_len} exceeds the model's maximum {max_seq_len}")
     logger.info("exporting decoder (batch=%d, seq=%d)", example.batch_size, example.seq_len)
     try:
-        with torch.no_grad():
-            return torch.export.export(decoder, example.as_args(), dynamic_shapes=dynamic_shapes, strict=False)
+        try:
+            return _export(decoder, example, Dim("seq", min=2, max=max(max_seq_len, 3)))
+        except torch._dynamo.exc.UserError as exc:
+            if "Constraints violated" not in str(exc):
+                raise
+            logger.info("the decoder constrains the sequence length; exporting the range it serves")
+            return _export(decoder, example, Dim.AUTO)
     except Exception as exc:  # export failures are long; keep the cause attached
         raise CaptureError(
             f"torch.export could not capture the decoder of {type(decoder.language_model).__name__}: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
+
+
+def served_seq_range(program: ExportedProgram, max_seq_len: int) -> tuple[int, int]:
+    """(shortest, longest) sequence the program's graph serves: its range for the sequence axis."""
+    embeds = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "inputs_embeds")
+    seq = embeds.meta["val"].shape[1]
+    if isinstance(seq, int):
+        return seq, seq
+    bounds = program.range_constraints.get(seq.node.expr)
+    if bounds is None:
+        return 2, max_seq_len
+    upper = bounds.upper
+    return int(bounds.lower), min(max_seq_len, int(upper)) if upper.is_finite else max_seq_len

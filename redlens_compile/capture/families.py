@@ -8,6 +8,7 @@ which the capture stage runs unchanged. Adding a family is adding one entry to F
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ class FamilyAdapter:
         ids = []
         for attr in self.visual_token_attrs:
             value = getattr(model.config, attr, None)
-            if value is not None:
+            if value is not None and int(value) not in ids:  # image_token_id and image_token_index alias
                 ids.append(int(value))
         return ids
 
@@ -53,38 +54,152 @@ class FamilyAdapter:
     def num_layers(self, model: nn.Module) -> int:
         return len(self.language_model(model).layers)
 
+    def sliding_layer_types(self, model: nn.Module) -> list[str]:
+        """The decoder's layer types other than full attention (sliding windows, chunked)."""
+        types = getattr(self.language_model(model).config, "layer_types", None) or []
+        return sorted({t for t in types if t != "full_attention"})
 
-FAMILIES: tuple[FamilyAdapter, ...] = (
-    FamilyAdapter(
-        name="llava",
-        model_classes=("LlavaForConditionalGeneration",),
-        vision_tower_path="model.vision_tower",
-        projector_paths=("model.multi_modal_projector",),
-    ),
-    FamilyAdapter(
-        name="llava-next",
-        model_classes=("LlavaNextForConditionalGeneration",),
-        vision_tower_path="model.vision_tower",
-        # image_newline is a learned row appended per image line: part of the projector stage.
-        projector_paths=("model.multi_modal_projector",),
-        vision_input_keys=("pixel_values", "image_sizes"),
-    ),
-    FamilyAdapter(
-        name="qwen2-vl",
-        model_classes=("Qwen2VLForConditionalGeneration",),
-        vision_tower_path="model.visual",
-        projector_paths=("model.visual.merger",),
-        visual_token_attrs=("image_token_id", "video_token_id"),
-        position_rows=3,
-        vision_input_keys=("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"),
-    ),
-    FamilyAdapter(
-        name="internvl",
-        model_classes=("InternVLForConditionalGeneration",),
-        vision_tower_path="model.vision_tower",
-        projector_paths=("model.multi_modal_projector",),
-    ),
-)
+    def decoder_masks(self, model: nn.Module):
+        """The family's image-block mask builder where its base model hands the decoder a mask
+        mapping in which an image's tokens attend both ways (Gemma 3); None for plain causal."""
+        from .decoder_module import ImageBlockMasks
+
+        base = model.get_submodule(self.language_model_path.rpartition(".")[0]) if "." in self.language_model_path \
+            else model
+        family_code = sys.modules.get(type(base).__module__)
+        if getattr(family_code, "create_masks_for_vision_model", None) is None:
+            return None
+        return ImageBlockMasks()
+
+
+# Exceptions only: a model class whose adapter cannot be read off the model (derive_adapter).
+# Each entry says why it differs. Empty today: the four families of the first release and the
+# ones added since are all derived.
+FAMILIES: tuple[FamilyAdapter, ...] = ()
+
+# Where transformers' image-text-to-text classes keep their token ids (both spellings exist).
+_VISUAL_TOKEN_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+# Inputs that feed a vision path, by the names transformers' processors give them.
+_VISION_INPUT_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                      "pixel_attention_mask", "second_per_grid_ts", "video_second_per_grid")
+# Submodule names of a projector that lives inside the vision module (Qwen2-VL's merger).
+_NESTED_PROJECTORS = ("merger", "projector", "connector")
+
+
+def _path_of(model: nn.Module, target: nn.Module) -> str | None:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def _text_config(config):
+    return getattr(config, "text_config", None) or config
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False) or getattr(_text_config(config), "is_encoder_decoder", False):
+        return True
+    # BLIP-2 and InstructBLIP name the choice instead
+    return getattr(config, "use_decoder_only_language_model", True) is False
+
+
+def _position_rows(model: nn.Module) -> int:
+    """3 for M-RoPE decoders (the rope config carries an `mrope_section`), else 1."""
+    text = _text_config(model.config)
+    for attr in ("rope_parameters", "rope_scaling"):
+        rope = getattr(text, attr, None)
+        if isinstance(rope, dict) and rope.get("mrope_section") is not None:
+            return 3
+    return 1
+
+
+def _vision_module(base: nn.Module, model: nn.Module, exclude: nn.Module) -> tuple[str, nn.Module] | None:
+    """The child of the base model that encodes images: its config is the model's vision_config."""
+    vision_config = model.config.vision_config
+    for name, child in base.named_children():
+        if child is exclude:
+            continue
+        config = getattr(child, "config", None)
+        if config is vision_config or (config is not None and type(config) is type(vision_config)):
+            return name, child
+    return None
+
+
+def derive_adapter(model: nn.Module) -> FamilyAdapter:
+    """The adapter of a decoder-only image-text-to-text model, read off the model itself.
+
+    The decoder is what `get_decoder()` returns (it must hold `.layers`), the lm_head what
+    `get_output_embeddings()` returns, the vision tower the base model's child built from the
+    vision config, the projector the base model's other children (or a merger inside the vision
+    module), the visual token ids the config's image/video token ids, and the position ids take 3
+    rows when the rope config has an `mrope_section`. What is missing is named; the capture check
+    (graph against eager logits) guards everything else.
+    """
+    name = type(model).__name__
+    missing: list[str] = []
+    if getattr(model.config, "vision_config", None) is None:
+        raise UnsupportedModelError(f"{name} has no vision_config: not an image-text-to-text model")
+    if _is_encoder_decoder(model):
+        raise UnsupportedModelError(
+            f"{name} generates with an encoder-decoder text model: redlens-compile rewrites decoder-only "
+            "(causal) language models, whose prefill holds the visual tokens in its KV cache")
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    decoder_path = _path_of(model, decoder) if isinstance(decoder, nn.Module) and decoder is not model else None
+    if decoder_path is None or not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
+        missing.append("a causal text decoder (get_decoder()) with a .layers list")
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    lm_head_path = _path_of(model, lm_head) if isinstance(lm_head, nn.Module) else None
+    if not lm_head_path:
+        missing.append("an lm_head (get_output_embeddings())")
+    attrs = tuple(a for a in _VISUAL_TOKEN_ATTRS if isinstance(getattr(model.config, a, None), int))
+    if not attrs:
+        missing.append(f"an image token id in the config ({' / '.join(_VISUAL_TOKEN_ATTRS[:2])})")
+    vision = projectors = None
+    if decoder_path is not None:
+        base_path = decoder_path.rpartition(".")[0]
+        base = model.get_submodule(base_path) if base_path else model
+        found = _vision_module(base, model, decoder)
+        if found is None:
+            missing.append("a vision tower (a submodule built from the vision_config)")
+        else:
+            prefix = f"{base_path}." if base_path else ""
+            vision = prefix + found[0]
+            projectors = tuple(prefix + child for child, module in base.named_children()
+                               if module is not decoder and module is not found[1]
+                               and any(p.requires_grad for p in module.parameters()))
+            if not projectors:
+                projectors = tuple(f"{vision}.{child}" for child, _ in found[1].named_children()
+                                   if child in _NESTED_PROJECTORS)
+            if not projectors:
+                missing.append("a projector (a base-model child beside the vision tower and the decoder, "
+                               "or a merger inside the vision tower)")
+    if missing:
+        raise UnsupportedModelError(f"{name} cannot be served: missing {'; '.join(missing)}")
+    return FamilyAdapter(
+        name=getattr(model.config, "model_type", name), model_classes=(name,), vision_tower_path=vision,
+        projector_paths=projectors, language_model_path=decoder_path, lm_head_path=lm_head_path,
+        visual_token_attrs=attrs, position_rows=_position_rows(model), vision_input_keys=_VISION_INPUT_KEYS)
+
+
+def support_row(model: nn.Module) -> dict[str, str]:
+    """What the compiler serves on `model`'s family, from the same checks `optimize` makes (the
+    README's family table is this, generated by scripts/families_table.py)."""
+    adapter = adapter_for(model)
+    layered = "no (sliding-window layers)" if adapter.sliding_layer_types(model) else "yes"
+    masks = "image blocks both ways" if adapter.decoder_masks(model) is not None else "causal"
+    return {
+        "family": adapter.name,
+        "class": f"`{type(model).__name__}`",
+        "adapter": "table" if any(type(model).__name__ in f.model_classes for f in FAMILIES) else "derived",
+        "position ids": "M-RoPE `[3, B, S]`" if adapter.position_rows == 3 else "`[B, S]`",
+        "decoder mask": masks,
+        "identity, reductions": "yes",
+        "pruning before layer 0": "yes" if layered == "yes" else "plain only (prune_proportional=False)",
+        "fastv / vtw": layered,
+        "ONNX": "no (exporter not built yet)",
+    }
 
 
 def supported_model_classes() -> list[str]:
@@ -92,14 +207,13 @@ def supported_model_classes() -> list[str]:
 
 
 def adapter_for(model: object) -> FamilyAdapter:
-    """The adapter of `model`'s family, found by class name along its MRO (so subclasses work)."""
+    """The table's adapter where the model's class (along its MRO) has an entry, else a derived one."""
     for klass in type(model).__mro__:
         for family in FAMILIES:
             if klass.__name__ in family.model_classes:
                 return family
-    raise UnsupportedModelError(
-        f"{type(model).__name__} is not a supported multimodal model: redlens-compile optimizes "
-        f"decoder-only image-text-to-text models of the families "
-        f"{', '.join(f.name for f in FAMILIES)} ({', '.join(supported_model_classes())}). "
-        f"Load one of those classes (e.g. with AutoModelForImageTextToText.from_pretrained)."
-    )
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a transformers model: pass an image-text-to-text model "
+            "(e.g. loaded with AutoModelForImageTextToText.from_pretrained)")
+    return derive_adapter(model)

@@ -13,7 +13,7 @@ from .annotate import annotate_graph
 from .decoder_inputs import DecoderInputs, capture_decoder_inputs
 from .decoder_module import DecoderWithHead
 from .decoder_parts import DecoderPart
-from .export import export_decoder
+from .export import SEQ_RANGE, export_decoder, served_seq_range
 from .families import FamilyAdapter, adapter_for
 
 # Max abs logit difference between the captured graph and the eager model on the example.
@@ -38,9 +38,11 @@ def capture(model: nn.Module, example_inputs: Mapping[str, Any]) -> CapturedDeco
     adapter = adapter_for(model)
     model.eval()
     example = capture_decoder_inputs(model, adapter, example_inputs)
-    decoder = DecoderWithHead(adapter.language_model(model), adapter.lm_head(model)).eval()
-    program = export_decoder(decoder, example, max_seq_len=max_seq_len(adapter.language_model(model)))
+    decoder = DecoderWithHead(adapter.language_model(model), adapter.lm_head(model), adapter.decoder_masks(model)).eval()
+    longest = max_seq_len(adapter.language_model(model))
+    program = export_decoder(decoder, example, max_seq_len=longest)
     graph_module = program.module()
+    graph_module.meta[SEQ_RANGE] = served_seq_range(program, longest)
     annotate_graph(graph_module)
     return CapturedDecoder(adapter, decoder, example, graph_module)
 
@@ -62,9 +64,12 @@ def capture_split(captured: CapturedDecoder, model: nn.Module, layer: int) -> tu
     language_model = captured.adapter.language_model(model)
     num_layers = len(language_model.layers)
     max_len = max_seq_len(language_model)
-    head = DecoderPart(language_model, 0, layer + 1, None).eval()
-    tail = DecoderPart(language_model, layer + 1, num_layers, captured.adapter.lm_head(model)).eval()
-    head_gm = export_decoder(head, captured.example, max_seq_len=max_len).module()
+    masks = captured.adapter.decoder_masks(model)
+    head = DecoderPart(language_model, 0, layer + 1, None, masks).eval()
+    tail = DecoderPart(language_model, layer + 1, num_layers, captured.adapter.lm_head(model), masks).eval()
+    head_program = export_decoder(head, captured.example, max_seq_len=max_len)
+    head_gm = head_program.module()
+    head_gm.meta[SEQ_RANGE] = served_seq_range(head_program, max_len)
     annotate_graph(head_gm)
     with torch.no_grad():
         hidden = head_gm(*captured.example.as_args())[0]
