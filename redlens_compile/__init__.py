@@ -8,6 +8,7 @@ from .errors import (  # noqa: E402
     CaptureError,
     CodebookError,
     ConfigError,
+    ExportError,
     NoImageTokensError,
     PruningError,
     RedLensError,
@@ -24,6 +25,7 @@ _LAZY = {
     "optimize": ("api", "optimize"),
     "OptimizedModel": ("artifact.optimized_model", "OptimizedModel"),
     "AuditReport": ("report.audit_report", "AuditReport"),
+    "OnnxRunner": ("exporters.ort_runner", "OnnxRunner"),
 }
 
 
@@ -44,7 +46,9 @@ __all__ = [
     "CaptureError",
     "CodebookError",
     "ConfigError",
+    "ExportError",
     "NoImageTokensError",
+    "OnnxRunner",
     "OptimizedModel",
     "PruningError",
     "RedLensConfig",

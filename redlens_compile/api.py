@@ -159,8 +159,10 @@ def optimize(
     if config.layers != "auto" and report.flops_ratio > config.flops_budget:
         logger.warning("decoder FLOPs ratio %.3f is above flops_budget %.3f: layers were given explicitly",
                        report.flops_ratio, config.flops_budget)
-    return OptimizedModel(model, adapter, result.graph_module, report, config, output_cls=type(reference),
-                          pruning=pruning)
+    opt = OptimizedModel(model, adapter, result.graph_module, report, config, output_cls=type(reference),
+                         pruning=pruning)
+    opt.example_inputs = example_inputs  # what export_onnx traces by default
+    return opt
 
 
 def _optimize_split(model: nn.Module, captured: CapturedDecoder, example_inputs: Mapping[str, Any], before,
@@ -174,6 +176,7 @@ def _optimize_split(model: nn.Module, captured: CapturedDecoder, example_inputs:
     head, head_records = run_passes(head, head_passes)
     tail, tail_records = run_passes(tail, cleanup)
     opt = OptimizedModel(model, captured.adapter, head, None, config, output_cls, pruning=pruning, tail_graph_module=tail)
+    opt.example_inputs = example_inputs
 
     progress("counting FLOPs after the rewrite")
     example = captured.example

@@ -80,8 +80,25 @@ def _config_from_args(args: argparse.Namespace):
     return config
 
 
+def _onnx_check(opt, model, inputs, onnx_dir: Path, max_new_tokens: int) -> dict:
+    """Export the ONNX files and check onnxruntime against the torch module on the same prompt."""
+    import torch
+
+    from .exporters.ort_runner import OnnxRunner
+
+    opt.export_onnx(onnx_dir, inputs)
+    runner = OnnxRunner(onnx_dir, model)
+    with torch.no_grad():
+        want = opt(**inputs).logits[:, -1]
+    got = runner(**inputs)[:, -1]
+    ids = opt.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    ort_ids = runner.generate(inputs, max_new_tokens=max_new_tokens)
+    return {"onnx_provider": runner.provider, "onnx_max_abs_logit_diff": float(abs(got - want.numpy()).max()),
+            "onnx_generated_tokens_equal": bool(torch.equal(ids, ort_ids))}
+
+
 def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: int, repeats: int,
-                  questions: int = 0) -> dict:
+                  questions: int = 0, onnx: bool = False) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -129,6 +146,9 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
     if questions:
         summary.update(_task_accuracy(model, opt, processor, questions))
     with _staged(out) as staging:  # every output or none
+        if onnx:
+            summary.update(_onnx_check(opt, model, inputs, staging / "onnx", max_new_tokens))
+            summary["onnx_dir"] = str(out / "onnx")
         report.save(staging)
         (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -168,6 +188,10 @@ def _print_summary(summary: dict) -> None:
     if "accuracy_before" in summary:
         print(f"accuracy         {100 * summary['accuracy_before']['overall']:.1f}% -> "
               f"{100 * summary['accuracy_after']['overall']:.1f}% on {summary['heldout_questions']} held-out questions")
+    if "onnx_dir" in summary:
+        print(f"onnx             {summary['onnx_dir']} on {summary['onnx_provider']}: last-position logits max abs diff "
+              f"{summary['onnx_max_abs_logit_diff']:.3g} vs torch, "
+              f"{'same tokens' if summary['onnx_generated_tokens_equal'] else 'tokens differ'}")
     print(f"report           {summary['report_dir']}/report.md, report.json, flops.png, summary.json")
 
 
@@ -254,8 +278,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     image, qa = heldout_questions(1)[0]
     inputs = encode_questions(processor, [image], [qa.question])
     questions = args.questions if meta["weights"] == "trained" else 0  # random weights: accuracy means nothing
-    summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats, questions)
+    summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats, questions,
+                            onnx=not args.no_onnx)
     _print_summary(summary)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    _check_image_arg(args)
+    from .exporters.onnx import check_export_dir
+
+    out = Path(args.out)
+    check_export_dir(out)  # before any model work
+    model, processor = _load(args.model_dir)
+    inputs = _build_inputs(processor, args.image, args.prompt)
+    from .api import optimize
+
+    opt = optimize(model, inputs, config=config)
+    check = _onnx_check(opt, model, inputs, out, args.max_new_tokens)
+    print(f"onnx             {out}: decoder_prefill.onnx, decoder_step.onnx, embed_tokens.onnx, redlens.json")
+    print(f"decoder FLOPs    ratio {opt.report.flops_ratio:.3f} (fvcore, the torch graph)")
+    print(f"onnxruntime      {check['onnx_provider']}: last-position logits max abs diff "
+          f"{check['onnx_max_abs_logit_diff']:.3g} vs torch, "
+          f"{'same tokens' if check['onnx_generated_tokens_equal'] else 'tokens differ'}")
     return 0
 
 
@@ -354,7 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     reductions(p_demo)
     p_demo.add_argument("--questions", type=_int_at_least(0), default=200,
                         help="held-out questions for the accuracy check (0: none)")
+    p_demo.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (written to OUT/onnx)")
     p_demo.set_defaults(func=cmd_demo)
+    p_export = sub.add_parser("export", help="optimize a model and write ONNX files for onnxruntime",
+                              parents=[verbose])
+    common(p_export)
+    reductions(p_export)
+    p_export.set_defaults(func=cmd_export)
 
     p_cb = sub.add_parser("codebook", help="build a redundancy codebook from a folder of calibration images",
                           parents=[verbose])

@@ -35,3 +35,7 @@ class PruningError(RedLensError, ValueError):
 
 class CodebookError(RedLensError, ValueError):
     """A redundancy codebook cannot be built, read or used with this model."""
+
+
+class ExportError(RedLensError, RuntimeError):
+    """The ONNX export cannot be made (an op without a translation, a bad output folder, ...)."""

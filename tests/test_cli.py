@@ -52,6 +52,8 @@ BAD_INVOCATIONS = [
     (["audit", "{model}", "--image", "{empty}", "--out", "{out}"], "a folder, not an image file"),
     (["demo", "--questions", "-1", "--out", "{out}"], "argument --questions: -1 is below 0"),
     (["codebook", "{model}", "--images", "{empty}", "--out", "{cb}"], "the folder is empty"),
+    (["export", "{model}", "--out", "{stale}"], "already holds files"),
+    (["export", "{model}", "--identity", "--budget", "0.5", "--out", "{out}"], "not allowed with argument --identity"),
 ]
 
 
@@ -68,9 +70,12 @@ def test_bad_invocation_is_one_line_exit_2_before_any_model_work(demo_dir, tmp_p
     llama = tmp_path / "llama"
     LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64).save_pretrained(llama)
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "stale").mkdir()
+    (tmp_path / "stale" / "old.onnx").write_text("x")
     out = tmp_path / "out"
     names = {"{model}": str(demo_dir), "{out}": str(out), "{empty}": str(empty), "{llama}": str(llama),
-             "{file}": str(tmp_path / "a_file"), "{cb}": str(tmp_path / "cb.safetensors")}
+             "{file}": str(tmp_path / "a_file"), "{cb}": str(tmp_path / "cb.safetensors"),
+             "{stale}": str(tmp_path / "stale")}
     argv = [names.get(a, a) for a in argv]
     argv = [a.replace("{out}", str(out)).replace("{file}", str(tmp_path / "a_file")) for a in argv]
     start = time.perf_counter()

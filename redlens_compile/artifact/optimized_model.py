@@ -78,6 +78,7 @@ class OptimizedModel(nn.Module):
         self.config = config
         self.output_cls = output_cls  # the original model's output type
         self.pruning = pruning
+        self.example_inputs: dict[str, Any] | None = None  # set by optimize: export_onnx's default example
 
     @property
     def text_config(self):
@@ -136,6 +137,16 @@ class OptimizedModel(nn.Module):
         # With pruning the logits cover the kept rows only: [B, S', V], S' = text + kept visual rows.
         prefill = self.run_decoder(decoder_inputs)
         return self.output_cls(logits=prefill.logits, cache=kv_to_cache(prefill.kv, self.text_config))
+
+    def export_onnx(self, directory, example_inputs: dict[str, Any] | None = None):
+        """ONNX files of this model (rewritten prefill, decode step, embedding) + redlens.json; see
+        exporters/onnx.py. `directory` must be new or empty."""
+        from ..exporters.onnx import export_onnx
+
+        example = example_inputs if example_inputs is not None else self.example_inputs
+        if example is None:
+            raise ValueError("export_onnx needs example_inputs (the processor's output for one prompt)")
+        return export_onnx(self, directory, example)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any):

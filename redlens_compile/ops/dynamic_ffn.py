@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .rows import counted, gather_padded
+from .rows import counted, data_size, gather_padded
 
 
 def probe_rows(visual_rows: torch.Tensor, vis_count: torch.Tensor, probes: int | float
@@ -23,7 +23,7 @@ def probe_rows(visual_rows: torch.Tensor, vis_count: torch.Tensor, probes: int |
     count = vis_count.to(torch.float64)
     wanted = torch.ceil(probes * count) if isinstance(probes, float) else torch.full_like(count, probes)
     per_sample = torch.clamp(torch.minimum(wanted, count), min=1).to(torch.int64)
-    m = max(1, int(per_sample.max()))
+    m = data_size(per_sample.max(), visual_rows.shape[1])  # >= 1: per_sample is clamped to 1
     j = torch.arange(m, device=visual_rows.device)[None, :]
     index = (j * vis_count[:, None]) // per_sample[:, None]
     valid = (j < per_sample[:, None]) & (vis_count[:, None] > 0)

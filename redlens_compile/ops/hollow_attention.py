@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .rows import counted
+from .rows import counted, data_size, masked_rows
 
 
 def _allowed(mask: torch.Tensor) -> torch.Tensor:
@@ -44,8 +44,10 @@ def _gather_heads(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def _mask_at(allowed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """allowed [B, 1, S, S] at query positions rows [B, R] x key positions cols [B, R, C] -> [B, R, C]."""
-    batch = torch.arange(allowed.shape[0], device=allowed.device)[:, None, None]
-    return allowed[:, 0][batch, rows[:, :, None], cols]
+    # one gather over each sample's flattened S x S mask (exports as a plain GatherElements)
+    batch, seq = allowed.shape[0], allowed.shape[-1]
+    flat = rows[:, :, None] * seq + cols
+    return allowed[:, 0].reshape(batch, seq * seq).gather(1, flat.reshape(batch, -1)).view(flat.shape)
 
 
 def _looks_ahead(allowed: torch.Tensor, visual_mask: torch.Tensor) -> bool:
@@ -53,6 +55,13 @@ def _looks_ahead(allowed: torch.Tensor, visual_mask: torch.Tensor) -> bool:
     nxt = visual_mask[:, :-1] & visual_mask[:, 1:]
     diag = torch.diagonal(allowed[:, 0], offset=1, dim1=1, dim2=2)
     return bool((diag & nxt).any())
+
+
+def _size_min(a, b):
+    """min of two sizes; symbolic (no guard on a size read from data) while exporting."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return torch.sym_min(a, b)
+    return min(a, b)
 
 
 @dataclass(frozen=True)
@@ -69,17 +78,21 @@ class BlockPlan:
 
 
 def plan_blocks(allowed: torch.Tensor, visual_mask: torch.Tensor, vis_pos: torch.Tensor, txt_pos: torch.Tensor,
-                window: int, mask_is_causal: bool = False) -> BlockPlan | None:
+                window: int, mask_is_causal: bool = False, looks_ahead: bool | None = None) -> BlockPlan | None:
     """Blocks of about w/2 rows: a causal query block then needs the 2 blocks before it, so it
     computes T' + 1.5w keys per query (blocks of w would need T' + 2w). T' is the number of text
     keys before the block's last query (all text keys when image tokens look ahead)."""
     span = vis_pos.shape[1]
     if span == 0:
         return None
-    block = min(span, max(1, -(-window // 2)))
-    blocks = -(-span // block)
-    behind = min(-(-(window - 1) // block), blocks - 1)
-    ahead = behind if not mask_is_causal and _looks_ahead(allowed, visual_mask.to(torch.bool)) else 0
+    block = _size_min(span, max(1, (window + 1) // 2))
+    # ceil divisions written as (n - 1) // d + 1 over non-negative n - 1: export then sees
+    # blocks >= 1, and ONNX's truncating integer Div gives the same numbers as torch's floor
+    blocks = (span - 1) // block + 1
+    behind = _size_min((window - 2) // block + 1, blocks - 1) if window > 1 else 0
+    if looks_ahead is None:
+        looks_ahead = not mask_is_causal and _looks_ahead(allowed, visual_mask.to(torch.bool))
+    ahead = behind if looks_ahead and not mask_is_causal else 0
     if ahead or txt_pos.shape[1] == 0:
         text_keys = txt_pos.shape[1]
     else:
@@ -89,21 +102,23 @@ def plan_blocks(allowed: torch.Tensor, visual_mask: torch.Tensor, vis_pos: torch
         seq = allowed.shape[-1]
         sorted_text = torch.where(torch.arange(txt_pos.shape[1], device=txt_pos.device)[None] <
                                   (~visual_mask.to(torch.bool)).sum(1, keepdim=True), txt_pos, seq)
-        text_keys = int(torch.searchsorted(sorted_text, last, right=True).max())
+        # text keys at or before each block's last query (a searchsorted, in ops ONNX has)
+        before = (sorted_text[:, None, :] <= last[:, :, None]).sum(-1)
+        text_keys = data_size(before.max(), txt_pos.shape[1])
     lead = behind * block
     trail = ahead * block + blocks * block - span
     return BlockPlan(block, blocks, lead, trail, (behind + 1 + ahead) * block, text_keys)
 
 
 def _hollow_flops(q, k, v, attn_mask, visual_mask, vis_pos, vis_valid, txt_pos, txt_valid, window, scale=None,
-                  enable_gqa=False, mask_is_causal=False):
+                  enable_gqa=False, mask_is_causal=False, looks_ahead=None):
     """The (query, key) pairs the op computes: text queries against every key, each visual block
     against its text candidates and its local run (padded rows included: they are computed)."""
     batch, heads, seq, head_dim = q.shape
     per_pair = heads * (head_dim + v.shape[-1])
     allowed = _allowed(attn_mask).expand(batch, 1, seq, seq)
     text = batch * txt_pos.shape[1] * seq * per_pair
-    blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window, mask_is_causal)
+    blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window, mask_is_causal, looks_ahead)
     visual = 0 if blk is None else batch * blk.blocks * blk.block * (blk.text_keys + blk.width) * per_pair
     return float(visual), float(text)
 
@@ -123,6 +138,7 @@ def hollow_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     mask_is_causal: bool = False,
+    looks_ahead: bool | None = None,
 ) -> torch.Tensor:
     """SDPA with the hollow pattern. q [B, H, S, d]; k, v [B, H_kv, S, d]; attn_mask [B or 1, 1, S, S].
 
@@ -141,8 +157,8 @@ def hollow_attention(
 
     def put(rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Write rows [B, H, N, d] at positions [B, N] (valid ones only) into `out`."""
-        rows = rows.transpose(1, 2)[valid]
-        out.index_copy_(0, _flat(positions, seq)[valid.reshape(-1)], rows)
+        rows = masked_rows(rows.transpose(1, 2), valid)
+        out.index_copy_(0, masked_rows(_flat(positions, seq), valid.reshape(-1)), rows)
 
     # Text queries: unchanged, every key the mask allows.
     if txt_pos.shape[1]:
@@ -152,7 +168,7 @@ def hollow_attention(
         put(text_out, txt_pos, txt_valid)
 
     result = out.view(batch, seq, heads, -1).transpose(1, 2)
-    blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window, mask_is_causal)
+    blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window, mask_is_causal, looks_ahead)
     if blk is None:
         return result
     block, blocks = blk.block, blk.blocks

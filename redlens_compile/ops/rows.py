@@ -26,12 +26,30 @@ def counted(flops=None):
     return mark
 
 
+def data_size(value: torch.Tensor, bound: int, low: int = 0) -> int:
+    """A size read from data (a count, at least `low`: clamp the value first), stated to export as
+    one in [low, bound] so that graphs of symbolic shape (torch.onnx) can slice with it without
+    guarding on its value; in eager torch it is just int(value)."""
+    size = value.item()
+    if isinstance(size, torch.SymInt):  # only while exporting; eager and jit tracing get an int
+        torch._check_is_size(size)
+        torch._check(size >= low)
+        torch._check(size <= bound)
+        return size
+    return int(size)
+
+
 def _padded_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sequence positions where `mask` [B, S] is True, per sample, left-aligned and padded."""
     counts = mask.sum(dim=1)
-    width = int(counts.max()) if mask.numel() else 0
-    # A stable sort puts the True positions first, in order.
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    # at least one column (all invalid when no row is True): the same shapes for every input, so an
+    # exported graph needs no branch on an empty side
+    width = data_size(counts.max().clamp(min=1), max(mask.shape[1], 1), low=1) if mask.numel() else 0
+    # The `width` smallest keys are the True positions, in order (keys are unique: no stable sort,
+    # which ONNX lacks, is needed).
+    seq = mask.shape[1]
+    key = (~mask).to(torch.int64) * seq + torch.arange(seq, device=mask.device)
+    order = torch.topk(key, width, dim=1, largest=False, sorted=True).indices
     valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
     return torch.where(valid, order, torch.zeros_like(order)), valid, counts
 
@@ -47,7 +65,13 @@ def visual_layout(visual_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
     vis_pos, vis_valid, vis_count = _padded_positions(mask)
     txt_pos, txt_valid, _ = _padded_positions(~mask)
     flat = torch.arange(mask.numel(), device=mask.device).view_as(mask)
-    return vis_pos, vis_valid, vis_count, txt_pos, txt_valid, flat[mask], flat[~mask]
+    return vis_pos, vis_valid, vis_count, txt_pos, txt_valid, masked_rows(flat, mask), masked_rows(flat, ~mask)
+
+
+def masked_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x[mask] for a bool mask over x's leading dims, as an index_select of the True positions:
+    the same rows, in an op every exporter translates (ONNX has no boolean indexing)."""
+    return x.reshape(-1, *x.shape[mask.dim():]).index_select(0, mask.reshape(-1).nonzero().reshape(-1))
 
 
 def flatten_rows(x: torch.Tensor) -> torch.Tensor:
@@ -71,5 +95,5 @@ def merge_rows(
     """Put text rows [Nt, D] and the valid padded visual rows [B, Vmax, D] back in a [B, S, D] tensor."""
     out = like.new_empty(like.shape[:-1] + text_rows.shape[-1:]).view(-1, text_rows.shape[-1])
     out.index_copy_(0, txt_flat, text_rows.to(out.dtype))
-    out.index_copy_(0, vis_flat, visual_rows[vis_valid].to(out.dtype))
+    out.index_copy_(0, vis_flat, masked_rows(visual_rows, vis_valid).to(out.dtype))
     return out.view(like.shape[:-1] + text_rows.shape[-1:])

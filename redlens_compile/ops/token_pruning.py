@@ -140,10 +140,10 @@ def proportional_flops(dropped: int, kept: int, dim: int) -> int:
     return dropped * kept * dim
 
 
-def key_biased_mask(attn_mask: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+def key_biased_mask(attn_mask: torch.Tensor, key_bias: torch.Tensor, blocked: float = float("-inf")) -> torch.Tensor:
     """An additive SDPA mask: the family's mask (bool: True = attend, or additive float) plus a
     per-key bias [B, S] on every query's scores."""
     bias = key_bias[:, None, None, :]
     if attn_mask.dtype == torch.bool:
-        return torch.where(attn_mask, bias, torch.full_like(bias, float("-inf")))
+        return torch.where(attn_mask, bias, torch.full_like(bias, blocked))
     return attn_mask + bias.to(attn_mask.dtype)

@@ -1,0 +1,233 @@
+"""ONNX export of an OptimizedModel: the rewritten prefill, a decode step and the token embedding,
+in the layout onnxruntime users expect, with a `redlens.json` manifest.
+
+Files (weights as external data beside each graph):
+- `decoder_prefill.onnx`: the rewritten decoder graph (lowered by onnx_lowering.py):
+  inputs_embeds, attention_mask, position_ids, visual_mask (+ key_bias with proportional
+  pruning) -> logits, present.%d.key|value.
+- `decoder_step.onnx`: one new token: input_ids, position_ids, attention_mask, key_bias,
+  past_key_values.%d.key|value -> logits, present.%d.key|value.
+- `embed_tokens.onnx`: input_ids -> inputs_embeds.
+- `codebook.safetensors` when the pruning is by codebook.
+
+The vision tower, projector and token merge run in torch (the family's own code, which does
+not export for every family: Qwen2-VL's vision tower splits on data), and so does the pruning
+stage that picks the kept rows; the manifest says what runs where. Everything is written into
+a scratch folder beside the target and renamed into place once every file passed the ONNX
+checker: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from ..capture.decoder_inputs import DecoderInputs, capture_decoder_inputs
+from ..errors import ExportError
+from ..files import save_safetensors
+from ..passes.infra import run_passes
+from ..passes.key_bias import KEY_BIAS_LAYERS
+from ..passes.selectors import clone_graph_module
+from .decoder_step import DecoderStep
+from .onnx_lowering import LowerForOnnxPass
+
+if TYPE_CHECKING:
+    from ..artifact.optimized_model import OptimizedModel
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "redlens.json"
+FORMAT = "redlens-onnx/1"
+PREFILL, STEP, EMBED = "decoder_prefill.onnx", "decoder_step.onnx", "embed_tokens.onnx"
+MAX_BATCH = 256
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def kv_names(prefix: str, layers: int) -> list[str]:
+    return [f"{prefix}.{i}.{part}" for i in range(layers) for part in ("key", "value")]
+
+
+def check_export_dir(out: Path) -> None:
+    """The target must be new or an empty folder whose parent can be written: checked first."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: a file, not a folder; choose a new folder for the ONNX files")
+    if out.is_dir() and any(out.iterdir()):
+        stale = sorted(p.name for p in out.iterdir())[:5]
+        raise ExportError(f"{out} already holds files ({', '.join(stale)}): ONNX files of another export would mix "
+                          "with these; choose a new folder or empty it")
+    parent = out.parent if not out.exists() else out
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"{out}: {parent} is not writable")
+
+
+class _NamedGraph(nn.Module):
+    """The prefill graph module as a plain module (torch.onnx exports modules)."""
+
+    def __init__(self, graph_module: nn.Module):
+        super().__init__()
+        self.graph_module = graph_module
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                visual_mask: torch.Tensor, key_bias: torch.Tensor | None = None):
+        args = (inputs_embeds, attention_mask, position_ids, visual_mask)
+        return tuple(self.graph_module(*(args if key_bias is None else (*args, key_bias))))
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+            dynamic_shapes) -> None:
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(module, args, input_names=input_names, output_names=output_names,
+                                        dynamic_shapes=dynamic_shapes, dynamo=True, optimize=True, verbose=False)
+    except Exception as exc:
+        lines = str(exc).splitlines()
+        missing = next((line for line in lines if "No ONNX function found for" in line), None)
+        if missing is not None:
+            raise ExportError(f"{path.name}: an op of the graph has no ONNX translation: {missing.strip()[:300]}; "
+                              "export a config without the pass that inserts it") from exc
+        summary = next((line for line in lines if line.startswith("<class")), lines[0] if lines else "")
+        raise ExportError(f"{path.name}: torch.onnx could not export the graph ({type(exc).__name__}: "
+                          f"{summary.strip()[:400]})") from exc
+    program.save(str(path), external_data=True)
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"{path.name} fails onnx.checker: {exc}") from exc
+
+
+def _example(opt: "OptimizedModel", example_inputs: Mapping[str, Any]) -> DecoderInputs:
+    """The prefill graph's example: the decoder inputs after pruning, at batch 2 (batch 1 would be
+    specialized by export)."""
+    decoder_inputs = capture_decoder_inputs(opt.model, opt.adapter, example_inputs)
+    if opt.pruning is not None:
+        decoder_inputs = opt.pruning(decoder_inputs).inputs
+    return decoder_inputs.repeat_batch(2) if decoder_inputs.batch_size == 1 else decoder_inputs
+
+
+def export_onnx(opt: "OptimizedModel", directory: str | os.PathLike, example_inputs: Mapping[str, Any]) -> Path:
+    """Write the ONNX files and the manifest into `directory` (new or empty); returns its path."""
+    out = Path(directory)
+    check_export_dir(out)
+    if opt.tail_graph_module is not None:
+        raise ExportError(f"prune={opt.pruning.method!r} cuts the decoder in two graphs with a layer-by-layer decode: "
+                          "its ONNX export is not built yet; export a config that prunes before the first layer")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise ExportError(f"{out}: the folder cannot be written ({exc.strerror or exc})") from exc
+    try:
+        manifest = _write_graphs(opt, staging, example_inputs)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for name in (PREFILL, STEP, EMBED):
+            _check(staging / name)
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would give
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("ONNX files written to %s", out)
+    return out
+
+
+def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[str, Any]) -> dict:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    layers = opt.num_layers
+    example = _example(opt, example_inputs)
+    lowering = LowerForOnnxPass(looks_ahead=opt.adapter.decoder_masks(opt.model) is not None)
+    lowered, _ = run_passes(clone_graph_module(opt.graph_module), [lowering])
+
+    # prefill: the rewritten graph
+    # The sequence axis is left to export (Dim.AUTO): the block plans of hollow attention give
+    # guards sympy cannot prove for a stated range, though they hold for every length.
+    batch, seq = Dim("batch", min=1, max=MAX_BATCH), Dim.AUTO
+    pos_axis = example.position_ids.dim() - 2
+    names = ["inputs_embeds", "attention_mask", "position_ids", "visual_mask"]
+    shapes = [{0: batch, 1: seq}, {0: batch, 1: seq}, {pos_axis: batch, pos_axis + 1: seq}, {0: batch, 1: seq}]
+    if example.key_bias is not None:
+        names.append("key_bias")
+        shapes.append({0: batch, 1: seq})
+    _export(_NamedGraph(lowered).eval(), example.as_args(), staging / PREFILL, names, ["logits", *kv_names("present", layers)],
+            dict(zip(names, shapes)))
+
+    # decode step: the original layers over the cache, a mask and a key bias per step
+    biased = set(opt.graph_module.meta.get(KEY_BIAS_LAYERS, ())) if example.key_bias is not None else set()
+    step = DecoderStep(opt.model, opt.adapter, biased).eval()
+    with torch.no_grad():
+        _, *past = lowered(*example.as_args())
+    rows = example.batch_size
+    step_positions = example.position_ids[..., -1:] + 1
+    step_args = (torch.ones(rows, 1, dtype=torch.long), step_positions,
+                 torch.ones(rows, example.seq_len + 1, dtype=torch.long), torch.zeros(rows, example.seq_len + 1),
+                 *past)
+    step_names = ["input_ids", "position_ids", "attention_mask", "key_bias", *kv_names("past_key_values", layers)]
+    auto = Dim.AUTO
+    step_shapes = {"input_ids": {0: auto}, "position_ids": {pos_axis: auto}, "attention_mask": {0: auto, 1: auto},
+                   "key_bias": {0: auto, 1: auto}, "past": tuple({0: auto, 2: auto} for _ in past)}
+    _export(step, step_args, staging / STEP, step_names, ["logits", *kv_names("present", layers)], step_shapes)
+
+    # token embedding
+    embed = opt.model.get_input_embeddings()
+    _export(embed, (torch.ones(2, 3, dtype=torch.long),), staging / EMBED, ["input_ids"], ["inputs_embeds"],
+            {"input": {0: Dim("batch", min=1, max=MAX_BATCH), 1: Dim("seq", min=1, max=8192)}})
+
+    pruning = opt.pruning.describe() if opt.pruning is not None else None
+    if opt.pruning is not None and opt.pruning.method == "codebook":
+        save_safetensors(staging / "codebook.safetensors", {"prototypes": opt.pruning.prototypes},
+                         "redlens_onnx", {"prototypes": int(opt.pruning.prototypes.shape[0])})
+    text_config = opt.text_config
+    return {
+        "format": FORMAT,
+        "model": {"class": type(opt.model).__name__, "model_type": opt.model.config.model_type,
+                  "layers": layers, "hidden_size": text_config.hidden_size, "vocab_size": text_config.vocab_size},
+        "graphs": {
+            "decoder_prefill": {"file": PREFILL, "inputs": names, "outputs": ["logits", *kv_names("present", layers)]},
+            "decoder_step": {"file": STEP, "inputs": step_names, "outputs": ["logits", *kv_names("present", layers)],
+                             "key_bias_layers": sorted(biased)},
+            "embed_tokens": {"file": EMBED, "inputs": ["input_ids"], "outputs": ["inputs_embeds"]},
+        },
+        "position_rows": opt.adapter.position_rows,
+        "token_ids": {"visual": opt.adapter.visual_token_ids(opt.model),
+                      "eos": opt.model.generation_config.eos_token_id, "pad": opt.model.generation_config.pad_token_id},
+        "config": opt.config.to_dict(),
+        "pruning": pruning,
+        "runs_where": {
+            "vision tower, projector, token merge, position ids": "torch (the family's own code)",
+            "token pruning stage (which rows are kept)": "torch" if pruning else "not used",
+            "decoder prefill": "onnxruntime",
+            "decode steps": "onnxruntime",
+        },
+        "lowering": {
+            "sdpa_causal_fast_path -> masked SDPA": lowering.record.causal_fast_path,
+            "hollow_attention, blockwise (looks-ahead decided by the family's masks)": lowering.record.hollow_blockwise,
+            "key bias masks with the lowest finite score for blocked keys": lowering.record.finite_key_bias,
+        },
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__},
+    }

@@ -1,0 +1,133 @@
+"""ONNX export: onnxruntime gives the torch module's logits and generate tokens (other prompt
+lengths, a padded batch of 2), the files carry the rewrites, and bad targets fail cleanly."""
+
+import json
+import operator
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from tiny_families import make_inputs
+
+import redlens_compile as rc
+from redlens_compile.exporters.ort_runner import OnnxRunner
+
+CONFIGS = {
+    "identity": rc.RedLensConfig.identity(),
+    "budget-0.5+random-0.25": rc.RedLensConfig(flops_budget=0.5, prune="random", prune_keep=0.25),
+}
+NEW_TOKENS = 5
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, family_models):
+    cache = {}
+
+    def get(family: str, config: str):
+        if (family, config) not in cache:
+            model = family_models(family)
+            opt = rc.optimize(model, make_inputs(family, model), config=CONFIGS[config])
+            out = opt.export_onnx(tmp_path_factory.mktemp("onnx") / "files")
+            cache[family, config] = (model, opt, OnnxRunner(out, model))
+        return cache[family, config]
+
+    return get
+
+
+def assert_same_as_torch(opt, runner, inputs):
+    with torch.no_grad():
+        want = opt(**inputs).logits
+    got = runner(**inputs)
+    assert got.shape == tuple(want.shape)
+    real = runner.decoder_inputs(inputs).attention_mask.bool().numpy()  # padded rows are garbage in both
+    assert np.abs(got - want.numpy())[real].max() <= 1e-4
+    ours = opt.generate(**inputs, max_new_tokens=NEW_TOKENS, eos_token_id=[], do_sample=False)
+    assert torch.equal(runner.generate(inputs, max_new_tokens=NEW_TOKENS, eos_token_id=[]), ours)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_onnxruntime_equals_the_torch_module(exported, family, config):
+    model, opt, runner = exported(family, config)
+    assert runner.provider == "CPUExecutionProvider"
+    longer = make_inputs(family, model, text_before=8, text_after=6, seed=3)
+    batch = make_inputs(family, model, text_before=7, batch=2, pad_left=(2,), seed=5)
+    for inputs in (longer, batch):
+        assert_same_as_torch(opt, runner, inputs)
+
+
+def test_the_proof_model_exported_answers_like_the_torch_module(tmp_path):
+    from redlens_compile.loading import load_model_dir
+    from redlens_compile.models.demo import SHIPPED_MODEL_DIR
+    from redlens_compile.models.evaluate import encode_questions
+    from redlens_compile.models.shapes_task import heldout_questions
+
+    model, processor = load_model_dir(SHIPPED_MODEL_DIR)
+    items = heldout_questions(3)
+    inputs = encode_questions(processor, [items[0][0]], [items[0][1].question])
+    opt = rc.optimize(model, inputs, config=CONFIGS["budget-0.5+random-0.25"])
+    runner = OnnxRunner(opt.export_onnx(tmp_path / "onnx"), model)
+    batch = encode_questions(processor, [image for image, _ in items[1:]], [qa.question for _, qa in items[1:]])
+    assert_same_as_torch(opt, runner, batch)
+
+
+def test_the_exported_prefill_carries_the_rewrites(family_models, tmp_path):
+    model = family_models("llava")
+    opt = rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(flops_budget=0.5))
+    out = opt.export_onnx(tmp_path / "onnx")
+    graph = onnx.load(str(out / "decoder_prefill.onnx"), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    sliced = [node.input[0] for node in graph.node if node.op_type == "Gather" and node.input[0] in weights
+              and ".mlp." in node.input[0]]
+    settings = opt.report.plan["settings"]
+    ffn_layers = [i for i in opt.report.chosen_layers if settings[str(i)]["ffn_keep"] < 1]
+    hollow_layers = [i for i in opt.report.chosen_layers if settings[str(i)]["window"] is not None]
+    assert ffn_layers and hollow_layers
+    # the gate, up and down weights sliced to the probe-selected channels in every FFN-reduced layer
+    assert sorted(sliced) == sorted(f"graph_module.language_model.layers.{i}.mlp.{w}_proj.weight"
+                                    for i in ffn_layers for w in ("gate", "up", "down"))
+    # hollow attention stays blockwise: text queries and visual query blocks are two softmaxes in a
+    # hollow layer, one softmax over all keys elsewhere
+    layers = opt.num_layers
+    assert [node.op_type for node in graph.node].count("Softmax") == layers + len(hollow_layers)
+    manifest = json.loads((out / "redlens.json").read_text())
+    assert manifest["lowering"]["hollow_attention, blockwise (looks-ahead decided by the family's masks)"] == \
+        len(hollow_layers)
+    assert [i.name for i in graph.input] == ["inputs_embeds", "attention_mask", "position_ids", "visual_mask"]
+    assert [o.name for o in graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+    step = onnx.load(str(out / "decoder_step.onnx"), load_external_data=False).graph
+    assert [i.name for i in step.input][4:6] == ["past_key_values.0.key", "past_key_values.0.value"]
+
+
+def test_bad_targets_and_untranslatable_ops_fail_cleanly(identity_optimized, tmp_path):
+    model, example, opt = identity_optimized("llava")
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "decoder_prefill.onnx").write_text("old")
+    with pytest.raises(rc.ExportError, match="already holds files"):
+        opt.export_onnx(stale)
+    assert [p.name for p in stale.iterdir()] == ["decoder_prefill.onnx"]
+    with pytest.raises(rc.ExportError, match="is not writable|cannot be written"):
+        opt.export_onnx(f"/proc/self/redlens-onnx-{os.getpid()}")  # read-only for every user, root included
+
+    # a graph holding an op with no ONNX translation (a stable sort)
+    broken = rc.optimize(model, example, config=rc.RedLensConfig.identity())
+    graph = broken.graph_module.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    visual = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "visual_mask")
+    logits = output.args[0][0]
+    with graph.inserting_before(output):
+        as_int = graph.call_function(torch.ops.aten._to_copy.default, (visual,), {"dtype": torch.int8})
+        ordered = graph.call_function(torch.ops.aten.sort.stable, (as_int,), {"stable": True, "dim": 1})
+        values = graph.call_function(torch.ops.aten.sum.default, (graph.call_function(operator.getitem, (ordered, 0)),))
+        zero = graph.call_function(torch.ops.aten.mul.Tensor, (values, 0))
+        new_logits = graph.call_function(torch.ops.aten.add.Tensor, (logits, zero))
+    output.args = ((new_logits, *output.args[0][1:]),)
+    broken.graph_module.recompile()
+    target = tmp_path / "broken"
+    with pytest.raises(rc.ExportError, match="no ONNX translation.*sort"):
+        broken.export_onnx(target)
+    assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".broken")] == []  # no scratch folder left
