@@ -9,7 +9,8 @@ baseline (the original model with a blank image). Prints JSON, then a markdown t
 draws accuracy against FLOPs into --plot. Configs are preset names (RedLensConfig.preset, among
 them the token-pruning rows: `codebook-0.125`, `fastv-0.25`, `random-0.125`, `vtw-1`,
 `codebook-0.25+budget-0.2`, ... with the codebook shipped beside the proof model), JSON text or
-JSON files.
+JSON files. With --onnx each config is also exported and answered by onnxruntime
+(`OnnxRunner.generate`): its row says how many answers equal the torch module's.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ from redlens_compile.models.evaluate import (  # noqa: E402
     accuracy_by_type, answer_questions, blank_like, encode_questions,
 )
 from redlens_compile.models.shapes_task import QUESTION_TYPES, heldout_questions  # noqa: E402
+
+
+def onnx_generate(runner):
+    """OnnxRunner.generate with the calling convention answer_questions uses."""
+    def generate(max_new_tokens: int, do_sample: bool = False, **inputs):
+        return runner.generate(inputs, max_new_tokens=max_new_tokens)
+    return generate
 
 
 def row_name(spec: str, config: rc.RedLensConfig) -> str:
@@ -84,6 +92,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=1000)
     parser.add_argument("--model-dir", default=None, help="default: the bundled proof model")
     parser.add_argument("--plot", default="benchmarks/results/quality.png")
+    parser.add_argument("--onnx", action="store_true", help="also answer with the ONNX export of each config")
     parser.add_argument("--calibration", type=int, default=10,
                         help="training-split questions (balanced over types, one batch) the layer ranking runs on; "
                              "0: the example alone")
@@ -108,9 +117,20 @@ def main() -> None:
     for spec in args.configs:
         config = rc.RedLensConfig.parse(spec)
         opt = rc.optimize(model, example, config=config, calibration=calibration)
-        acc = accuracy_by_type(items, answer_questions(opt.generate, processor, items))
+        answers = answer_questions(opt.generate, processor, items)
         rows.append({"name": row_name(spec, config), "config": config.to_dict(),
-                     "flops_ratio": opt.report.flops_ratio, "accuracy": acc})
+                     "flops_ratio": opt.report.flops_ratio, "accuracy": accuracy_by_type(items, answers)})
+        if args.onnx:
+            import tempfile
+
+            from redlens_compile.exporters.ort_runner import OnnxRunner
+
+            with tempfile.TemporaryDirectory() as tmp:
+                runner = OnnxRunner(opt.export_onnx(Path(tmp) / "onnx"), model)
+                ort_answers = answer_questions(onnx_generate(runner), processor, items)
+            rows.append({"name": f"{row_name(spec, config)} (onnxruntime)", "config": config.to_dict(),
+                         "flops_ratio": opt.report.flops_ratio, "accuracy": accuracy_by_type(items, ort_answers),
+                         "answers_equal_to_torch": sum(a == b for a, b in zip(answers, ort_answers))})
     result = {"model_dir": str(model_dir), "questions": len(items), "calibration_questions": args.calibration,
               "seconds": time.time() - start, "rows": rows}
     plot(rows, Path(args.plot))

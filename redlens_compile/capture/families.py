@@ -198,7 +198,7 @@ def support_row(model: nn.Module) -> dict[str, str]:
         "identity, reductions": "yes",
         "pruning before layer 0": "yes" if layered == "yes" else "plain only (prune_proportional=False)",
         "fastv / vtw": layered,
-        "ONNX": "no (exporter not built yet)",
+        "ONNX": "no (sliding-window layers)" if adapter.sliding_layer_types(model) else "prefill + decode step",
     }
 
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -33,7 +31,7 @@ from torch.export import Dim
 
 from ..capture.decoder_inputs import DecoderInputs, capture_decoder_inputs
 from ..errors import ExportError
-from ..files import save_safetensors
+from ..files import save_safetensors, staged_folder
 from ..passes.infra import run_passes
 from ..passes.key_bias import KEY_BIAS_LAYERS
 from ..passes.selectors import clone_graph_module
@@ -49,12 +47,6 @@ MANIFEST = "redlens.json"
 FORMAT = "redlens-onnx/1"
 PREFILL, STEP, EMBED = "decoder_prefill.onnx", "decoder_step.onnx", "embed_tokens.onnx"
 MAX_BATCH = 256
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def kv_names(prefix: str, layers: int) -> list[str]:
@@ -129,26 +121,22 @@ def export_onnx(opt: "OptimizedModel", directory: str | os.PathLike, example_inp
     """Write the ONNX files and the manifest into `directory` (new or empty); returns its path."""
     out = Path(directory)
     check_export_dir(out)
+    sliding = opt.adapter.sliding_layer_types(opt.model)
+    if sliding:
+        raise ExportError(f"this decoder has {sliding} layers: the exported decode step gives every layer one mask over "
+                          "its whole cache, right for full attention only; ONNX export of sliding-window decoders is "
+                          "not built yet")
     if opt.tail_graph_module is not None:
         raise ExportError(f"prune={opt.pruning.method!r} cuts the decoder in two graphs with a layer-by-layer decode: "
                           "its ONNX export is not built yet; export a config that prunes before the first layer")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        with staged_folder(out) as staging:  # out is absent or empty (checked above)
+            manifest = _write_graphs(opt, staging, example_inputs)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            for name in (PREFILL, STEP, EMBED):
+                _check(staging / name)
     except OSError as exc:
         raise ExportError(f"{out}: the folder cannot be written ({exc.strerror or exc})") from exc
-    try:
-        manifest = _write_graphs(opt, staging, example_inputs)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        for name in (PREFILL, STEP, EMBED):
-            _check(staging / name)
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would give
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("ONNX files written to %s", out)
     return out
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..files import staged_folder
 from .shapes_task import CELL as PATCH_SIZE
 from .shapes_task import IMAGE_SIZE
 
@@ -95,18 +94,10 @@ def build_llava(tokenizer, seed: int = 0, image_size: int = IMAGE_SIZE):
 def save_model_dir(model, processor, directory: str | os.PathLike, meta: dict) -> Path:
     """save_pretrained model + processor into `directory` atomically (temp folder, then rename)."""
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / "redlens_model.json").write_text(json.dumps(meta, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("model written to %s", target)
     return target
 

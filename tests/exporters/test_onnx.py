@@ -58,6 +58,21 @@ def test_onnxruntime_equals_the_torch_module(exported, family, config):
         assert_same_as_torch(opt, runner, inputs)
 
 
+def test_a_family_with_no_table_entry_exports_too(exported):
+    """LLaVA-OneVision: anyres tiles, an image newline row, a derived adapter."""
+    model, opt, runner = exported("llava-onevision", "budget-0.5+random-0.25")
+    assert_same_as_torch(opt, runner, make_inputs("llava-onevision", model, text_before=7, batch=2, pad_left=(2,),
+                                                  seed=5))
+
+
+def test_sliding_window_decoders_are_refused(family_models, tmp_path):
+    model = family_models("aya-vision")
+    opt = rc.optimize(model, make_inputs("aya-vision", model), config=rc.RedLensConfig.identity())
+    with pytest.raises(rc.ExportError, match="sliding_attention"):
+        opt.export_onnx(tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
 def test_the_proof_model_exported_answers_like_the_torch_module(tmp_path):
     from redlens_compile.loading import load_model_dir
     from redlens_compile.models.demo import SHIPPED_MODEL_DIR
