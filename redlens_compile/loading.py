@@ -73,6 +73,12 @@ def load_processor(model_dir: str | Path) -> Any:
     except (ImportError, AttributeError, OSError, ValueError, TypeError) as exc:
         whole_error = exc
     processor_cls = _processor_class(path)
+    backends = getattr(processor_cls, "_backends", None)  # transformers' placeholder for a class it cannot build
+    if backends:
+        raise UnsupportedModelError(
+            f"{path}: {processor_cls.__name__} needs {', '.join(backends)}, which is not installed (the CPU torch "
+            "here has no matching torchvision); install it, or build the inputs with the family's image processor "
+            "and tokenizer and use the Python API") from whole_error
     if not set(_VIDEO_ATTRIBUTES) & set(processor_cls.get_attributes()):
         raise UnsupportedModelError(f"{path}: the processor does not load ({type(whole_error).__name__}: "
                                     f"{whole_error})") from whole_error

@@ -136,7 +136,7 @@ def test_optimize_cli_with_a_pruning_preset_prints_the_tokens_kept(tmp_path, cap
     assert report["pruning"]["method"] == preset.split("-")[0]
 
 
-@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl", "internvl"])
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl", "internvl", "qwen2.5-vl", "gemma3"])
 def test_console_script_audits_and_optimizes_a_saved_directory_of_every_family(tmp_path, family):
     """The model and the family's own processor saved together; torchvision is not installed, so the
     video-capable families' processors load without their video part."""

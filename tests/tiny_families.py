@@ -306,7 +306,9 @@ _SPECIAL_NAMES = {
     "qwen2-vl": {IMAGE_TOKEN: "<|image_pad|>", VIDEO_TOKEN: "<|video_pad|>", VISION_START: "<|vision_start|>",
                  VISION_END: "<|vision_end|>"},
     "internvl": {IMAGE_TOKEN: "<IMG_CONTEXT>", VIDEO_TOKEN: "<video>", VISION_START: "<img>", VISION_END: "</img>"},
+    "gemma3": {IMAGE_TOKEN: "<image_soft_token>", VISION_START: "<start_of_image>", VISION_END: "<end_of_image>"},
 }
+_SPECIAL_NAMES["qwen2.5-vl"] = _SPECIAL_NAMES["qwen2-vl"]
 _EXTRA_SPECIAL = {
     "llava": {"image_token": "<image>"},
     "llava-next": {"image_token": "<image>"},
@@ -314,7 +316,9 @@ _EXTRA_SPECIAL = {
                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
     "internvl": {"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>", "end_image_token": "</img>",
                  "video_token": "<video>"},
+    "gemma3": {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
 }
+_EXTRA_SPECIAL["qwen2.5-vl"] = _EXTRA_SPECIAL["qwen2-vl"]
 
 
 def make_tokenizer(family: str):
@@ -350,12 +354,18 @@ def make_processor(family: str, model):
         return transformers.LlavaNextProcessor(image_processor=image, tokenizer=tokenizer, patch_size=vc.patch_size,
                                                vision_feature_select_strategy="default", image_token="<image>",
                                                num_additional_image_tokens=1)
-    if family == "qwen2-vl":
+    if family in ("qwen2-vl", "qwen2.5-vl"):
         side = 16 * vc.patch_size  # a 16x16 patch grid: 64 visual tokens after the 2x2 merge
         image = transformers.Qwen2VLImageProcessorPil(patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
                                                       temporal_patch_size=vc.temporal_patch_size,
                                                       size={"shortest_edge": side * side, "longest_edge": side * side})
-        return image_only_processor_class(transformers.Qwen2VLProcessor)(image_processor=image, tokenizer=tokenizer)
+        processor_cls = transformers.Qwen2VLProcessor if family == "qwen2-vl" else transformers.Qwen2_5_VLProcessor
+        return image_only_processor_class(processor_cls)(image_processor=image, tokenizer=tokenizer)
+    if family == "gemma3":
+        side = vc.image_size
+        image = transformers.Gemma3ImageProcessorPil(size={"height": side, "width": side})
+        return transformers.Gemma3Processor(image_processor=image, tokenizer=tokenizer,
+                                            image_seq_length=model.config.mm_tokens_per_image)
     if family == "internvl":
         side = vc.image_size[0]
         image = transformers.GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=False)

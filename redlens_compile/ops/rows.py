@@ -32,8 +32,7 @@ def data_size(value: torch.Tensor, bound: int, low: int = 0) -> int:
     guarding on its value; in eager torch it is just int(value)."""
     size = value.item()
     if isinstance(size, torch.SymInt):  # only while exporting; eager and jit tracing get an int
-        torch._check_is_size(size)
-        torch._check(size >= low)
+        torch._check(size >= max(low, 0))
         torch._check(size <= bound)
         return size
     return int(size)
