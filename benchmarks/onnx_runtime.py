@@ -10,7 +10,9 @@ exported; then, interleaved on the same inputs:
   prunes; the pruning stage itself runs in torch and is timed apart) against the original eager
   decoder (transformers' language model and lm_head) and against the identity export's prefill;
 - decode: one decoder_step in onnxruntime after that prefill against one eager decode step of the
-  original model on its own cache.
+  original model on its own cache;
+- what the runner still runs in torch before the prefill graph (`torch_front`: vision tower,
+  token merge, pruning stage) and the pruning stage alone.
 Latency ratios are ratios of medians from one run; absolute times are this machine's.
 """
 
@@ -110,7 +112,9 @@ def main() -> None:
             "eager_prefill": lambda: original(decoder_inputs),
             "ort_identity_prefill": lambda: identity_runner.sessions["decoder_prefill"].run(None, identity_feeds),
             "ort_prefill": lambda r=runner, f=feeds: r.sessions["decoder_prefill"].run(None, f),
-            "pruning_stage": lambda r=runner: r.decoder_inputs(inputs) if r.pruning is not None else None,
+            # what the runner still does in torch before the prefill graph: vision, merge, pruning stage
+            "torch_front": lambda r=runner: r.decoder_inputs(inputs),
+            "pruning_stage": lambda r=runner: r.pruning(decoder_inputs) if r.pruning is not None else None,
             "eager_step": step_eager,
             "ort_step": lambda r=runner, f=step: r.sessions["decoder_step"].run(None, f),
         }
