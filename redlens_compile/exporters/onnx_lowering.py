@@ -69,7 +69,8 @@ class LowerForOnnxPass(RedLensPass):
                 self.record.finite_key_bias += 1
                 modified = True
                 continue
-            elif node.target is hollow_attention and self.looks_ahead is not None:
+            elif node.target is hollow_attention and (node.kwargs.get("mask_is_causal") is not False
+                                                      or node.kwargs.get("looks_ahead") != self.looks_ahead):
                 node.kwargs = dict(node.kwargs, mask_is_causal=False, looks_ahead=self.looks_ahead)
                 self.record.hollow_blockwise += 1
                 modified = True

@@ -1,0 +1,61 @@
+"""LowerForOnnxPass: the causal fast path becomes a masked SDPA, hollow attention keeps its blocks
+with static decisions, key-bias masks get a finite floor; the numbers of the real rows stay."""
+
+import torch
+from tiny_families import make_inputs
+
+import redlens_compile as rc
+from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
+from redlens_compile.exporters.onnx_lowering import LowerForOnnxPass, sdpa_masked
+from redlens_compile.ops.causal_attention import is_causal_mask, sdpa_causal_fast_path
+from redlens_compile.ops.hollow_attention import hollow_attention
+from redlens_compile.passes.infra import run_passes
+from redlens_compile.passes.selectors import clone_graph_module
+
+
+def targets(gm, target):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+
+
+def lower_and_compare(model, opt, looks_ahead=False):
+    lowering = LowerForOnnxPass(looks_ahead)
+    lowered, _ = run_passes(clone_graph_module(opt.graph_module), [lowering])
+    inputs = capture_decoder_inputs(model, opt.adapter, make_inputs("llava", model, batch=2, pad_left=(2,), seed=3))
+    if opt.pruning is not None:
+        inputs = opt.pruning(inputs).inputs
+    with torch.no_grad():
+        want, got = opt.graph_module(*inputs.as_args())[0], lowered(*inputs.as_args())[0]
+    real = inputs.attention_mask.bool()
+    assert (got - want).abs()[real].max() <= 1e-5
+    again = LowerForOnnxPass(looks_ahead)
+    assert not again(lowered).modified  # a second run changes nothing
+    return lowered, lowering.record
+
+
+def test_causal_fast_path_becomes_a_masked_sdpa(identity_optimized):
+    model, _, opt = identity_optimized("llava")
+    fast = len(targets(opt.graph_module, sdpa_causal_fast_path))
+    assert fast == opt.num_layers
+    lowered, record = lower_and_compare(model, opt)
+    assert record.causal_fast_path == fast
+    assert targets(lowered, sdpa_causal_fast_path) == [] and targets(lowered, is_causal_mask) == []
+    assert len(targets(lowered, sdpa_masked)) == fast
+
+
+def test_hollow_attention_stays_blockwise_with_static_decisions(family_models):
+    model = family_models("llava")
+    opt = rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(layers="all", hollow_window=4))
+    hollow = len(targets(opt.graph_module, hollow_attention))
+    assert hollow == opt.num_layers
+    lowered, record = lower_and_compare(model, opt)
+    assert record.hollow_blockwise == hollow
+    assert all(n.kwargs["mask_is_causal"] is False and n.kwargs["looks_ahead"] is False
+               for n in targets(lowered, hollow_attention))
+
+
+def test_key_bias_masks_get_a_finite_floor(family_models):
+    model = family_models("llava")
+    opt = rc.optimize(model, make_inputs("llava", model),
+                      config=rc.RedLensConfig(prune="random", prune_keep=0.25, flops_budget=1.0))
+    _, record = lower_and_compare(model, opt)
+    assert record.finite_key_bias == 1

@@ -1,0 +1,43 @@
+"""OnnxRunner: provider choice, checks on the folder and the model, greedy generation that stops
+at the end token and pads finished rows as transformers does."""
+
+import json
+
+import pytest
+import torch
+from tiny_families import make_inputs
+
+import redlens_compile as rc
+from redlens_compile.exporters.ort_runner import OnnxRunner, pick_providers
+
+
+def test_the_cpu_provider_is_picked_and_an_unavailable_one_is_named():
+    assert pick_providers() == ["CPUExecutionProvider"]  # no onnxruntime-gpu here
+    with pytest.raises(rc.ExportError, match="NoSuchExecutionProvider"):
+        pick_providers(["NoSuchExecutionProvider"])
+
+
+def test_runner_checks_the_folder_and_the_model(identity_optimized, family_models, tmp_path):
+    model, _, opt = identity_optimized("llava")
+    with pytest.raises(rc.ExportError, match="no readable redlens.json"):
+        OnnxRunner(tmp_path, model)
+    out = opt.export_onnx(tmp_path / "onnx")
+    with pytest.raises(rc.ExportError, match="exported from LlavaForConditionalGeneration"):
+        OnnxRunner(out, family_models("internvl"))
+    manifest = json.loads((out / "redlens.json").read_text())
+    (out / "redlens.json").write_text(json.dumps(dict(manifest, format="other/1")))
+    with pytest.raises(rc.ExportError, match="format 'other/1'"):
+        OnnxRunner(out, model)
+    (out / "redlens.json").write_text(json.dumps(manifest))
+
+    runner = OnnxRunner(out, model)
+    batch = make_inputs("llava", model, batch=2, pad_left=(1,), seed=8)
+    free = runner.generate(batch, max_new_tokens=4, eos_token_id=[])
+    # row 0's second new token as the end token: row 0 stops there and is padded after it
+    eos = int(free[0, -3])
+    stopped = runner.generate(batch, max_new_tokens=4, eos_token_id=eos, pad_token_id=0)
+    want = opt.generate(**batch, max_new_tokens=4, eos_token_id=eos, pad_token_id=0, do_sample=False)
+    assert torch.equal(stopped, want)
+    assert stopped[0, -2:].tolist() == [0, 0] or eos in stopped[0, -4:-2].tolist()
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        runner.generate(batch, max_new_tokens=0)
