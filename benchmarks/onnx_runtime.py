@@ -11,8 +11,9 @@ exported; then, interleaved on the same inputs:
   decoder (transformers' language model and lm_head) and against the identity export's prefill;
 - decode: one decoder_step in onnxruntime after that prefill against one eager decode step of the
   original model on its own cache;
-- what the runner still runs in torch before the prefill graph (`torch_front`: vision tower,
-  token merge, pruning stage) and the pruning stage alone.
+- what the runner does before the prefill graph (`front`: vision tower and projector, in
+  onnxruntime where the files hold vision.onnx, else torch; token merge and positions; the
+  pruning stage in torch) and the pruning stage alone.
 Latency ratios are ratios of medians from one run; absolute times are this machine's.
 """
 
@@ -90,7 +91,8 @@ def main() -> None:
         print(f"{row}: optimize and export ...", file=sys.stderr, flush=True)
         opt = rc.optimize(model, inputs, config=rc.RedLensConfig.preset(row))
         out = opt.export_onnx(Path(tmp.name) / row)
-        runner = OnnxRunner(out, model)
+        in_torch = json.loads((out / "redlens.json").read_text())["front"]["runs_in"] == "torch"
+        runner = OnnxRunner(out, model if in_torch else None)
         runner.sessions = {name: ort.InferenceSession(str(out / g["file"]), session_options(),
                                                       providers=runner.providers)
                            for name, g in runner.manifest["graphs"].items()}
@@ -112,8 +114,8 @@ def main() -> None:
             "eager_prefill": lambda: original(decoder_inputs),
             "ort_identity_prefill": lambda: identity_runner.sessions["decoder_prefill"].run(None, identity_feeds),
             "ort_prefill": lambda r=runner, f=feeds: r.sessions["decoder_prefill"].run(None, f),
-            # what the runner still does in torch before the prefill graph: vision, merge, pruning stage
-            "torch_front": lambda r=runner: r.decoder_inputs(inputs),
+            # what the runner does before the prefill graph: vision, merge, positions, pruning stage
+            "front": lambda r=runner: r.decoder_inputs(inputs),
             "pruning_stage": lambda r=runner: r.pruning(decoder_inputs) if r.pruning is not None else None,
             "eager_step": step_eager,
             "ort_step": lambda r=runner, f=step: r.sessions["decoder_step"].run(None, f),
@@ -126,6 +128,7 @@ def main() -> None:
             "ort_prefill_over_eager": round(medians["ort_prefill"] / medians["eager_prefill"], 4),
             "ort_prefill_over_ort_identity": round(medians["ort_prefill"] / medians["ort_identity_prefill"], 4),
             "ort_step_over_eager_step": round(medians["ort_step"] / medians["eager_step"], 4),
+            "vision_runs_in": runner.manifest["front"]["runs_in"],
             "medians_s": {k: round(v, 5) for k, v in medians.items()},
             "lowering": runner.manifest["lowering"],
         })

@@ -87,13 +87,16 @@ def _onnx_check(opt, model, inputs, onnx_dir: Path, max_new_tokens: int) -> dict
     from .exporters.ort_runner import OnnxRunner
 
     opt.export_onnx(onnx_dir, inputs)
-    runner = OnnxRunner(onnx_dir, model)
+    front = json.loads((onnx_dir / "redlens.json").read_text())["front"]
+    # the torch model only where the files say the vision part runs in torch
+    runner = OnnxRunner(onnx_dir, model if front["runs_in"] == "torch" else None)
     with torch.no_grad():
         want = opt(**inputs).logits[:, -1]
     got = runner(**inputs)[:, -1]
     ids = opt.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     ort_ids = runner.generate(inputs, max_new_tokens=max_new_tokens)
-    return {"onnx_provider": runner.provider, "onnx_max_abs_logit_diff": float(abs(got - want.numpy()).max()),
+    return {"onnx_provider": runner.provider, "onnx_vision_runs_in": front["runs_in"],
+            "onnx_max_abs_logit_diff": float(abs(got - want.numpy()).max()),
             "onnx_generated_tokens_equal": bool(torch.equal(ids, ort_ids))}
 
 
@@ -189,7 +192,8 @@ def _print_summary(summary: dict) -> None:
         print(f"accuracy         {100 * summary['accuracy_before']['overall']:.1f}% -> "
               f"{100 * summary['accuracy_after']['overall']:.1f}% on {summary['heldout_questions']} held-out questions")
     if "onnx_dir" in summary:
-        print(f"onnx             {summary['onnx_dir']} on {summary['onnx_provider']}: last-position logits max abs diff "
+        print(f"onnx             {summary['onnx_dir']} on {summary['onnx_provider']} (vision in "
+              f"{summary['onnx_vision_runs_in']}): last-position logits max abs diff "
               f"{summary['onnx_max_abs_logit_diff']:.3g} vs torch, "
               f"{'same tokens' if summary['onnx_generated_tokens_equal'] else 'tokens differ'}")
     print(f"report           {summary['report_dir']}/report.md, report.json, flops.png, summary.json")
@@ -297,7 +301,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     opt = optimize(model, inputs, config=config)
     check = _onnx_check(opt, model, inputs, out, args.max_new_tokens)
-    print(f"onnx             {out}: decoder_prefill.onnx, decoder_step.onnx, embed_tokens.onnx, redlens.json")
+    files = ", ".join(sorted(p.name for p in out.glob("*.onnx")))
+    print(f"onnx             {out}: {files}, redlens.json (vision in {check['onnx_vision_runs_in']})")
     print(f"decoder FLOPs    ratio {opt.report.flops_ratio:.3f} (fvcore, the torch graph)")
     print(f"onnxruntime      {check['onnx_provider']}: last-position logits max abs diff "
           f"{check['onnx_max_abs_logit_diff']:.3g} vs torch, "

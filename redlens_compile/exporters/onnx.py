@@ -8,13 +8,15 @@ Files (weights as external data beside each graph):
 - `decoder_step.onnx`: one new token: input_ids, position_ids, attention_mask, key_bias,
   past_key_values.%d.key|value -> logits, present.%d.key|value.
 - `embed_tokens.onnx`: input_ids -> inputs_embeds.
+- `vision.onnx` where the family's vision tower and projector export and the front built on it
+  matches the family's code (exporters/vision_front.py): one image's inputs -> its features.
+  Elsewhere the manifest's `front` says why the vision part, merge and positions run in torch.
 - `codebook.safetensors` when the pruning is by codebook.
 
-The vision tower, projector and token merge run in torch (the family's own code, which does
-not export for every family: Qwen2-VL's vision tower splits on data), and so does the pruning
-stage that picks the kept rows; the manifest says what runs where. Everything is written into
-a scratch folder beside the target and renamed into place once every file passed the ONNX
-checker: a failed export leaves nothing behind.
+The pruning stage that picks the kept rows runs in torch on the front's tensors (no model
+weights); the manifest says what runs where. Everything is written into a scratch folder
+beside the target and renamed into place once every file passed the ONNX checker: a failed
+export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ..passes.key_bias import KEY_BIAS_LAYERS
 from ..passes.selectors import clone_graph_module
 from .decoder_step import DecoderStep
 from .onnx_lowering import LowerForOnnxPass
+from .vision_front import VISION, export_front
 
 if TYPE_CHECKING:
     from ..artifact.optimized_model import OptimizedModel
@@ -99,6 +102,21 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
     program.save(str(path), external_data=True)
 
 
+def _staged_sessions(staging: Path):
+    """(graph name, feeds) -> outputs over the files written so far, for the front's check."""
+    import onnxruntime as ort
+
+    files = {"embed_tokens": EMBED, "vision": VISION}
+    sessions: dict[str, Any] = {}
+
+    def run(name: str, feeds: dict) -> list:
+        if name not in sessions:
+            sessions[name] = ort.InferenceSession(str(staging / files[name]), providers=["CPUExecutionProvider"])
+        return sessions[name].run(None, feeds)
+
+    return run
+
+
 def _check(path: Path) -> None:
     import onnx
 
@@ -133,8 +151,8 @@ def export_onnx(opt: "OptimizedModel", directory: str | os.PathLike, example_inp
         with staged_folder(out) as staging:  # out is absent or empty (checked above)
             manifest = _write_graphs(opt, staging, example_inputs)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            for name in (PREFILL, STEP, EMBED):
-                _check(staging / name)
+            for graph in manifest["graphs"].values():
+                _check(staging / graph["file"])
     except OSError as exc:
         raise ExportError(f"{out}: the folder cannot be written ({exc.strerror or exc})") from exc
     logger.info("ONNX files written to %s", out)
@@ -185,6 +203,17 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
     _export(embed, (torch.ones(2, 3, dtype=torch.long),), staging / EMBED, ["input_ids"], ["inputs_embeds"],
             {"input": {0: Dim("batch", min=1, max=MAX_BATCH), 1: Dim("seq", min=1, max=8192)}})
 
+    front = export_front(opt.model, opt.adapter, example_inputs, staging, _export, _staged_sessions)
+    graphs = {
+        "decoder_prefill": {"file": PREFILL, "inputs": names, "outputs": ["logits", *kv_names("present", layers)]},
+        "decoder_step": {"file": STEP, "inputs": step_names, "outputs": ["logits", *kv_names("present", layers)],
+                         "key_bias_layers": sorted(biased)},
+        "embed_tokens": {"file": EMBED, "inputs": ["input_ids"], "outputs": ["inputs_embeds"]},
+    }
+    if front["vision"] is not None:
+        graphs["vision"] = front["vision"]
+    in_ort = front["runs_in"] == "onnxruntime"
+
     pruning = opt.pruning.describe() if opt.pruning is not None else None
     if opt.pruning is not None and opt.pruning.method == "codebook":
         save_safetensors(staging / "codebook.safetensors", {"prototypes": opt.pruning.prototypes},
@@ -194,20 +223,19 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
         "format": FORMAT,
         "model": {"class": type(opt.model).__name__, "model_type": opt.model.config.model_type,
                   "layers": layers, "hidden_size": text_config.hidden_size, "vocab_size": text_config.vocab_size},
-        "graphs": {
-            "decoder_prefill": {"file": PREFILL, "inputs": names, "outputs": ["logits", *kv_names("present", layers)]},
-            "decoder_step": {"file": STEP, "inputs": step_names, "outputs": ["logits", *kv_names("present", layers)],
-                             "key_bias_layers": sorted(biased)},
-            "embed_tokens": {"file": EMBED, "inputs": ["input_ids"], "outputs": ["inputs_embeds"]},
-        },
+        "graphs": graphs,
+        "front": {k: v for k, v in front.items() if k != "vision"},
         "position_rows": opt.adapter.position_rows,
         "token_ids": {"visual": opt.adapter.visual_token_ids(opt.model),
                       "eos": opt.model.generation_config.eos_token_id, "pad": opt.model.generation_config.pad_token_id},
         "config": opt.config.to_dict(),
         "pruning": pruning,
         "runs_where": {
-            "vision tower, projector, token merge, position ids": "torch (the family's own code)",
-            "token pruning stage (which rows are kept)": "torch" if pruning else "not used",
+            "vision tower and projector": "onnxruntime (vision.onnx, once per image)" if in_ort
+            else "torch (the family's own code; front.why says why)",
+            "token merge, position ids": "numpy" if in_ort else "torch (the family's own code)",
+            "token pruning stage (which rows are kept)": "torch, on tensors (no model weights)" if pruning
+            else "not used",
             "decoder prefill": "onnxruntime",
             "decode steps": "onnxruntime",
         },

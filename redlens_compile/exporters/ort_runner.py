@@ -1,9 +1,12 @@
 """OnnxRunner: the exported files run by onnxruntime, with greedy KV-cached generation.
 
-The vision path, token merge and position ids run in torch (the family's own code, from the
-model the runner is given), as does the pruning stage; the decoder prefill and every decode
-step run in onnxruntime. CUDA is used when onnxruntime-gpu and a GPU are present (the `gpu`
-extra), else the CPU; `provider` says which was picked.
+Where the export holds a checked vision graph (manifest `front.runs_in == "onnxruntime"`), the
+runner needs only the folder: vision and embedding graphs in onnxruntime, the merge and the
+position ids in numpy (exporters/vision_front.py). Elsewhere (anyres towers, M-RoPE) the vision
+path, merge and positions run in torch, from the model the runner is then given. The pruning
+stage runs in torch on tensors; the decoder prefill and every decode step run in onnxruntime.
+CUDA is used when onnxruntime-gpu and a GPU are present (the `gpu` extra), else the CPU;
+`provider` says which was picked.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ..capture.families import adapter_for
 from ..errors import ExportError
 from ..passes.token_pruning import TokenPruning
 from .onnx import FORMAT, MANIFEST
+from .vision_front import OnnxFront, generation_positions
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +46,7 @@ def pick_providers(providers: list[str] | None = None) -> list[str]:
 
 
 class OnnxRunner:
-    def __init__(self, directory: str | Path, model: nn.Module, providers: list[str] | None = None):
+    def __init__(self, directory: str | Path, model: nn.Module | None = None, providers: list[str] | None = None):
         import onnxruntime as ort
 
         self.directory = Path(directory)
@@ -52,11 +56,15 @@ class OnnxRunner:
             raise ExportError(f"{self.directory}: no readable {MANIFEST}; pass a folder written by export_onnx") from exc
         if self.manifest.get("format") != FORMAT:
             raise ExportError(f"{self.directory}: format {self.manifest.get('format')!r}, this runner reads {FORMAT}")
-        if type(model).__name__ != self.manifest["model"]["class"]:
+        front = self.manifest["front"]
+        if model is None and front["runs_in"] != "onnxruntime":
+            raise ExportError(f"these files run the vision part in torch ({front['why']}): pass the model the files "
+                              "were exported from, OnnxRunner(directory, model)")
+        if model is not None and type(model).__name__ != self.manifest["model"]["class"]:
             raise ExportError(f"the files were exported from {self.manifest['model']['class']}, "
                               f"the model given is {type(model).__name__}")
-        self.model = model.eval()
-        self.adapter = adapter_for(model)
+        self.model = model.eval() if model is not None else None
+        self.adapter = adapter_for(model) if model is not None else None
         self.providers = pick_providers(providers)
         options = ort.SessionOptions()
         graphs = self.manifest["graphs"]
@@ -66,6 +74,8 @@ class OnnxRunner:
         logger.info("OnnxRunner on %s", self.provider)
         self.pruning = self._pruning()
         self.key_bias_layers = graphs["decoder_step"]["key_bias_layers"]
+        self.front = (OnnxFront(self._run, front["image_inputs"], self.manifest["token_ids"]["visual"], "vision" in graphs)
+                      if front["runs_in"] == "onnxruntime" else None)
 
     def _pruning(self) -> TokenPruning | None:
         described = self.manifest.get("pruning")
@@ -86,8 +96,11 @@ class OnnxRunner:
         return self.sessions[name].run(None, feeds)
 
     def decoder_inputs(self, inputs: Mapping[str, Any]) -> DecoderInputs:
-        """The decoder inputs of a prompt (vision, merge and positions in torch), pruned as exported."""
-        decoder_inputs = capture_decoder_inputs(self.model, self.adapter, inputs, require_visual=False)
+        """The decoder inputs of a prompt (the ONNX front, or the family's code in torch), pruned as exported."""
+        if self.front is not None:
+            decoder_inputs = self.front(inputs)
+        else:
+            decoder_inputs = capture_decoder_inputs(self.model, self.adapter, inputs, require_visual=False)
         if self.pruning is not None:
             decoder_inputs = self.pruning(decoder_inputs).inputs
         return decoder_inputs
@@ -108,11 +121,16 @@ class OnnxRunner:
         """Greedy decoding with the KV cache; returns the prompt followed by the new tokens."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
+        inputs = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in inputs.items()}
         ids = inputs["input_ids"]
         inputs = dict(inputs, attention_mask=inputs.get("attention_mask", torch.ones_like(ids)))
-        # positions as transformers' generate makes them (left padding, M-RoPE)
-        kwargs = {k: v for k, v in inputs.items() if k != "position_ids"}
-        inputs["position_ids"] = self.model._prepare_position_ids_for_generation(ids, kwargs)
+        # positions as transformers' generate makes them: the family's code where the model is given
+        # (M-RoPE), else its 1-D rule (checked against the family's at export)
+        if self.model is None:
+            inputs["position_ids"] = torch.from_numpy(generation_positions(inputs["attention_mask"].numpy()))
+        else:
+            kwargs = {k: v for k, v in inputs.items() if k != "position_ids"}
+            inputs["position_ids"] = self.model._prepare_position_ids_for_generation(ids, kwargs)
         decoder_inputs = self.decoder_inputs(inputs)
         logits, kv = self.prefill(decoder_inputs)
         eos = self.manifest["token_ids"]["eos"] if eos_token_id is None else eos_token_id
