@@ -7,13 +7,13 @@ The decoder of benchmarks/prefill.py (Qwen2-VL-2B geometry: hidden 1536, FFN 896
 fp32, 2 threads for torch and for onnxruntime. Per row (a config) the row is optimized and
 exported; then, interleaved on the same inputs:
 - prefill: the exported decoder_prefill graph in onnxruntime (on the pruned rows where the row
-  prunes; the pruning stage itself runs in torch and is timed apart) against the original eager
+  prunes; the pruning stage itself, prune.onnx, is timed apart) against the original eager
   decoder (transformers' language model and lm_head) and against the identity export's prefill;
 - decode: one decoder_step in onnxruntime after that prefill against one eager decode step of the
   original model on its own cache;
 - what the runner does before the prefill graph (`front`: vision tower and projector, in
   onnxruntime where the files hold vision.onnx, else torch; token merge and positions; the
-  pruning stage in torch) and the pruning stage alone.
+  pruning stage) and the pruning stage alone.
 Latency ratios are ratios of medians from one run; absolute times are this machine's.
 """
 
@@ -116,7 +116,7 @@ def main() -> None:
             "ort_prefill": lambda r=runner, f=feeds: r.sessions["decoder_prefill"].run(None, f),
             # what the runner does before the prefill graph: vision, merge, positions, pruning stage
             "front": lambda r=runner: r.decoder_inputs(inputs),
-            "pruning_stage": lambda r=runner: r.pruning(decoder_inputs) if r.pruning is not None else None,
+            "pruning_stage": lambda r=runner: r.prune(decoder_inputs) if r.pruning is not None else None,
             "eager_step": step_eager,
             "ort_step": lambda r=runner, f=step: r.sessions["decoder_step"].run(None, f),
         }

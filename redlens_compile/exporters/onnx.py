@@ -11,10 +11,10 @@ Files (weights as external data beside each graph):
 - `vision.onnx` where the family's vision tower and projector export and the front built on it
   matches the family's code (exporters/vision_front.py): one image's inputs -> its features.
   Elsewhere the manifest's `front` says why the vision part, merge and positions run in torch.
-- `codebook.safetensors` when the pruning is by codebook.
+- `prune.onnx` when the config prunes before the first layer (exporters/prune_graph.py): the
+  stage that picks the kept rows, between the front and the prefill.
 
-The pruning stage that picks the kept rows runs in torch on the front's tensors (no model
-weights); the manifest says what runs where. Everything is written into a scratch folder
+The manifest says what runs where. Everything is written into a scratch folder
 beside the target and renamed into place once every file passed the ONNX checker: a failed
 export leaves nothing behind.
 """
@@ -33,11 +33,12 @@ from torch.export import Dim
 
 from ..capture.decoder_inputs import DecoderInputs, capture_decoder_inputs
 from ..errors import ExportError
-from ..files import save_safetensors, staged_folder
+from ..files import staged_folder
 from ..passes.infra import run_passes
 from ..passes.key_bias import KEY_BIAS_LAYERS
 from ..passes.selectors import clone_graph_module
 from .decoder_step import DecoderStep
+from . import prune_graph
 from .onnx_lowering import LowerForOnnxPass
 from .vision_front import VISION, export_front
 
@@ -126,13 +127,13 @@ def _check(path: Path) -> None:
         raise ExportError(f"{path.name} fails onnx.checker: {exc}") from exc
 
 
-def _example(opt: "OptimizedModel", example_inputs: Mapping[str, Any]) -> DecoderInputs:
-    """The prefill graph's example: the decoder inputs after pruning, at batch 2 (batch 1 would be
-    specialized by export)."""
+def _examples(opt: "OptimizedModel", example_inputs: Mapping[str, Any]) -> tuple[DecoderInputs, DecoderInputs]:
+    """The decoder inputs before and after pruning, at batch 2 (batch 1 would be specialized by
+    export): the prune graph's example and the prefill graph's."""
     decoder_inputs = capture_decoder_inputs(opt.model, opt.adapter, example_inputs)
-    if opt.pruning is not None:
-        decoder_inputs = opt.pruning(decoder_inputs).inputs
-    return decoder_inputs.repeat_batch(2) if decoder_inputs.batch_size == 1 else decoder_inputs
+    if decoder_inputs.batch_size == 1:
+        decoder_inputs = decoder_inputs.repeat_batch(2)
+    return decoder_inputs, opt.pruning(decoder_inputs).inputs if opt.pruning is not None else decoder_inputs
 
 
 def export_onnx(opt: "OptimizedModel", directory: str | os.PathLike, example_inputs: Mapping[str, Any]) -> Path:
@@ -165,7 +166,7 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
     import transformers
 
     layers = opt.num_layers
-    example = _example(opt, example_inputs)
+    unpruned, example = _examples(opt, example_inputs)
     lowering = LowerForOnnxPass(looks_ahead=opt.adapter.decoder_masks(opt.model) is not None)
     lowered, _ = run_passes(clone_graph_module(opt.graph_module), [lowering])
 
@@ -215,9 +216,13 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
     in_ort = front["runs_in"] == "onnxruntime"
 
     pruning = opt.pruning.describe() if opt.pruning is not None else None
-    if opt.pruning is not None and opt.pruning.method == "codebook":
-        save_safetensors(staging / "codebook.safetensors", {"prototypes": opt.pruning.prototypes},
-                         "redlens_onnx", {"prototypes": int(opt.pruning.prototypes.shape[0])})
+    if opt.pruning is not None:
+        # the pruning stage before the first layer (prototypes as a constant of the graph)
+        prune_inputs, prune_outputs = prune_graph.input_names(opt.pruning), prune_graph.output_names(opt.pruning)
+        _export(prune_graph.PruneGraph(opt.pruning).eval(), prune_graph.example_args(opt.pruning, unpruned),
+                staging / prune_graph.PRUNE, prune_inputs, prune_outputs,
+                prune_graph.dynamic_shapes(opt.pruning, unpruned))
+        graphs["prune"] = {"file": prune_graph.PRUNE, "inputs": prune_inputs, "outputs": prune_outputs}
     text_config = opt.text_config
     return {
         "format": FORMAT,
@@ -234,8 +239,8 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
             "vision tower and projector": "onnxruntime (vision.onnx, once per image)" if in_ort
             else "torch (the family's own code; front.why says why)",
             "token merge, position ids": "numpy" if in_ort else "torch (the family's own code)",
-            "token pruning stage (which rows are kept)": "torch, on tensors (no model weights)" if pruning
-            else "not used",
+            "token pruning stage (which rows are kept)": "onnxruntime (prune.onnx; random's seeded scores from "
+            "torch's generator)" if pruning else "not used",
             "decoder prefill": "onnxruntime",
             "decode steps": "onnxruntime",
         },

@@ -4,7 +4,7 @@ Where the export holds a checked vision graph (manifest `front.runs_in == "onnxr
 runner needs only the folder: vision and embedding graphs in onnxruntime, the merge and the
 position ids in numpy (exporters/vision_front.py). Elsewhere (anyres towers, M-RoPE) the vision
 path, merge and positions run in torch, from the model the runner is then given. The pruning
-stage runs in torch on tensors; the decoder prefill and every decode step run in onnxruntime.
+stage (prune.onnx), the decoder prefill and every decode step run in onnxruntime.
 CUDA is used when onnxruntime-gpu and a GPU are present (the `gpu` extra), else the CPU;
 `provider` says which was picked.
 """
@@ -23,7 +23,8 @@ from torch import nn
 from ..capture.decoder_inputs import DecoderInputs, capture_decoder_inputs
 from ..capture.families import adapter_for
 from ..errors import ExportError
-from ..passes.token_pruning import TokenPruning
+from ..ops.token_pruning import random_scores
+from ..passes.token_pruning import check_keep
 from .onnx import FORMAT, MANIFEST
 from .vision_front import OnnxFront, generation_positions
 
@@ -72,25 +73,10 @@ class OnnxRunner:
                          for name, g in graphs.items()}
         self.provider = self.sessions["decoder_prefill"].get_providers()[0]
         logger.info("OnnxRunner on %s", self.provider)
-        self.pruning = self._pruning()
+        self.pruning = self.manifest.get("pruning")  # what the prune graph does, or None
         self.key_bias_layers = graphs["decoder_step"]["key_bias_layers"]
         self.front = (OnnxFront(self._run, front["image_inputs"], self.manifest["token_ids"]["visual"], "vision" in graphs)
                       if front["runs_in"] == "onnxruntime" else None)
-
-    def _pruning(self) -> TokenPruning | None:
-        described = self.manifest.get("pruning")
-        if described is None:
-            return None
-        method, keep = described["method"], described["keep"]
-        proportional = described.get("proportional_attention", False)
-        if method == "random":
-            return TokenPruning("random", keep, seed=described["seed"], proportional=proportional)
-        if method == "codebook":
-            from safetensors.torch import load_file
-
-            prototypes = load_file(str(self.directory / "codebook.safetensors"))["prototypes"]
-            return TokenPruning("codebook", keep, prototypes=prototypes, proportional=proportional)
-        raise ExportError(f"pruning {method!r} is not served by the ONNX runner")
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.sessions[name].run(None, feeds)
@@ -102,8 +88,17 @@ class OnnxRunner:
         else:
             decoder_inputs = capture_decoder_inputs(self.model, self.adapter, inputs, require_visual=False)
         if self.pruning is not None:
-            decoder_inputs = self.pruning(decoder_inputs).inputs
+            decoder_inputs = self.prune(decoder_inputs)
         return decoder_inputs
+
+    def prune(self, decoder_inputs: DecoderInputs) -> DecoderInputs:
+        """The exported pruning stage (prune.onnx) on the decoder inputs."""
+        check_keep(self.pruning["method"], self.pruning["keep"], decoder_inputs.visual_mask)
+        args = [arg.detach().cpu().numpy() for arg in decoder_inputs.as_args()[:4]]
+        if self.pruning["method"] == "random":  # the torch module's seeded scores: only the shape is read
+            args.append(random_scores(decoder_inputs.visual_mask, self.pruning["seed"]).numpy())
+        outputs = [torch.from_numpy(out) for out in self._run("prune", dict(zip(self.manifest["graphs"]["prune"]["inputs"], args)))]
+        return DecoderInputs(*outputs[:4], key_bias=outputs[4] if len(outputs) > 4 else None)
 
     def prefill(self, decoder_inputs: DecoderInputs) -> tuple[np.ndarray, list[np.ndarray]]:
         names = self.manifest["graphs"]["decoder_prefill"]["inputs"]

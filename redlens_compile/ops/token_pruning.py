@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .rows import counted
+from .rows import _padded_positions, counted, data_size, gather_padded
 
 
 @dataclass
@@ -27,16 +27,28 @@ def visual_counts(visual_mask: torch.Tensor) -> torch.Tensor:
     return visual_mask.sum(dim=1)
 
 
-def redundancy_scores(embeds: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """[B, S]: each row's highest cosine similarity to any prototype (higher = more redundant)."""
-    rows = F.normalize(embeds.float(), dim=-1)
+def keep_counts(counts: torch.Tensor, keep: int | float) -> torch.Tensor:
+    """[B] visual rows each sample keeps of its `counts` [B]: an int keep, at most the count; a fraction
+    of the count, rounded half to even (as ONNX's Round), at least 1 where the sample has any."""
+    if isinstance(keep, int):
+        return torch.clamp(counts, max=keep)
+    kept = torch.round(counts.to(torch.float64) * keep).to(counts.dtype)
+    return torch.where(counts > 0, kept.clamp(min=1), counts)
+
+
+def redundancy_scores(embeds: torch.Tensor, prototypes: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S]: each visual row's highest cosine similarity to any prototype (higher = more redundant);
+    0 on the other rows, which are not scored."""
+    positions, valid, _ = _padded_positions(visual_mask)
+    rows = F.normalize(gather_padded(embeds.float(), positions), dim=-1)
     protos = F.normalize(prototypes.to(device=embeds.device, dtype=torch.float32), dim=-1)
-    return (rows @ protos.T).amax(dim=-1)
+    best = torch.where(valid, (rows @ protos.T).amax(dim=-1), torch.zeros(positions.shape, device=embeds.device))
+    return torch.zeros(visual_mask.shape, device=embeds.device).scatter_add(1, positions, best)
 
 
-def redundancy_flops(visual_tokens: int, prototypes: int, dim: int) -> int:
-    """Multiply-adds of the cosine scores of the visual rows against the codebook."""
-    return visual_tokens * prototypes * dim
+def redundancy_flops(rows: int, prototypes: int, dim: int) -> int:
+    """Multiply-adds of the cosine scores of the visual rows (padded to the batch's longest)."""
+    return rows * prototypes * dim
 
 
 def random_scores(visual_mask: torch.Tensor, seed: int) -> torch.Tensor:
@@ -48,24 +60,25 @@ def random_scores(visual_mask: torch.Tensor, seed: int) -> torch.Tensor:
 def select_rows(visual_mask: torch.Tensor, keep_score: torch.Tensor, counts: torch.Tensor) -> KeptRows:
     """Keep every non-visual row and, per sample b, the counts[b] visual rows of highest keep_score.
 
-    Ties go to the earlier position (a stable sort), so the selection is deterministic.
+    Ties go to the earlier position, so the selection is deterministic. Written for the whole
+    batch in ops ONNX has (comparisons, sums, TopK over unique keys; no stable sort, no boolean
+    indexing), so the eager stage and the exported prune graph are one code.
     """
     batch, seq = visual_mask.shape
-    rows: list[torch.Tensor] = []
-    for b in range(batch):
-        visual = visual_mask[b].nonzero().flatten()
-        order = torch.sort(keep_score[b, visual], descending=True, stable=True).indices
-        kept_visual = visual[order[: int(counts[b])]]
-        kept = (~visual_mask[b]).clone()
-        kept[kept_visual] = True
-        rows.append(kept.nonzero().flatten())
-    width = max(r.numel() for r in rows)
-    index = torch.zeros(batch, width, dtype=torch.long, device=visual_mask.device)
-    valid = torch.zeros(batch, width, dtype=torch.bool, device=visual_mask.device)
-    for b, r in enumerate(rows):
-        index[b, width - r.numel():] = r  # left-padded
-        valid[b, width - r.numel():] = True
-    return KeptRows(index=index, valid=valid)
+    score = keep_score.float()
+    position = torch.arange(seq, device=visual_mask.device)
+    # ahead[b, i, j]: visual row j goes before row i (a higher score, or the same score earlier)
+    higher = score[:, None, :] > score[:, :, None]
+    tied_earlier = (score[:, None, :] == score[:, :, None]) & (position[None, :] < position[:, None])[None]
+    rank = ((higher | tied_earlier) & visual_mask[:, None, :]).sum(dim=-1)
+    kept = ~visual_mask | (rank < counts[:, None])
+    width = data_size(kept.sum(dim=1).max(), seq, low=1)
+    # kept rows get keys above every dropped row's, all distinct: the top `width` keys, reversed, are
+    # each sample's kept rows in order, after (to the left of) the dropped rows that pad it
+    key = torch.where(kept, position + seq, position - seq).expand(batch, seq)
+    ordered = key.topk(width, dim=1).values.flip(1)
+    valid = ordered >= seq
+    return KeptRows(index=torch.where(valid, ordered - seq, torch.zeros_like(ordered)), valid=valid)
 
 
 def gather_seq(tensor: torch.Tensor, kept: KeptRows, seq_dim: int, fill: int | float = 0) -> torch.Tensor:
@@ -76,7 +89,10 @@ def gather_seq(tensor: torch.Tensor, kept: KeptRows, seq_dim: int, fill: int | f
     shape = [1] * lead + list(index.shape) + [1] * (tensor.dim() - seq_dim - 1)
     index = index.reshape(shape).expand(*tensor.shape[:lead], *index.shape, *tensor.shape[seq_dim + 1:])
     out = torch.gather(tensor, seq_dim, index)
-    return torch.where(valid.reshape(shape), out, torch.full_like(out, fill))
+    valid = valid.reshape(shape)
+    if out.dtype == torch.bool:  # onnxruntime has no Where over bool values
+        return out & valid if not fill else out | ~valid
+    return torch.where(valid, out, torch.full_like(out, fill))
 
 
 def _last_query_flops(query, key, attn_mask=None, scale=None, enable_gqa=False):
@@ -115,29 +131,28 @@ def proportional_key_bias(embeds: torch.Tensor, visual_mask: torch.Tensor, kept:
     (cosine, in the embedding space the rows were selected in). Added to every attention score of
     the key, the bias gives a kept row the softmax mass of its m rows (proportional attention, as
     token merging does): what attends to "the image" still sees how much of it each kind fills.
+    Whole-batch ops ONNX has, as select_rows.
     """
-    batch, width = kept.index.shape
-    bias = torch.zeros(batch, width, dtype=embeds.dtype, device=embeds.device)  # SDPA wants the query's dtype
-    for b in range(batch):
-        rows = kept.index[b]
-        kept_visual = kept.valid[b] & visual_mask[b, rows]
-        if not bool(kept_visual.any()):
-            continue
-        is_kept = torch.zeros_like(visual_mask[b])
-        is_kept[rows[kept.valid[b]]] = True
-        dropped = (visual_mask[b] & ~is_kept).nonzero().flatten()
-        slots = kept_visual.nonzero().flatten()
-        counts = torch.ones(slots.numel(), dtype=torch.float32, device=embeds.device)
-        if dropped.numel():
-            owners = F.normalize(embeds[b, dropped].float(), dim=-1) @ F.normalize(embeds[b, rows[slots]].float(), dim=-1).T
-            counts.index_add_(0, owners.argmax(dim=-1), torch.ones(dropped.numel(), device=embeds.device))
-        bias[b, slots] = counts.log().to(bias.dtype)
-    return bias
+    index, valid = kept.index, kept.valid
+    # original rows that were kept (pads point at row 0 with valid False and add nothing)
+    hits = torch.zeros(visual_mask.shape, dtype=torch.long, device=index.device).scatter_add(1, index, valid.long())
+    kept_visual = visual_mask & (hits > 0)
+    dropped_pos, dropped_valid, _ = _padded_positions(visual_mask & ~kept_visual)
+    owner_pos, owner_valid, _ = _padded_positions(kept_visual)
+    rows = F.normalize(embeds.float(), dim=-1)
+    similarity = gather_padded(rows, dropped_pos) @ gather_padded(rows, owner_pos).transpose(1, 2)
+    similarity = similarity.masked_fill(~owner_valid[:, None, :], float("-inf"))
+    owner = torch.gather(owner_pos, 1, similarity.argmax(dim=-1))  # the first of equal maxima, as ONNX's ArgMax
+    counts = kept_visual.float().scatter_add(1, owner, dropped_valid.float())  # [B, S]: m at each kept visual row
+    slots = valid & torch.gather(kept_visual, 1, index)
+    bias = torch.where(slots, torch.gather(counts, 1, index).clamp(min=1).log(),
+                       torch.zeros(index.shape, device=index.device))
+    return bias.to(embeds.dtype)  # SDPA wants the query's dtype
 
 
-def proportional_flops(dropped: int, kept: int, dim: int) -> int:
-    """Multiply-adds of assigning each dropped row to its most similar kept row."""
-    return dropped * kept * dim
+def proportional_flops(rows: int, kept: int, dim: int) -> int:
+    """Multiply-adds of the similarities of every row to every kept row (the dropped rows' owners)."""
+    return rows * kept * dim
 
 
 def key_biased_mask(attn_mask: torch.Tensor, key_bias: torch.Tensor, blocked: float = float("-inf")) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ..analysis.codebook_file import Codebook
 from ..capture.decoder_inputs import DecoderInputs
 from ..errors import ConfigError, PruningError
 from ..ops.token_pruning import (
-    KeptRows, gather_seq, proportional_flops, proportional_key_bias, random_scores, redundancy_flops,
+    KeptRows, gather_seq, keep_counts, proportional_flops, proportional_key_bias, random_scores, redundancy_flops,
     redundancy_scores, select_rows, visual_counts,
 )
 
@@ -37,6 +37,17 @@ logger = logging.getLogger(__name__)
 
 BEFORE_FIRST_LAYER = ("codebook", "random")
 AFTER_LAYER = ("fastv", "vtw")
+
+
+def check_keep(method: str, keep: int | float, visual_mask: torch.Tensor) -> None:
+    """An int keep above a sample's visual count is an error (a fraction always fits)."""
+    if method == "vtw" or not isinstance(keep, int):
+        return
+    short = [(b, int(c)) for b, c in enumerate(visual_counts(visual_mask).tolist()) if 0 < c < keep]
+    if short:
+        b, c = short[0]
+        raise PruningError(f"prune_keep={keep} is above the {c} visual tokens of sample {b}: give a count <= {c} or "
+                           "a fraction such as prune_keep=0.25")
 
 
 @dataclass
@@ -84,25 +95,16 @@ class TokenPruning:
 
     def keep_counts(self, visual_mask: torch.Tensor) -> torch.Tensor:
         """[B] visual rows each sample keeps; an int keep above a sample's visual count is an error."""
-        counts = visual_counts(visual_mask)
-        if self.method == "vtw":
-            return torch.zeros_like(counts)
-        if isinstance(self.keep, int):
-            short = [(b, int(c)) for b, c in enumerate(counts.tolist()) if 0 < c < self.keep]
-            if short:
-                b, c = short[0]
-                raise PruningError(
-                    f"prune_keep={self.keep} is above the {c} visual tokens of sample {b}: give a count <= {c} or a "
-                    "fraction such as prune_keep=0.25"
-                )
-            return torch.clamp(counts, max=self.keep)
-        kept = torch.round(counts.to(torch.float64) * self.keep).to(counts.dtype)
-        return torch.where(counts > 0, kept.clamp(min=1), counts)
+        self.check_keep(visual_mask)
+        return keep_counts(visual_counts(visual_mask), 0 if self.method == "vtw" else self.keep)
+
+    def check_keep(self, visual_mask: torch.Tensor) -> None:
+        check_keep(self.method, self.keep, visual_mask)
 
     def keep_scores(self, inputs: DecoderInputs, attention: torch.Tensor | None = None) -> torch.Tensor:
         """[B, S]; higher is kept first. `attention`: fastv's last-query attention at layer K."""
         if self.method == "codebook":
-            return -redundancy_scores(inputs.inputs_embeds, self.prototypes)
+            return -redundancy_scores(inputs.inputs_embeds, self.prototypes, inputs.visual_mask)
         if self.method == "fastv":
             if attention is None:
                 raise ValueError("prune='fastv' selects by the attention of layer K's last query; none was given")
@@ -110,21 +112,28 @@ class TokenPruning:
         return random_scores(inputs.visual_mask, self.seed)
 
     def scoring_flops(self, inputs: DecoderInputs) -> int:
-        """Matrix work of the stage itself: codebook similarities, proportional assignment."""
-        dim = inputs.inputs_embeds.shape[-1]
+        """Matrix work of the stage itself, as computed (per sample padded to the batch's longest):
+        codebook similarities of the visual rows, each dropped row against the kept visual rows."""
+        batch, dim = inputs.inputs_embeds.shape[0], inputs.inputs_embeds.shape[-1]
+        counts = visual_counts(inputs.visual_mask)
         flops = 0
         if self.method == "codebook":
-            flops += redundancy_flops(int(inputs.visual_mask.sum()), int(self.prototypes.shape[0]), dim)
+            flops += redundancy_flops(batch * int(counts.max()), int(self.prototypes.shape[0]), dim)
         if self.key_bias:
-            counts = visual_counts(inputs.visual_mask)
             kept = self.keep_counts(inputs.visual_mask)
-            flops += sum(proportional_flops(int(c - k), int(k), dim) for c, k in zip(counts, kept))
+            flops += batch * proportional_flops(int((counts - kept).max()), int(kept.max()), dim)
         return flops
 
     def __call__(self, inputs: DecoderInputs, attention: torch.Tensor | None = None) -> PrunedInputs:
+        self.check_keep(inputs.visual_mask)
+        return self.prune(inputs, self.keep_scores(inputs, attention))
+
+    def prune(self, inputs: DecoderInputs, scores: torch.Tensor) -> PrunedInputs:
+        """The rows kept by `scores` [B, S] (higher first), gathered; tensor ops only, no checks: the
+        body of the exported prune graph (exporters/prune_graph.py) as of the eager stage."""
         visual = inputs.visual_mask
-        counts = self.keep_counts(visual)
-        kept = select_rows(visual, self.keep_scores(inputs, attention), counts)
+        counts = keep_counts(visual_counts(visual), 0 if self.method == "vtw" else self.keep)
+        kept = select_rows(visual, scores, counts)
         pos_dim = inputs.position_ids.dim() - 1  # the sequence axis: 1 (1-D) or 2 (M-RoPE rows first)
         pruned = DecoderInputs(
             inputs_embeds=gather_seq(inputs.inputs_embeds, kept, 1),

@@ -57,6 +57,7 @@ def test_onnxruntime_equals_the_torch_module(exported, family, config):
     # LLaVA runs from the folder alone (vision.onnx); Qwen2-VL's M-RoPE positions need the model
     assert (runner.model is None) == (family == "llava")
     assert ("vision" in runner.sessions) == (family == "llava")
+    assert ("prune" in runner.sessions) == (config != "identity")  # the pruning stage runs in onnxruntime too
     longer = make_inputs(family, model, text_before=8, text_after=6, seed=3)
     batch = make_inputs(family, model, text_before=7, batch=2, pad_left=(2,), seed=5)
     for inputs in (longer, batch):
