@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from .rows import counted, data_size, masked_rows
 
 
+SMALL_BLOCK = 4  # query blocks of up to this many rows take _block_attention, larger ones SDPA
+
+
 def _allowed(mask: torch.Tensor) -> torch.Tensor:
     """A bool view of an SDPA mask: True where a key may be attended (bool or additive float)."""
     if mask.dtype == torch.bool:
@@ -191,21 +194,59 @@ def hollow_attention(
     mask = family & key_valid[:, :, None, :] & (~key_visual[:, :, None, :] | near)
     mask = mask | ~query_valid[..., None]  # padded query rows: any finite result, discarded
 
-    n_keys = key_pos.shape[-1]
-    flat_keys = key_pos.reshape(batch, -1)
-    k_blk = _gather_heads(k, flat_keys).view(batch, k.shape[1], blocks, n_keys, -1).transpose(1, 2)
-    v_blk = _gather_heads(v, flat_keys).view(batch, v.shape[1], blocks, n_keys, -1).transpose(1, 2)
-    q_blk = _gather_heads(q, query_pos.reshape(batch, -1)).view(batch, heads, blocks, block, -1).transpose(1, 2)
-    vis_out = F.scaled_dot_product_attention(
-        q_blk.reshape(batch * blocks, heads, block, -1),
-        k_blk.reshape(batch * blocks, k.shape[1], n_keys, -1),
-        v_blk.reshape(batch * blocks, v.shape[1], n_keys, -1),
-        attn_mask=mask.reshape(batch * blocks, 1, block, n_keys),
-        **sdpa,
-    )
-    vis_out = vis_out.view(batch, blocks, heads, block, -1).transpose(1, 2).reshape(batch, heads, blocks * block, -1)
+    if (window + 1) // 2 <= SMALL_BLOCK:
+        # Small blocks: the text keys are scored once for all visual queries (measured ~35% faster
+        # than the flash kernel at w=8; slower from w=15 up, where the kernel's blocks pay off).
+        q_rows = _gather_heads(q, query_pos.reshape(batch, -1))  # [B, H, nb * block, d]
+        text_k, text_v = (_gather_heads(x, txt_pos[:, :blk.text_keys]) for x in (k, v))  # [B, H_kv, T', d]
+        local_pos = pos[:, local].reshape(batch, -1)
+        local_k, local_v = (_gather_heads(x, local_pos).view(batch, x.shape[1], blocks, blk.width, -1) for x in (k, v))
+        if not enable_gqa and k.shape[1] != heads:
+            raise ValueError(f"{heads} query heads over {k.shape[1]} key heads need enable_gqa=True")
+        vis_out = _block_attention(q_rows, text_k, text_v, local_k, local_v, mask, scale)
+    else:
+        n_keys = key_pos.shape[-1]
+        flat_keys = key_pos.reshape(batch, -1)
+        k_blk = _gather_heads(k, flat_keys).view(batch, k.shape[1], blocks, n_keys, -1).transpose(1, 2)
+        v_blk = _gather_heads(v, flat_keys).view(batch, v.shape[1], blocks, n_keys, -1).transpose(1, 2)
+        q_blk = _gather_heads(q, query_pos.reshape(batch, -1)).view(batch, heads, blocks, block, -1).transpose(1, 2)
+        vis_out = F.scaled_dot_product_attention(
+            q_blk.reshape(batch * blocks, heads, block, -1),
+            k_blk.reshape(batch * blocks, k.shape[1], n_keys, -1),
+            v_blk.reshape(batch * blocks, v.shape[1], n_keys, -1),
+            attn_mask=mask.reshape(batch * blocks, 1, block, n_keys),
+            **sdpa,
+        )
+        vis_out = vis_out.view(batch, blocks, heads, block, -1).transpose(1, 2).reshape(batch, heads, blocks * block, -1)
     put(vis_out[:, :, :vis_pos.shape[1]], vis_pos, vis_valid)
     return result
+
+
+def _block_attention(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor, local_k: torch.Tensor,
+                     local_v: torch.Tensor, allowed: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Softmax attention of small query blocks over shared text keys and their block's local keys.
+
+    q [B, H, nb * c, d]; text_k/v [B, H_kv, T', d]; local_k/v [B, H_kv, nb, w, d]; allowed [B, nb, c, T' + w].
+    One softmax over both key sets (exactly SDPA over the concatenated keys). The query heads of a
+    key head are stacked into the rows of one matmul (GQA without repeating keys), and the text
+    scores are one matmul for all blocks instead of one gather of the text keys per block.
+    """
+    batch, heads, rows, dim = q.shape
+    kv_heads, blocks, width = local_k.shape[1], local_k.shape[2], local_k.shape[3]
+    group, block, n_text = heads // kv_heads, allowed.shape[2], text_k.shape[2]
+    grouped = q.reshape(batch, kv_heads, group, blocks, block, dim)
+    text_scores = torch.matmul(grouped.reshape(batch, kv_heads, group * rows, dim), text_k.transpose(-1, -2))
+    by_block = grouped.permute(0, 1, 3, 2, 4, 5).reshape(batch, kv_heads, blocks, group * block, dim)
+    local_scores = torch.matmul(by_block, local_k.transpose(-1, -2))  # [B, H_kv, nb, G * c, w]
+    local_scores = local_scores.view(batch, kv_heads, blocks, group, block, width).permute(0, 1, 3, 2, 4, 5)
+    scores = torch.cat([text_scores.view(batch, kv_heads, group, blocks, block, n_text), local_scores], dim=-1)
+    scores = scores * (dim ** -0.5 if scale is None else scale)
+    probs = scores.masked_fill(~allowed[:, None, None], float("-inf")).softmax(dim=-1)
+    text_out = torch.matmul(probs[..., :n_text].reshape(batch, kv_heads, group * rows, n_text), text_v)
+    local_probs = probs[..., n_text:].permute(0, 1, 3, 2, 4, 5).reshape(batch, kv_heads, blocks, group * block, width)
+    local_out = torch.matmul(local_probs, local_v).view(batch, kv_heads, blocks, group, block, -1)
+    out = text_out.view(batch, kv_heads, group, blocks, block, -1) + local_out.permute(0, 1, 3, 2, 4, 5)
+    return out.reshape(batch, heads, rows, -1).to(q.dtype)
 
 
 def _masked_flops(q, k, v, attn_mask, visual_mask, window, scale=None, enable_gqa=False):
