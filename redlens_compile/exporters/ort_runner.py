@@ -75,7 +75,8 @@ class OnnxRunner:
         logger.info("OnnxRunner on %s", self.provider)
         self.pruning = self.manifest.get("pruning")  # what the prune graph does, or None
         self.key_bias_layers = graphs["decoder_step"]["key_bias_layers"]
-        self.front = (OnnxFront(self._run, front["image_inputs"], self.manifest["token_ids"]["visual"], "vision" in graphs)
+        self.front = (OnnxFront(self._run, front["image_inputs"], self.manifest["token_ids"]["visual"], "vision" in graphs,
+                                graphs.get("vision", {}).get("shapes"))
                       if front["runs_in"] == "onnxruntime" else None)
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

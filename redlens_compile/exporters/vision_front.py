@@ -83,17 +83,23 @@ class OnnxFront:
     """Processor outputs -> DecoderInputs with onnxruntime sessions for the vision and embedding graphs."""
 
     def __init__(self, run: Callable[[str, dict], list[np.ndarray]], image_inputs: list[str], visual_ids: list[int],
-                 has_vision: bool):
+                 has_vision: bool, image_shapes: Mapping[str, list[int]] | None = None):
         self.run = run  # (graph name, feeds) -> outputs
         self.image_inputs = image_inputs
         self.visual_ids = visual_ids
         self.has_vision = has_vision
+        self.image_shapes = dict(image_shapes or {})  # one image's input shapes the vision graph was exported for
 
     def image_features(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         images = images_in(inputs, self.image_inputs)
         if images is None or any(name not in inputs for name in self.image_inputs):
             raise ExportError(f"the prompt has image tokens but not the image inputs {self.image_inputs} the vision "
                               "graph takes (pass the processor's whole output)")
+        for name, shape in self.image_shapes.items():
+            if list(inputs[name].shape[1:]) != list(shape[1:]):
+                raise ExportError(f"{name} of shape {list(inputs[name].shape)}: the vision graph was exported for "
+                                  f"{shape[1:]} per image; export again with such a prompt as the example, or pass "
+                                  "the model and run the vision part in torch")
         rows = [self.run("vision", {name: inputs[name][i:i + 1] for name in self.image_inputs})[0]
                 for i in range(images)]
         return np.concatenate(rows)
@@ -164,11 +170,13 @@ def export_front(model: nn.Module, adapter: FamilyAdapter, example_inputs: Mappi
     ids = example_inputs["input_ids"]
     padded = torch.ones_like(ids)
     padded[:, : ids.shape[1] // 2] = 0
-    rule = model._prepare_position_ids_for_generation(ids, {"input_ids": ids, "attention_mask": padded})
-    if not torch.equal(rule.expand_as(ids), torch.from_numpy(generation_positions(padded.numpy()))):
+    family_rule = getattr(model, "_prepare_position_ids_for_generation", None)  # transformers' generate
+    rule = family_rule(ids, {"input_ids": ids, "attention_mask": padded}) if family_rule is not None else None
+    if rule is None or not torch.equal(rule.expand_as(ids), torch.from_numpy(generation_positions(padded.numpy()))):
         section["why"] = "the family computes generate's position ids by its own rule, which runs in torch"
         return section
-    front = OnnxFront(make_run(staging), names, adapter.visual_token_ids(model), has_vision=True)
+    shapes = {name: list(tensor.shape) for name, tensor in zip(names, one)}
+    front = OnnxFront(make_run(staging), names, adapter.visual_token_ids(model), has_vision=True, image_shapes=shapes)
     for label, inputs in (("the example", example_inputs), ("the example doubled", doubled(example_inputs))):
         want = capture_decoder_inputs(model, adapter, inputs)
         try:
@@ -182,5 +190,5 @@ def export_front(model: nn.Module, adapter: FamilyAdapter, example_inputs: Mappi
             logger.info("vision part stays in torch: %s", section["why"])
             return section
     section.update(runs_in="onnxruntime", vision={"file": VISION, "inputs": names, "outputs": ["image_features"],
-                                                 "per_image": True}, why=None)
+                                                 "per_image": True, "shapes": shapes}, why=None)
     return section

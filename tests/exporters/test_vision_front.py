@@ -88,6 +88,10 @@ def test_image_tokens_without_their_images_are_named(identity_optimized, tmp_pat
     fewer = dict(example, input_ids=ids)
     with pytest.raises(rc.ExportError, match="image tokens but its images give"):
         runner.front(fewer)
+    # images of another size than the vision graph was exported for: named, not an onnxruntime shape error
+    larger = dict(example, pixel_values=torch.zeros(1, 3, 48, 48))
+    with pytest.raises(rc.ExportError, match=r"exported for \[3, 32, 32\] per image"):
+        runner.front(larger)
 
 
 @pytest.mark.parametrize("family", ["internvl", "idefics3"])
