@@ -91,8 +91,7 @@ def main() -> None:
         print(f"{row}: optimize and export ...", file=sys.stderr, flush=True)
         opt = rc.optimize(model, inputs, config=rc.RedLensConfig.preset(row))
         out = opt.export_onnx(Path(tmp.name) / row)
-        in_torch = json.loads((out / "redlens.json").read_text())["front"]["runs_in"] == "torch"
-        runner = OnnxRunner(out, model if in_torch else None)
+        runner = OnnxRunner(out, model)  # the model serves only what the files run in torch
         runner.sessions = {name: ort.InferenceSession(str(out / g["file"]), session_options(),
                                                       providers=runner.providers)
                            for name, g in runner.manifest["graphs"].items()}

@@ -126,10 +126,8 @@ def main() -> None:
             from redlens_compile.exporters.ort_runner import OnnxRunner
 
             with tempfile.TemporaryDirectory() as tmp:
-                out = opt.export_onnx(Path(tmp) / "onnx")
-                # from the folder alone where the vision part exported (the proof model: a LLaVA)
-                in_torch = json.loads((out / "redlens.json").read_text())["front"]["runs_in"] == "torch"
-                runner = OnnxRunner(out, model if in_torch else None)
+                # the model serves only what the files run in torch (the proof model: nothing)
+                runner = OnnxRunner(opt.export_onnx(Path(tmp) / "onnx"), model)
                 ort_answers = answer_questions(onnx_generate(runner), processor, items)
             rows.append({"name": f"{row_name(spec, config)} (onnxruntime)", "config": config.to_dict(),
                          "flops_ratio": opt.report.flops_ratio, "accuracy": accuracy_by_type(items, ort_answers),

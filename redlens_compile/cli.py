@@ -87,15 +87,13 @@ def _onnx_check(opt, model, inputs, onnx_dir: Path, max_new_tokens: int) -> dict
     from .exporters.ort_runner import OnnxRunner
 
     opt.export_onnx(onnx_dir, inputs)
-    front = json.loads((onnx_dir / "redlens.json").read_text())["front"]
-    # the torch model only where the files say the vision part runs in torch
-    runner = OnnxRunner(onnx_dir, model if front["runs_in"] == "torch" else None)
+    runner = OnnxRunner(onnx_dir, model)  # the model serves only what the files run in torch
     with torch.no_grad():
         want = opt(**inputs).logits[:, -1]
     got = runner(**inputs)[:, -1]
     ids = opt.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     ort_ids = runner.generate(inputs, max_new_tokens=max_new_tokens)
-    return {"onnx_provider": runner.provider, "onnx_vision_runs_in": front["runs_in"],
+    return {"onnx_provider": runner.provider, "onnx_vision_runs_in": runner.manifest["front"]["runs_in"],
             "onnx_max_abs_logit_diff": float(abs(got - want.numpy()).max()),
             "onnx_generated_tokens_equal": bool(torch.equal(ids, ort_ids))}
 

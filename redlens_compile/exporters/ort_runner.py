@@ -64,6 +64,9 @@ class OnnxRunner:
         if model is not None and type(model).__name__ != self.manifest["model"]["class"]:
             raise ExportError(f"the files were exported from {self.manifest['model']['class']}, "
                               f"the model given is {type(model).__name__}")
+        # the model serves only what the files say runs in torch: with a checked ONNX front, none
+        if front["runs_in"] == "onnxruntime":
+            model = None
         self.model = model.eval() if model is not None else None
         self.adapter = adapter_for(model) if model is not None else None
         self.providers = pick_providers(providers)
@@ -98,7 +101,8 @@ class OnnxRunner:
         args = [arg.detach().cpu().numpy() for arg in decoder_inputs.as_args()[:4]]
         if self.pruning["method"] == "random":  # the torch module's seeded scores: only the shape is read
             args.append(random_scores(decoder_inputs.visual_mask, self.pruning["seed"]).numpy())
-        outputs = [torch.from_numpy(out) for out in self._run("prune", dict(zip(self.manifest["graphs"]["prune"]["inputs"], args)))]
+        feeds = dict(zip(self.manifest["graphs"]["prune"]["inputs"], args))
+        outputs = [torch.from_numpy(out) for out in self._run("prune", feeds)]
         return DecoderInputs(*outputs[:4], key_bias=outputs[4] if len(outputs) > 4 else None)
 
     def prefill(self, decoder_inputs: DecoderInputs) -> tuple[np.ndarray, list[np.ndarray]]:

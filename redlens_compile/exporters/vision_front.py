@@ -160,13 +160,6 @@ def export_front(model: nn.Module, adapter: FamilyAdapter, example_inputs: Mappi
         section["why"] = (f"the image inputs {names} do not share a leading image axis: the vision graph cannot be "
                           "run image by image")
         return section
-    one = tuple(example_inputs[name][:1] for name in names)
-    try:
-        export(ImageFeatures(model, names).eval(), one, staging / VISION, names, ["image_features"], None)
-    except ExportError as exc:
-        section["why"] = f"the vision tower and projector did not export: {exc}"
-        logger.info("vision part stays in torch: %s", exc)
-        return section
     ids = example_inputs["input_ids"]
     padded = torch.ones_like(ids)
     padded[:, : ids.shape[1] // 2] = 0
@@ -174,6 +167,13 @@ def export_front(model: nn.Module, adapter: FamilyAdapter, example_inputs: Mappi
     rule = family_rule(ids, {"input_ids": ids, "attention_mask": padded}) if family_rule is not None else None
     if rule is None or not torch.equal(rule.expand_as(ids), torch.from_numpy(generation_positions(padded.numpy()))):
         section["why"] = "the family computes generate's position ids by its own rule, which runs in torch"
+        return section
+    one = tuple(example_inputs[name][:1] for name in names)
+    try:
+        export(ImageFeatures(model, names).eval(), one, staging / VISION, names, ["image_features"], None)
+    except ExportError as exc:
+        section["why"] = f"the vision tower and projector did not export: {exc}"
+        logger.info("vision part stays in torch: %s", exc)
         return section
     shapes = {name: list(tensor.shape) for name, tensor in zip(names, one)}
     front = OnnxFront(make_run(staging), names, adapter.visual_token_ids(model), has_vision=True, image_shapes=shapes)

@@ -151,7 +151,7 @@ def proportional_key_bias(embeds: torch.Tensor, visual_mask: torch.Tensor, kept:
 
 
 def proportional_flops(rows: int, kept: int, dim: int) -> int:
-    """Multiply-adds of the similarities of every row to every kept row (the dropped rows' owners)."""
+    """Multiply-adds of assigning each dropped row to its most similar kept visual row."""
     return rows * kept * dim
 
 

@@ -96,6 +96,9 @@ class TokenPruning:
     def keep_counts(self, visual_mask: torch.Tensor) -> torch.Tensor:
         """[B] visual rows each sample keeps; an int keep above a sample's visual count is an error."""
         self.check_keep(visual_mask)
+        return self._counts(visual_mask)
+
+    def _counts(self, visual_mask: torch.Tensor) -> torch.Tensor:
         return keep_counts(visual_counts(visual_mask), 0 if self.method == "vtw" else self.keep)
 
     def check_keep(self, visual_mask: torch.Tensor) -> None:
@@ -132,8 +135,7 @@ class TokenPruning:
         """The rows kept by `scores` [B, S] (higher first), gathered; tensor ops only, no checks: the
         body of the exported prune graph (exporters/prune_graph.py) as of the eager stage."""
         visual = inputs.visual_mask
-        counts = keep_counts(visual_counts(visual), 0 if self.method == "vtw" else self.keep)
-        kept = select_rows(visual, scores, counts)
+        kept = select_rows(visual, scores, self._counts(visual))
         pos_dim = inputs.position_ids.dim() - 1  # the sequence axis: 1 (1-D) or 2 (M-RoPE rows first)
         pruned = DecoderInputs(
             inputs_embeds=gather_seq(inputs.inputs_embeds, kept, 1),
