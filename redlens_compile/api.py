@@ -136,7 +136,9 @@ def optimize(
         plan = plan_fixed(config, adapter.num_layers(model))
 
     progress("running passes")
-    result = apply_plan(captured.graph_module, plan, config.probe_tokens, key_bias=key_bias)
+    # Reduced work runs in thinner GEMMs than the original's: lower them (identity stays the family's ops).
+    reduces = bool(plan.settings) or pruned is not None
+    result = apply_plan(captured.graph_module, plan, config.probe_tokens, key_bias=key_bias, thin_linear=reduces)
     progress("counting FLOPs after the rewrite")
     after = count_graph_flops(result.graph_module, example)
     notes = _probe_note(config, example, plan)
@@ -171,7 +173,7 @@ def _optimize_split(model: nn.Module, captured: CapturedDecoder, example_inputs:
     layer = pruning.layer
     progress(f"capturing the decoder as two graphs, cut after layer {layer}")
     head, tail = capture_split(captured, model, layer)
-    cleanup = build_passes(ReductionPlan(settings={}), config.probe_tokens)
+    cleanup = build_passes(ReductionPlan(settings={}), config.probe_tokens, thin_linear=True)
     head_passes = cleanup[:1] + ([LastQueryAttentionPass(layer)] if pruning.method == "fastv" else []) + cleanup[1:]
     head, head_records = run_passes(head, head_passes)
     tail, tail_records = run_passes(tail, cleanup)

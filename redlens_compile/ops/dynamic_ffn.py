@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .rows import counted, data_size, gather_padded
+from .thin_linear import thin_linear
 
 
 def probe_rows(visual_rows: torch.Tensor, vis_count: torch.Tensor, probes: int | float
@@ -56,8 +57,11 @@ def _split_linear_flops(x, weight, bias, text_rows):
 @counted(_split_linear_flops)
 def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, text_rows: torch.Tensor
                  ) -> torch.Tensor:
-    """F.linear over stacked rows; the audit counts the first len(text_rows) rows as text, the rest (probes) as visual."""
-    return torch.nn.functional.linear(x, weight, bias)
+    """F.linear over stacked rows; the audit counts the first len(text_rows) rows as text, the rest (probes) as visual.
+
+    A thin GEMM made by the reduction itself, so it takes the thin-linear orientation (ops/thin_linear.py).
+    """
+    return thin_linear(x, weight, bias)
 
 
 def top_channels(probe_activation: torch.Tensor, probe_valid: torch.Tensor, keep: int) -> torch.Tensor:

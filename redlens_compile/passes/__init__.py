@@ -8,6 +8,7 @@ from .infra import PassRecord, RedLensPass, run_passes
 from .last_position_logits import LastPositionLogitsPass
 from .pipeline import PipelineResult, apply_plan, build_passes
 from .strip_asserts import StripAssertsPass
+from .thin_linear import ThinLinearPass
 
 __all__ = [
     "CausalFastPathPass",
@@ -19,6 +20,7 @@ __all__ = [
     "PipelineResult",
     "RedLensPass",
     "StripAssertsPass",
+    "ThinLinearPass",
     "apply_plan",
     "build_passes",
     "run_passes",

@@ -15,6 +15,7 @@ from .infra import PassRecord, RedLensPass, run_passes
 from .key_bias import KeyBiasPass
 from .selectors import clone_graph_module
 from .strip_asserts import StripAssertsPass
+from .thin_linear import ThinLinearPass
 
 
 @dataclass
@@ -25,9 +26,11 @@ class PipelineResult:
     skipped: dict[int, str] = field(default_factory=dict)  # layer -> why a reduction could not be applied
 
 
-def build_passes(plan: ReductionPlan, probe_tokens: int | float, key_bias: bool = False) -> list[RedLensPass]:
+def build_passes(plan: ReductionPlan, probe_tokens: int | float, key_bias: bool = False,
+                 thin_linear: bool = False) -> list[RedLensPass]:
     """Strip asserts, the reductions the plan asks for, the key-bias input (proportional attention
-    after pruning), the causal fast path, dead-code elimination."""
+    after pruning), the causal fast path, the thin-linear lowering (where the graph runs reduced
+    work), dead-code elimination."""
     passes: list[RedLensPass] = [StripAssertsPass()]
     keep = {i: s.ffn_keep for i, s in plan.settings.items() if s.reduces_ffn}
     window = {i: s.window for i, s in plan.settings.items() if s.hollow}
@@ -37,16 +40,19 @@ def build_passes(plan: ReductionPlan, probe_tokens: int | float, key_bias: bool 
         passes.append(HollowAttentionPass(window=window))
     if key_bias:
         passes.append(KeyBiasPass())
-    passes += [CausalFastPathPass(), DeadCodeEliminationPass()]
+    passes.append(CausalFastPathPass())
+    if thin_linear:
+        passes.append(ThinLinearPass())
+    passes.append(DeadCodeEliminationPass())
     return passes
 
 
 def apply_plan(graph_module: fx.GraphModule, plan: ReductionPlan, probe_tokens: int | float,
-               copy: bool = False, key_bias: bool = False) -> PipelineResult:
+               copy: bool = False, key_bias: bool = False, thin_linear: bool = False) -> PipelineResult:
     """Run the plan's passes (on a copy sharing the weights when `copy`, e.g. for ranking trials)."""
     if copy:
         graph_module = clone_graph_module(graph_module)
-    passes = build_passes(plan, probe_tokens, key_bias)
+    passes = build_passes(plan, probe_tokens, key_bias, thin_linear)
     graph_module, records = run_passes(graph_module, passes)
     result = PipelineResult(graph_module, records)
     for p in passes:

@@ -17,6 +17,7 @@ from torch import fx
 from ..capture.annotate import ATTENTION_CORE_TARGETS, FFN_ROLES, annotation, copy_node_meta
 from ..ops.causal_attention import is_causal_mask
 from ..ops.rows import visual_layout
+from ..ops.thin_linear import thin_linear
 
 aten = torch.ops.aten
 
@@ -35,7 +36,7 @@ def has_role(node: fx.Node, *roles: str) -> bool:
 
 
 def is_linear(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target == aten.linear.default
+    return node.op == "call_function" and node.target in (aten.linear.default, thin_linear)
 
 
 def decoder_layers(gm: fx.GraphModule) -> list[int]:

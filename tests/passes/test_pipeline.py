@@ -15,6 +15,8 @@ def test_build_passes_follows_the_plan():
                                   "DeadCodeEliminationPass"]
     ffn_only = ReductionPlan({0: LayerSettings(ffn_keep=0.5, window=UNBOUNDED_WINDOW)})
     assert "DynamicFFNPass" in names(ffn_only) and "HollowAttentionPass" not in names(ffn_only)
+    lowered = [p.name for p in build_passes(ffn_only, 0.1, thin_linear=True)]
+    assert lowered[-3:] == ["CausalFastPathPass", "ThinLinearPass", "DeadCodeEliminationPass"]
 
 
 def test_trial_copy_leaves_the_captured_graph_unchanged(captured_family):

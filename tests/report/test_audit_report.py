@@ -50,7 +50,7 @@ def test_report_of_a_budget_shows_ranking_plan_and_settings(tmp_path, family_mod
     for row in data["layers"]:
         assert (row["settings"] is not None) == row["reduced"] == (row["layer"] in data["chosen_layers"])
     assert [p["name"] for p in data["passes"]] == ["StripAssertsPass", "DynamicFFNPass", "HollowAttentionPass",
-                                                   "CausalFastPathPass", "DeadCodeEliminationPass"]
+                                                   "CausalFastPathPass", "ThinLinearPass", "DeadCodeEliminationPass"]
     md = (out / "report.md").read_text()
     assert "## Layer ranking (jsd" in md and "## Planner steps" in md and "ffn_keep" in md
     assert data["totals"]["decoder_prefill_ratio"] <= 0.6

@@ -1,0 +1,56 @@
+"""Linear layers over few rows, computed output-features-major (inserted by passes/thin_linear.py).
+
+A reduction leaves GEMMs thinner than the original's: the pruned sequence (text + R kept
+rows), the text and probe rows of a reduced FFN. MKL's `x @ W.T` runs those at a lower rate
+than the full sequence (measured on this project's 2-core CPU, hidden 1536 -> 8960: 141
+GFLOP/s at 192 rows against 176 at 1088), while the same product as `W @ x.T` runs at 170 at
+192 rows. So between THIN_ROWS[0] and THIN_ROWS[1] rows the op computes `(W @ x.T).T`, rows
+padded to a multiple of ROW_ALIGN (an unaligned leading dimension halves the rate at 167 rows),
+and returns the transposed view (downstream ops read any layout; a copy back would cost what
+was saved). Each output element is the same dot product; measured bit-equal to F.linear from
+64 rows up. Outside the range, under tracing or export, and for autograd, it is F.linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rows import counted
+
+THIN_ROWS = (64, 512)
+ROW_ALIGN = 16
+
+
+@counted()  # fvcore counts the F.linear it runs while traced
+def thin_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), output-features-major when x has few rows."""
+    if not _plain_eager(x, weight):
+        return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not THIN_ROWS[0] <= rows <= THIN_ROWS[1]:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    pad = -rows % ROW_ALIGN
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
+    out = torch.mm(weight, flat.t())[:, :rows].t()  # [rows, out_features], column-major
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _plain_eager(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # Tracers (fvcore's jit trace, torch.export for ONNX) must see the plain op; autograd, too. The
+    # rates above are MKL's on a CPU.
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or x.device.type != "cpu":
+        return False
+    if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter):
+        return False
+    if x.dim() < 2 or weight.dim() != 2 or x.dtype != weight.dtype:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+__all__ = ["THIN_ROWS", "thin_linear"]
