@@ -41,6 +41,8 @@ def library_versions() -> dict[str, str]:
 def _whole_flops(value: Any, key: str = "") -> Any:
     """FLOPs as integers in the JSON (a visual/text split leaves float noise such as 12264447.99999999);
     ratios and shares stay floats."""
+    if key == "settings":  # a reduced layer's ffn_keep / window, not FLOPs
+        return value
     if isinstance(value, dict):
         return {k: _whole_flops(v, k) for k, v in value.items()}
     if isinstance(value, list):

@@ -49,6 +49,9 @@ def test_report_of_a_budget_shows_ranking_plan_and_settings(tmp_path, family_mod
     assert data["plan"]["steps"] and data["chosen_layers"]
     for row in data["layers"]:
         assert (row["settings"] is not None) == row["reduced"] == (row["layer"] in data["chosen_layers"])
+        if row["reduced"]:  # the plan's settings as they are (not rounded like FLOPs)
+            assert row["settings"] == report.plan["settings"][str(row["layer"])]
+            assert 0 < row["settings"]["ffn_keep"] <= 1
     assert [p["name"] for p in data["passes"]] == ["StripAssertsPass", "DynamicFFNPass", "HollowAttentionPass",
                                                    "CausalFastPathPass", "ThinLinearPass", "DeadCodeEliminationPass"]
     md = (out / "report.md").read_text()
