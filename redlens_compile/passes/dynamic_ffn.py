@@ -65,7 +65,7 @@ class DynamicFFNPass(RedLensPass):
         graph = gm.graph
         layout = layout_nodes(gm)
         width = _channels(gm, match)
-        kept = max(1, min(width, math.ceil(keep * width)))
+        kept = kept_channels(keep, width)
         entry, down = match.entry, match.down
         users = [u for u in down.users]
 
@@ -106,6 +106,23 @@ class DynamicFFNPass(RedLensPass):
         for user in users:
             user.replace_input_with(down, merged)
         logger.info("dynamic FFN on layer %d: %d of %d channels for visual rows", match.layer, kept, width)
+
+
+CHANNEL_ALIGN = 16
+ALIGNED_WIDTH = 1024
+
+
+def kept_channels(keep: float, width: int) -> int:
+    """K = ceil(keep * F), rounded up to a multiple of CHANNEL_ALIGN when F >= ALIGNED_WIDTH.
+
+    The sliced up-side products write [N, K] rows; with K not a multiple of 16 they ran 25-40%
+    slower (on 1024 rows, F = 8960: K = 1890 or 1063 against 1904 or 1072). Rounding adds under
+    1.6% of F's channels where it applies; the audit counts the K that runs.
+    """
+    kept = max(1, min(width, math.ceil(keep * width)))
+    if width >= ALIGNED_WIDTH:
+        kept = min(width, -(-kept // CHANNEL_ALIGN) * CHANNEL_ALIGN)
+    return kept
 
 
 def _channels(gm: fx.GraphModule, match: FFNMatch) -> int:

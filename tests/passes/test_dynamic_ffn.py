@@ -8,6 +8,7 @@ from tiny_families import make_inputs
 from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
 from redlens_compile.ops.dynamic_ffn import batched_matmul, top_channels
 from redlens_compile.passes import DeadCodeEliminationPass, DynamicFFNPass, StripAssertsPass, run_passes
+from redlens_compile.passes.dynamic_ffn import kept_channels
 from redlens_compile.passes.selectors import clone_graph_module, ffn_of_layer
 
 TOL = 1e-5
@@ -82,3 +83,12 @@ def test_top_channels_picks_the_largest_mean_activation():
     act = torch.tensor([[[1.0, -5.0, 0.1, 2.0], [1.0, -3.0, 0.1, -6.0], [100.0, 100.0, 100.0, 100.0]]])
     valid = torch.tensor([[True, True, False]])  # the third probe is padding and must not count
     assert top_channels(act, valid, 2).tolist() == [[1, 3]]
+
+
+def test_kept_channels_round_up_to_aligned_counts_on_real_widths():
+    assert kept_channels(0.5, 8960) == 4480
+    assert kept_channels(0.2109375, 8960) == 1904  # ceil gives 1890: rounded up to 16
+    assert kept_channels(0.11865234375, 8960) == 1072
+    assert kept_channels(0.999, 1030) == 1030  # never above the width
+    assert kept_channels(0.25, 96) == 24 and kept_channels(0.3, 96) == 29  # small widths: ceil(keep * F) as is
+    assert kept_channels(0.0001, 96) == 1
