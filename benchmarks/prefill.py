@@ -148,8 +148,8 @@ def decode_per_token(model, opt, inputs: dict, repeats: int, tokens: int = 32) -
     def original(n):  # min_new_tokens: an end-of-sequence token must not cut the run short
         return lambda: model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    def optimized(n):
-        return lambda: opt.generate(**inputs, max_new_tokens=n, eos_token_id=[])
+    def optimized(n):  # transformers' own generate loop, with the graph prefill
+        return lambda: opt.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     with torch.no_grad():
         medians = interleaved_medians({"original_1": original(1), "original_n": original(1 + tokens),
