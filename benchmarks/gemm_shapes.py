@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from redlens_compile.ops.thin_linear import thin_linear
+from redlens_compile.ops.thin_linear import output_major_mm, thin_linear
 
 HIDDEN, FFN = 1536, 8960
 ROWS = (64, 128, 167, 192, 256, 512, 1088)
@@ -55,7 +55,7 @@ def main() -> None:
                 orientation.append({
                     "shape": name, "rows": rows,
                     "x_at_w_t": rate(lambda: [F.linear(x, w) for w in ws], macs, args.repeats),
-                    "w_at_x_t_padded": rate(lambda: [_feature_major(x, w) for w in ws], macs, args.repeats),
+                    "w_at_x_t_padded": rate(lambda: [output_major_mm(x, w) for w in ws], macs, args.repeats),
                     "thin_linear_takes_it": thin_linear(x, ws[0]).stride(0) == 1,
                 })
         sliced_up = []
@@ -68,13 +68,6 @@ def main() -> None:
                                              args.repeats)})
     print(json.dumps({"threads": torch.get_num_threads(), "repeats": args.repeats, "orientation": orientation,
                       "sliced_up": sliced_up}, indent=2))
-
-
-def _feature_major(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    rows = x.shape[0]
-    pad = -rows % 16
-    padded = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
-    return torch.mm(w, padded.t())[:, :rows].t()
 
 
 if __name__ == "__main__":

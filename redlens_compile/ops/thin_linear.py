@@ -2,11 +2,10 @@
 
 A reduction leaves GEMMs thinner than the original's: the pruned sequence (text + R kept
 rows), the text and probe rows of a reduced FFN. MKL's `x @ W.T` runs those at a lower rate
-than the full sequence (measured on this project's 2-core CPU, hidden 1536 -> 8960: 141
-GFLOP/s at 192 rows against 176 at 1088), while the same product as `W @ x.T` runs at 170 at
-192 rows. So between THIN_ROWS[0] and THIN_ROWS[1] rows the op computes `(W @ x.T).T`, rows
-padded to a multiple of ROW_ALIGN (an unaligned leading dimension halves the rate at 167 rows),
-and returns the transposed view (downstream ops read any layout; a copy back would cost what
+than the full sequence on this project's 2-core CPU, while the same product as `W @ x.T` runs
+near it (`benchmarks/gemm_shapes.py` measures both). So between THIN_ROWS[0] and THIN_ROWS[1]
+rows the op computes `(W @ x.T).T`, rows padded to a multiple of ROW_ALIGN (an unaligned
+leading dimension cost the most at 167 rows), and returns the transposed view (downstream ops read any layout; a copy back would cost what
 was saved). Each output element is the same dot product; measured bit-equal to F.linear from
 64 rows up. Outside the range, under tracing or export, and for autograd, it is F.linear.
 """
@@ -31,14 +30,19 @@ def thin_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not THIN_ROWS[0] <= rows <= THIN_ROWS[1]:
         return F.linear(x, weight, bias)
-    flat = x.reshape(rows, x.shape[-1])
-    pad = -rows % ROW_ALIGN
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
-    out = torch.mm(weight, flat.t())[:, :rows].t()  # [rows, out_features], column-major
+    out = output_major_mm(x.reshape(rows, x.shape[-1]), weight)
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def output_major_mm(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rows [R, in] @ weight.T as (weight @ rows.T).T, R padded to ROW_ALIGN: [R, out], column-major."""
+    count = rows.shape[0]
+    pad = -count % ROW_ALIGN
+    if pad:
+        rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+    return torch.mm(weight, rows.t())[:, :count].t()
 
 
 def _plain_eager(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -53,4 +57,4 @@ def _plain_eager(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
-__all__ = ["THIN_ROWS", "thin_linear"]
+__all__ = ["ROW_ALIGN", "THIN_ROWS", "output_major_mm", "thin_linear"]

@@ -115,9 +115,9 @@ ALIGNED_WIDTH = 1024
 def kept_channels(keep: float, width: int) -> int:
     """K = ceil(keep * F), rounded up to a multiple of CHANNEL_ALIGN when F >= ALIGNED_WIDTH.
 
-    The sliced up-side products write [N, K] rows; with K not a multiple of 16 they ran 25-40%
-    slower (on 1024 rows, F = 8960: K = 1890 or 1063 against 1904 or 1072). Rounding adds under
-    1.6% of F's channels where it applies; the audit counts the K that runs.
+    The sliced up-side products write [N, K] rows; with an odd K they ran slower than with an
+    aligned one (`benchmarks/gemm_shapes.py`, `sliced_up`: 1024 rows, F = 8960). Rounding adds
+    under 1.6% of F's channels where it applies; the audit counts the K that runs.
     """
     kept = max(1, min(width, math.ceil(keep * width)))
     if width >= ALIGNED_WIDTH:
