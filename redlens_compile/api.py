@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
-__all__ = ["audit", "capture", "optimize"]
+__all__ = ["audit", "capture", "check_inputs", "optimize"]
 
 
 def _noop_progress(_: str) -> None:
@@ -81,18 +81,7 @@ def optimize(
         raise ConfigError(f"config must be a RedLensConfig, got {type(config).__name__}")
     adapter = adapter_for(model)
     model.eval()
-    # Bad input before any planning: no image tokens is an error whatever the config.
-    visual_mask = image_token_mask(model, adapter, example_inputs)
-    validate_layers(config, adapter.num_layers(model))
-    pruning = build_pruning(config, model, adapter)
-    if pruning is not None:
-        pruning.keep_counts(visual_mask)  # prune_keep above the example's visual count: an error now
-        if pruning.after_layer is not None and plan_fixed(config, adapter.num_layers(model)).settings:
-            raise ReductionUnavailableError(
-                f"prune={config.prune!r} with layers={config.layers!r}: pruning inside the decoder combined with the "
-                "per-layer reductions is not part of this build; use layers='auto' (pruning alone when it meets "
-                "flops_budget) or prune='codebook'/'random' (before the first layer), which combine"
-            )
+    pruning = check_inputs(model, example_inputs, config)
 
     progress("running the original model on the example")
     with torch.no_grad():
@@ -165,6 +154,29 @@ def optimize(
                          pruning=pruning)
     opt.example_inputs = example_inputs  # what export_onnx traces by default
     return opt
+
+
+def check_inputs(model: nn.Module, example_inputs: Mapping[str, Any], config: RedLensConfig | None = None):
+    """What optimize (config given) or audit (None) refuses before any work; returns the pruning stage.
+
+    Reads only the model's config and classes, never its weights: the CLI runs it on a model
+    built on the meta device before the weights load."""
+    adapter = adapter_for(model)
+    # Bad input before any planning: no image tokens is an error whatever the config.
+    visual_mask = image_token_mask(model, adapter, example_inputs)
+    if config is None:
+        return None
+    validate_layers(config, adapter.num_layers(model))
+    pruning = build_pruning(config, model, adapter)
+    if pruning is not None:
+        pruning.keep_counts(visual_mask)  # prune_keep above the example's visual count: an error now
+        if pruning.after_layer is not None and plan_fixed(config, adapter.num_layers(model)).settings:
+            raise ReductionUnavailableError(
+                f"prune={config.prune!r} with layers={config.layers!r}: pruning inside the decoder combined with the "
+                "per-layer reductions is not part of this build; use layers='auto' (pruning alone when it meets "
+                "flops_budget) or prune='codebook'/'random' (before the first layer), which combine"
+            )
+    return pruning
 
 
 def _optimize_split(model: nn.Module, captured: CapturedDecoder, example_inputs: Mapping[str, Any], before,
@@ -240,6 +252,7 @@ def build_pruning(config: RedLensConfig, model: nn.Module, adapter) -> TokenPrun
 
 def audit(model: nn.Module, example_inputs: Mapping[str, Any]) -> AuditReport:
     """FLOPs audit of the unmodified model on `example_inputs`."""
+    check_inputs(model, example_inputs)
     captured = capture(model, example_inputs)
     flops = count_graph_flops(captured.graph_module, captured.example)
     return build_report(model, captured, example_inputs, flops, flops)

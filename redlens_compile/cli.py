@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,6 +43,25 @@ def _load(model_dir: str):
     return load_model_dir(path)  # the processor without its video part where torchvision is missing
 
 
+def _load_checked(model_dir: str, build, config=None):
+    """(model, processor, inputs): the weight files, the example (build(processor)) and the config
+    checked before the weights load, on the model's meta-device skeleton (api.check_inputs)."""
+    path = _check_model_dir(model_dir)
+    from .api import check_inputs
+    from .loading import check_weight_files, load_model, load_processor, skeleton_model
+
+    check_weight_files(path)
+    processor = load_processor(path)  # the processor without its video part where torchvision is missing
+    inputs = build(processor)
+    try:
+        skeleton = skeleton_model(path)
+    except Exception as exc:  # a class the meta device cannot build: the same checks run once it loads
+        logger.info("input checks wait for the weights (%s: %s)", type(exc).__name__, exc)
+    else:
+        check_inputs(skeleton, inputs, config)
+    return load_model(path), processor, inputs
+
+
 def _build_inputs(processor, image_path: str | None, prompt: str | None) -> dict[str, Any]:
     from PIL import Image
 
@@ -77,6 +92,15 @@ def _config_from_args(args: argparse.Namespace):
         config = RedLensConfig()  # the defaults: flops_budget 0.5, layers chosen by the ranking
     if args.budget is not None:
         config = RedLensConfig.from_dict(dict(config.to_dict(), flops_budget=args.budget))
+    if config.codebook is not None:  # a missing or broken codebook before the model loads
+        from .errors import CodebookError
+        from .files import safetensors_problem
+
+        if not Path(config.codebook).is_file():
+            raise CodebookError(f"codebook {config.codebook}: no such file (build one with `redlens-compile codebook`)")
+        problem = safetensors_problem(Path(config.codebook))
+        if problem is not None:
+            raise CodebookError(f"codebook {config.codebook}: {problem}")
     return config
 
 
@@ -99,7 +123,7 @@ def _onnx_check(opt, model, inputs, onnx_dir: Path, max_new_tokens: int) -> dict
 
 
 def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: int, repeats: int,
-                  questions: int = 0, onnx: bool = False) -> dict:
+                  questions: int = 0, onnx: bool = False, command: str = "optimize") -> dict:
     import torch
     from tqdm import tqdm
 
@@ -146,7 +170,7 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
     }
     if questions:
         summary.update(_task_accuracy(model, opt, processor, questions))
-    with _staged(out) as staging:  # every output or none
+    with _staged(out, command) as staging:  # every output or none, replacing an earlier run's
         if onnx:
             summary.update(_onnx_check(opt, model, inputs, staging / "onnx", max_new_tokens))
             summary["onnx_dir"] = str(out / "onnx")
@@ -205,50 +229,42 @@ def _check_image_arg(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--image {image}: a folder, not an image file")
     if not Path(image).is_file():
         raise FileNotFoundError(f"--image {image}: no such file")
+    from PIL import Image
+
+    from .errors import InputError
+
+    try:  # decoded now: a corrupt or truncated file fails before the model loads
+        with Image.open(image) as picture:
+            picture.load()
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"--image {image}: not a readable image ({' '.join(str(exc).split())})") from None
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
+def _check_out(out: str, command: str) -> Path:
+    """--out is new, empty or an earlier output of the same command (replaced whole, as listed in its
+    outputs manifest), and writable: checked before any model work (files.check_output_folder)."""
+    from .errors import OutputFolderError
+    from .files import check_output_folder
+
+    return check_output_folder(Path(out), command, error=OutputFolderError)
 
 
-def _check_out(out: str) -> Path:
-    """--out must be a folder (or not exist yet) that can be written: checked before any model work."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"--out {out}: a file, not a folder; choose a folder for the report")
-    existing = _nearest_existing(path)
-    if not existing.is_dir():
-        raise FileExistsError(f"--out {out}: {existing} is a file, so the folder cannot be made")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"--out {out}: {existing} is not writable")
-    return path
+def _staged(out: Path, command: str):
+    """A scratch folder beside --out that replaces it whole once every output is written."""
+    from .errors import OutputFolderError
+    from .files import staged_folder
 
-
-@contextlib.contextmanager
-def _staged(out: Path):
-    """A scratch folder beside --out; its files move into --out only when everything succeeded."""
-    staging = Path(tempfile.mkdtemp(prefix=".redlens-out-", dir=_nearest_existing(out.parent)))
-    try:
-        yield staging
-        out.mkdir(parents=True, exist_ok=True)
-        for item in staging.iterdir():
-            os.replace(item, out / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return staged_folder(out, command, error=OutputFolderError)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     _check_image_arg(args)
-    out = _check_out(args.out)
-    model, processor = _load(args.model_dir)  # checks the directory's config.json first
+    out = _check_out(args.out, "audit")
+    model, processor, inputs = _load_checked(args.model_dir, lambda p: _build_inputs(p, args.image, args.prompt))
     from .api import audit
 
-    inputs = _build_inputs(processor, args.image, args.prompt)
     report = audit(model, inputs)
-    with _staged(out) as staging:
+    with _staged(out, "audit") as staging:
         report.save(staging)
     print(report.summary())
     print(f"report written to {args.out}/report.md, report.json, flops.png")
@@ -258,9 +274,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_optimize(args: argparse.Namespace) -> int:
     config = _config_from_args(args)  # bad configs fail before the model loads
     _check_image_arg(args)
-    out = _check_out(args.out)
-    model, processor = _load(args.model_dir)  # checks the directory's config.json first
-    inputs = _build_inputs(processor, args.image, args.prompt)
+    out = _check_out(args.out, "optimize")
+    model, processor, inputs = _load_checked(args.model_dir, lambda p: _build_inputs(p, args.image, args.prompt),
+                                             config)
     summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats)
     _print_summary(summary)
     return 0
@@ -272,16 +288,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .models.shapes_task import heldout_questions
 
     config = _config_from_args(args)
-    out = _check_out(args.out)
+    out = _check_out(args.out, "demo")
     model_dir = ensure_default_model()
     meta = json.loads((model_dir / "redlens_model.json").read_text())
     print(f"default model    {model_dir} ({meta['weights']} weights)")
-    model, processor = _load(str(model_dir))
     image, qa = heldout_questions(1)[0]
-    inputs = encode_questions(processor, [image], [qa.question])
+    model, processor, inputs = _load_checked(str(model_dir), lambda p: encode_questions(p, [image], [qa.question]),
+                                             config)
     questions = args.questions if meta["weights"] == "trained" else 0  # random weights: accuracy means nothing
     summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats, questions,
-                            onnx=not args.no_onnx)
+                            onnx=not args.no_onnx, command="demo")
     _print_summary(summary)
     return 0
 
@@ -292,9 +308,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .exporters.onnx import check_export_dir
 
     out = Path(args.out)
-    check_export_dir(out)  # before any model work
-    model, processor = _load(args.model_dir)
-    inputs = _build_inputs(processor, args.image, args.prompt)
+    check_export_dir(out, "--out")  # before any model work: new, empty or an earlier export
+    model, processor, inputs = _load_checked(args.model_dir, lambda p: _build_inputs(p, args.image, args.prompt),
+                                             config)
     from .api import optimize
 
     opt = optimize(model, inputs, config=config)

@@ -39,3 +39,16 @@ class CodebookError(RedLensError, ValueError):
 
 class ExportError(RedLensError, RuntimeError):
     """The ONNX export cannot be made (an op without a translation, a bad output folder, ...)."""
+
+
+class InputError(RedLensError, ValueError):
+    """The inputs cannot be served as given: image placeholders without pixel values, an unreadable
+    image file, an argument the optimized model's forward does not serve."""
+
+
+class ModelFilesError(RedLensError, ValueError):
+    """A model directory's files are truncated or corrupt (checked before the weights load)."""
+
+
+class OutputFolderError(RedLensError, OSError):
+    """An output folder cannot take a command's outputs (foreign files, not writable, a file)."""

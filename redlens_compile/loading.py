@@ -14,7 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .errors import UnsupportedModelError
+from .errors import ModelFilesError, UnsupportedModelError
+from .files import safetensors_problem
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +94,56 @@ def load_processor(model_dir: str | Path) -> Any:
             "files processor.save_pretrained writes") from exc
 
 
-def load_model_dir(model_dir: str | Path):
-    """(model in eval mode, processor) from a directory written by save_pretrained."""
+_SHARD_INDEX = "model.safetensors.index.json"
+
+
+def check_weight_files(model_dir: str | Path) -> list[Path]:
+    """The directory's safetensors weight files, each checked whole (header and declared data size
+    against the file size) before anything loads: a truncated or corrupt file is a ModelFilesError
+    naming it, not a loader traceback. Returns the files."""
+    path = Path(model_dir)
+    index = path / _SHARD_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelFilesError(f"{index}: not a readable shard index ({exc}); save the model again "
+                                  "with save_pretrained") from exc
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing:
+            raise ModelFilesError(f"{path}: {_SHARD_INDEX} names weight files that are missing ({', '.join(missing[:5])}); "
+                                  "copy the whole directory save_pretrained wrote")
+        files = [path / name for name in shards]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    for file in files:
+        problem = safetensors_problem(file)
+        if problem is not None:
+            raise ModelFilesError(f"{file}: {problem}; the weights cannot load: copy or save the model again")
+    return files
+
+
+def load_model(model_dir: str | Path):
+    """The model of a save_pretrained directory, in eval mode, its weight files checked first."""
     from transformers import AutoModelForImageTextToText
 
+    check_weight_files(model_dir)
+    return AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+
+
+def skeleton_model(model_dir: str | Path):
+    """The directory's model class built from its config on the meta device (no weights read, no
+    memory): what the input checks need (classes, config, token ids) before the weights load."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config).eval()
+
+
+def load_model_dir(model_dir: str | Path):
+    """(model in eval mode, processor) from a directory written by save_pretrained."""
+    check_weight_files(model_dir)
     processor = load_processor(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    return model, processor
+    return load_model(model_dir), processor

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import CaptureError, NoImageTokensError
+from ..errors import CaptureError, InputError, NoImageTokensError
 from .families import FamilyAdapter
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,16 @@ def _canonical_position_ids(
     return position_ids.expand(rows, batch, seq).clone()
 
 
+# Inputs that carry what image placeholders stand for: pixels, or (transformers' generate) the
+# vision tower's outputs encoded before the loop.
+_VISUAL_INPUTS = ("pixel_values", "mm_encoder_outputs", "image_embeds", "image_features", "image_patches")
+
+
+def _has_visual_input(inputs: Mapping[str, Any]) -> bool:
+    return any(v is not None and not (isinstance(v, dict) and not v)
+               for k, v in inputs.items() if k.startswith(_VISUAL_INPUTS))
+
+
 def image_token_mask(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[str, Any],
                      require_visual: bool = True) -> torch.Tensor:
     """[B, S] bool, True at image placeholder positions; NoImageTokensError when there are none."""
@@ -121,6 +131,12 @@ def image_token_mask(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[s
             "to optimize. Build the prompt with the processor, passing images= and a text that contains the "
             "image placeholder (e.g. processor.image_token)."
         )
+    if bool(visual_mask.any()) and not _has_visual_input(inputs):
+        # the family would embed the placeholders as text (or fail deep in its vision code)
+        raise InputError(
+            f"input_ids hold {int(visual_mask.sum())} image placeholder tokens (ids {adapter.visual_token_ids(model)}) "
+            "but the inputs have no pixel_values: pass the images the placeholders stand for (the processor's "
+            "output for images= and text=), or a text without placeholders")
     return visual_mask
 
 

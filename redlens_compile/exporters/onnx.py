@@ -33,7 +33,7 @@ from torch.export import Dim
 
 from ..capture.decoder_inputs import DecoderInputs, capture_decoder_inputs
 from ..errors import ExportError
-from ..files import staged_folder
+from ..files import check_output_folder, staged_folder
 from ..passes.infra import run_passes
 from ..passes.key_bias import KEY_BIAS_LAYERS
 from ..passes.selectors import clone_graph_module
@@ -51,25 +51,16 @@ MANIFEST = "redlens.json"
 FORMAT = "redlens-onnx/1"
 PREFILL, STEP, EMBED = "decoder_prefill.onnx", "decoder_step.onnx", "embed_tokens.onnx"
 MAX_BATCH = 256
+EXPORT_COMMAND = "export"  # the outputs manifest's command: a later export replaces the folder whole
 
 
 def kv_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}.{i}.{part}" for i in range(layers) for part in ("key", "value")]
 
 
-def check_export_dir(out: Path) -> None:
-    """The target must be new or an empty folder whose parent can be written: checked first."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out}: a file, not a folder; choose a new folder for the ONNX files")
-    if out.is_dir() and any(out.iterdir()):
-        stale = sorted(p.name for p in out.iterdir())[:5]
-        raise ExportError(f"{out} already holds files ({', '.join(stale)}): ONNX files of another export would mix "
-                          "with these; choose a new folder or empty it")
-    parent = out.parent if not out.exists() else out
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise ExportError(f"{out}: {parent} is not writable")
+def check_export_dir(out: Path, flag: str = "") -> None:
+    """The target must be new, empty or an earlier export (replaced whole), and writable: checked first."""
+    check_output_folder(Path(out), EXPORT_COMMAND, flag=flag, error=ExportError)
 
 
 class _NamedGraph(nn.Module):
@@ -137,7 +128,8 @@ def _examples(opt: "OptimizedModel", example_inputs: Mapping[str, Any]) -> tuple
 
 
 def export_onnx(opt: "OptimizedModel", directory: str | os.PathLike, example_inputs: Mapping[str, Any]) -> Path:
-    """Write the ONNX files and the manifest into `directory` (new or empty); returns its path."""
+    """Write the ONNX files and the manifest into `directory` (new, empty or an earlier export, which
+    is replaced whole); returns its path."""
     out = Path(directory)
     check_export_dir(out)
     sliding = opt.adapter.sliding_layer_types(opt.model)
@@ -149,7 +141,7 @@ def export_onnx(opt: "OptimizedModel", directory: str | os.PathLike, example_inp
         raise ExportError(f"prune={opt.pruning.method!r} cuts the decoder in two graphs with a layer-by-layer decode: "
                           "its ONNX export is not built yet; export a config that prunes before the first layer")
     try:
-        with staged_folder(out) as staging:  # out is absent or empty (checked above)
+        with staged_folder(out, EXPORT_COMMAND, error=ExportError) as staging:  # checked above
             manifest = _write_graphs(opt, staging, example_inputs)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
             for graph in manifest["graphs"].values():
