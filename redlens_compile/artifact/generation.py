@@ -1,7 +1,8 @@
 """generate through transformers' own generation loop, with the prefill from the rewritten graph.
 
-`OptimizedModel.generate` calls the original model's `generate` with the model's forward swapped,
-for that call only, for a `GraphForward`: the first call of the loop (the prefill, the only one
+`OptimizedModel.generate` calls transformers' `generate` on a shallow copy of the model whose
+forward is a `GraphForward` (the user's model is left as it is, so concurrent calls do not
+interfere): the first call of the loop (the prefill, the only one
 that sees visual tokens) runs the rewritten graph(s) and leaves a `PrefillCache`; every later call
 (one new token) decodes on that cache. Everything else (logits processors, stopping criteria,
 sampling, beam search, streamers, `GenerationConfig`, `return_dict_in_generate`) is
@@ -10,11 +11,10 @@ transformers' own code, so nothing is re-implemented and nothing is silently ign
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import logging
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache
@@ -116,22 +116,15 @@ class GraphForward:
         # generate validates its model kwargs against the forward's signature: keep the original's
         self.__signature__ = inspect.signature(self.original)
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        self.opt.model.forward = self
-        try:
-            yield
-        finally:
-            del self.opt.model.forward
+    def generation_model(self) -> torch.nn.Module:
+        """A shallow copy of the model whose forward is this one, for one generate call.
 
-    @contextlib.contextmanager
-    def _original(self) -> Iterator[None]:
-        """The original forward, for the capture of the decoder inputs (vision path, token merge)."""
-        del self.opt.model.forward
-        try:
-            yield
-        finally:
-            self.opt.model.forward = self
+        It shares the model's submodules, parameters and config (nn.Module keeps them in dicts the
+        copy shares), so nothing is copied; only the copy's own attributes differ. The user's model
+        is never touched, so several threads can generate on one model at once."""
+        proxy = copy.copy(self.opt.model)
+        object.__setattr__(proxy, "forward", self)
+        return proxy
 
     def __call__(self, **kwargs: Any):
         cache = kwargs.pop("cache", None)
@@ -146,8 +139,7 @@ class GraphForward:
     def _prefill(self, kwargs: dict[str, Any]):
         opt = self.opt
         inputs = {k: v for k, v in kwargs.items() if k not in _LOOP_ARGUMENTS and v is not None}
-        with self._original():
-            decoder_inputs = capture_decoder_inputs(opt.model, opt.adapter, inputs, require_visual=False)
+        decoder_inputs = capture_decoder_inputs(opt.model, opt.adapter, inputs, require_visual=False)
         prefill: Prefill = opt.run_decoder(decoder_inputs, last_position_only=True)
         cache = PrefillCache(prefill.kv, opt.text_config, opt.decode_masks(prefill),
                              decoder_inputs.position_ids[..., -1:], prefill.uniform and prefill.ran_on.key_bias is None)

@@ -21,6 +21,7 @@ from ..passes.selectors import clone_graph_module
 from ..ops.token_pruning import KeptRows
 from ..passes.key_bias import KEY_BIAS_LAYERS
 from ..passes.token_pruning import TokenPruning
+from .forward_options import keep_logits, kept_labels, split_arguments
 from .generation import DEFAULT_MAX_NEW_TOKENS, GraphForward, check_generation_options
 from .layered_decode import LayeredDecodeStep
 from ..report.audit_report import AuditReport
@@ -129,14 +130,21 @@ class OptimizedModel(nn.Module):
                 for i, m in enumerate(prefill.layer_masks)]
 
     @torch.no_grad()
-    def forward(self, **inputs: Any):
-        inputs.pop("use_cache", None)
-        if inputs.get("past_key_values") is not None or inputs.get("cache") is not None:
-            raise ValueError("OptimizedModel.forward runs the prefill; pass no cache (use generate for decoding)")
+    def forward(self, **kwargs: Any):
+        """The original forward's output for a prompt: logits (with pruning over the kept rows only:
+        [B, S', V], S' = text + kept visual rows), the KV cache, and with `labels` the family's loss
+        (no gradient). `logits_to_keep` as the family takes it; what the graph cannot give raises."""
+        inputs, own = split_arguments(self.model, kwargs)
         decoder_inputs = capture_decoder_inputs(self.model, self.adapter, inputs, require_visual=False)
-        # With pruning the logits cover the kept rows only: [B, S', V], S' = text + kept visual rows.
         prefill = self.run_decoder(decoder_inputs)
-        return self.output_cls(logits=prefill.logits, cache=kv_to_cache(prefill.kv, self.text_config))
+        logits, loss = prefill.logits, None
+        if own.get("labels") is not None:
+            labels = kept_labels(own["labels"], prefill.kept)
+            loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=self.text_config.vocab_size)
+        if own.get("logits_to_keep") is not None:
+            logits = keep_logits(logits, own["logits_to_keep"], prefill.kept, decoder_inputs.seq_len)
+        out = self.output_cls(loss=loss, logits=logits, cache=kv_to_cache(prefill.kv, self.text_config))
+        return out if own.get("return_dict", True) is not False else out.to_tuple()
 
     def export_onnx(self, directory, example_inputs: dict[str, Any] | None = None):
         """ONNX files of this model (rewritten prefill, decode step, embedding) + redlens.json; see
@@ -162,5 +170,5 @@ class OptimizedModel(nn.Module):
         if (self.model.generation_config.max_new_tokens is None and kwargs.get("generation_config") is None
                 and kwargs.get("max_new_tokens") is None and kwargs.get("max_length") is None):
             kwargs["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
-        with GraphForward(self).installed():
-            return self.model.generate(input_ids=input_ids, **kwargs)
+        # on a copy of the model with its own forward: the user's model is never swapped (thread-safe)
+        return GraphForward(self).generation_model().generate(input_ids=input_ids, **kwargs)

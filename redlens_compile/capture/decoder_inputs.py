@@ -9,6 +9,7 @@ per-family re-implementation of the token merge.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -32,8 +33,11 @@ def run_to_decoder(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[str
     hooks registered around this call see the vision path run exactly as in a real forward.
     """
     seen: dict[str, Any] = {}
+    caller = threading.get_ident()
 
     def hook(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
+        if threading.get_ident() != caller:  # another thread's forward on the same model: not this call's
+            return
         seen.update(kwargs)
         raise _DecoderReached
 

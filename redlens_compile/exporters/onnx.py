@@ -34,6 +34,7 @@ from torch.export import Dim
 from ..capture.decoder_inputs import DecoderInputs, capture_decoder_inputs
 from ..errors import ExportError
 from ..files import check_output_folder, staged_folder
+from ..fingerprint import weights_fingerprint
 from ..passes.infra import run_passes
 from ..passes.key_bias import KEY_BIAS_LAYERS
 from ..passes.selectors import clone_graph_module
@@ -219,7 +220,9 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
     return {
         "format": FORMAT,
         "model": {"class": type(opt.model).__name__, "model_type": opt.model.config.model_type,
-                  "layers": layers, "hidden_size": text_config.hidden_size, "vocab_size": text_config.vocab_size},
+                  "layers": layers, "hidden_size": text_config.hidden_size, "vocab_size": text_config.vocab_size,
+                  # OnnxRunner(directory, model) refuses a model whose weights are not these
+                  "weights_fingerprint": weights_fingerprint(opt.model)},
         "graphs": graphs,
         "front": {k: v for k, v in front.items() if k != "vision"},
         "position_rows": opt.adapter.position_rows,

@@ -23,6 +23,7 @@ from torch import nn
 from ..capture.decoder_inputs import DecoderInputs, capture_decoder_inputs
 from ..capture.families import adapter_for
 from ..errors import ExportError
+from ..fingerprint import weights_fingerprint
 from ..ops.token_pruning import random_scores
 from ..passes.token_pruning import check_keep
 from .onnx import FORMAT, MANIFEST
@@ -64,6 +65,11 @@ class OnnxRunner:
         if model is not None and type(model).__name__ != self.manifest["model"]["class"]:
             raise ExportError(f"the files were exported from {self.manifest['model']['class']}, "
                               f"the model given is {type(model).__name__}")
+        recorded = self.manifest["model"].get("weights_fingerprint")
+        if model is not None and recorded is not None and weights_fingerprint(model) != recorded:
+            raise ExportError(f"{self.directory}: the model given is a {type(model).__name__} with other weights than "
+                              "the one the files were exported from (weights_fingerprint differs): pass the model "
+                              "export_onnx was called on (the same checkpoint, loaded the same way)")
         # the model serves only what the files say runs in torch: with a checked ONNX front, none
         if front["runs_in"] == "onnxruntime":
             model = None

@@ -1,6 +1,7 @@
 """OnnxRunner: provider choice, checks on the folder and the model, greedy generation that stops
 at the end token and pads finished rows as transformers does."""
 
+import copy
 import json
 
 import pytest
@@ -29,8 +30,14 @@ def test_runner_checks_the_folder_and_the_model(identity_optimized, family_model
     with pytest.raises(rc.ExportError, match="format 'other/1'"):
         OnnxRunner(out, model)
     (out / "redlens.json").write_text(json.dumps(manifest))
+    # a model of the same class with other weights: refused (its vision part would run in torch)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(1.01)
+    with pytest.raises(rc.ExportError, match="other weights than the one the files were exported from"):
+        OnnxRunner(out, other)
 
-    runner = OnnxRunner(out, model)
+    runner = OnnxRunner(out, copy.deepcopy(model))  # the same weights in another object: accepted
     batch = make_inputs("llava", model, batch=2, pad_left=(1,), seed=8)
     free = runner.generate(batch, max_new_tokens=4, eos_token_id=[])
     # row 0's second new token as the end token: row 0 stops there and is padded after it
