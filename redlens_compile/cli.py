@@ -47,10 +47,12 @@ def _load_checked(model_dir: str, build, config=None):
     """(model, processor, inputs): the weight files, the example (build(processor)) and the config
     checked before the weights load, on the model's meta-device skeleton (api.check_inputs)."""
     path = _check_model_dir(model_dir)
-    from .api import check_inputs
-    from .loading import check_weight_files, load_model, load_processor, skeleton_model
+    from .loading import check_weight_files
 
-    check_weight_files(path)
+    check_weight_files(path)  # before torch loads
+    from .api import check_inputs
+    from .loading import load_model, load_processor, skeleton_model
+
     processor = load_processor(path)  # the processor without its video part where torchvision is missing
     inputs = build(processor)
     try:
@@ -283,12 +285,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    out = _check_out(args.out, "demo")  # before torch loads
     from .models.demo import ensure_default_model
     from .models.evaluate import encode_questions
     from .models.shapes_task import heldout_questions
 
-    config = _config_from_args(args)
-    out = _check_out(args.out, "demo")
     model_dir = ensure_default_model()
     meta = json.loads((model_dir / "redlens_model.json").read_text())
     print(f"default model    {model_dir} ({meta['weights']} weights)")
@@ -305,10 +307,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     _check_image_arg(args)
-    from .exporters.onnx import check_export_dir
-
-    out = Path(args.out)
-    check_export_dir(out, "--out")  # before any model work: new, empty or an earlier export
+    # before any model work: new, empty or an earlier export (export_onnx's manifest says "export")
+    out = _check_out(args.out, "export")
     model, processor, inputs = _load_checked(args.model_dir, lambda p: _build_inputs(p, args.image, args.prompt),
                                              config)
     from .api import optimize

@@ -1,4 +1,7 @@
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +23,8 @@ def test_optimize_cli_writes_report_and_summary(demo_dir, tmp_path, capsys):
     assert summary["max_abs_logit_diff"] <= 1e-5
     assert summary["generated_tokens_equal"] is True
     assert summary["decoder_prefill_flops_ratio"] == 1.0
-    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "flops.png", "summary.json"}
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "flops.png", "summary.json",
+                                               "redlens-outputs.json"}
     assert "decoder FLOPs" in capsys.readouterr().out
 
 
@@ -54,7 +58,25 @@ BAD_INVOCATIONS = [
     (["codebook", "{model}", "--images", "{empty}", "--out", "{cb}"], "the folder is empty"),
     (["export", "{model}", "--out", "{stale}"], "already holds files"),
     (["export", "{model}", "--identity", "--budget", "0.5", "--out", "{out}"], "not allowed with argument --identity"),
+    # outputs: a folder holding a user's file, another command's outputs, an unwritable place
+    (["audit", "{model}", "--out", "{user}"], "already holds files redlens-compile did not write (notes.txt)"),
+    (["optimize", "{model}", "--identity", "--out", "{audited}"],
+     "already holds files of `redlens-compile audit` (its redlens-outputs.json), not of `optimize`"),
+    (["audit", "{model}", "--out", "{audited_plus}"], "already holds files the earlier `audit` run did not write (mine.txt)"),
+    (["export", "{model}", "--out", "{audited}"], "already holds files of `redlens-compile audit`"),
+    (["audit", "{model}", "--out", "/proc/redlens-out/sub"], "--out /proc/redlens-out/sub: /proc is not writable"),
+    (["demo", "--out", "/sys/redlens-out"], "--out /sys/redlens-out: /sys is not writable"),
+    # inputs: truncated weights, a corrupt image, a missing codebook, prune_keep above the visual count
+    (["audit", "{truncated}", "--out", "{out}"], "model.safetensors: its header declares"),
+    (["audit", "{model}", "--image", "{corrupt}", "--out", "{out}"], "not a readable image"),
+    (["optimize", "{model}", "--config", '{"prune": "codebook", "codebook": "/no/cb.safetensors"}', "--out", "{out}"],
+     "codebook /no/cb.safetensors: no such file"),
+    (["optimize", "{model}", "--config", '{"prune": "random", "prune_keep": 300, "flops_budget": 1.0}', "--out", "{out}"],
+     "prune_keep=300 is above the 256 visual tokens of sample 0"),
 ]
+# Cases checked on the processed example (the processor and the model's meta-device skeleton, no
+# weights read): they take the processor's import time; one stderr line shows no weights loaded.
+_FROM_THE_EXAMPLE = ("prune_keep=300",)
 
 
 @pytest.mark.parametrize("argv, message", BAD_INVOCATIONS)
@@ -73,9 +95,28 @@ def test_bad_invocation_is_one_line_exit_2_before_any_model_work(demo_dir, tmp_p
     (tmp_path / "stale").mkdir()
     (tmp_path / "stale" / "old.onnx").write_text("x")
     out = tmp_path / "out"
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    audited = tmp_path / "audited"  # what an earlier `audit` wrote (its outputs manifest)
+    audited.mkdir()
+    (audited / "report.md").write_text("# report")
+    (audited / "redlens-outputs.json").write_text(json.dumps(
+        {"written_by": "redlens-compile", "command": "audit", "files": ["report.md"]}))
+    audited_plus = tmp_path / "audited_plus"
+    shutil.copytree(audited, audited_plus)
+    (audited_plus / "mine.txt").write_text("mine")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(demo_dir, truncated)
+    weights = truncated / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     names = {"{model}": str(demo_dir), "{out}": str(out), "{empty}": str(empty), "{llama}": str(llama),
              "{file}": str(tmp_path / "a_file"), "{cb}": str(tmp_path / "cb.safetensors"),
-             "{stale}": str(tmp_path / "stale")}
+             "{stale}": str(tmp_path / "stale"), "{user}": str(user), "{audited}": str(audited),
+             "{audited_plus}": str(audited_plus), "{truncated}": str(truncated),
+             "{corrupt}": str(tmp_path / "corrupt.png")}
+    kept = {d: sorted(p.name for p in Path(d).iterdir()) for d in (user, audited, audited_plus)}
     argv = [names.get(a, a) for a in argv]
     argv = [a.replace("{out}", str(out)).replace("{file}", str(tmp_path / "a_file")) for a in argv]
     start = time.perf_counter()
@@ -84,9 +125,53 @@ def test_bad_invocation_is_one_line_exit_2_before_any_model_work(demo_dir, tmp_p
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and message in lines[0] and "error:" in lines[0], lines
-    assert seconds < 5.0, f"took {seconds:.1f} s: the check must come before any model work"
+    limit = 30.0 if any(m in message for m in _FROM_THE_EXAMPLE) else 5.0
+    assert seconds < limit, f"took {seconds:.1f} s: the check must come before any model work"
     assert not out.exists() or not list(out.iterdir())
     assert not (tmp_path / "cb.safetensors").exists()
+    assert {d: sorted(p.name for p in Path(d).iterdir()) for d in kept} == kept  # nothing of theirs touched
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch folder left
+
+
+def test_a_rerun_replaces_the_earlier_outputs_whole(demo_dir, tmp_path, capsys):
+    """The same command into the same folder twice: the second run's files, whole, and nothing else."""
+    out = tmp_path / "audit"
+    assert main(["audit", str(demo_dir), "--prompt", "how many shapes ?", "--out", str(out)]) == 0
+    first = json.loads((out / "report.json").read_text())
+    assert main(["audit", str(demo_dir), "--prompt", "what colour is the big square on the left ?",
+                 "--out", str(out)]) == 0
+    second = json.loads((out / "report.json").read_text())
+    assert second["inputs"]["seq_len"] > first["inputs"]["seq_len"]  # the second prompt's report
+    manifest = json.loads((out / "redlens-outputs.json").read_text())
+    assert manifest["command"] == "audit"
+    assert sorted(p.name for p in out.iterdir()) == sorted(manifest["files"] + ["redlens-outputs.json"])
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch or old folder left
+
+
+def test_the_staging_helper_replaces_an_earlier_folder_holding_onnx_files(tmp_path):
+    """What a second `make demo` into the same folder does: the earlier run's folder (a report and an
+    onnx/ folder with files) replaced whole by the new run's; a failed run leaves the earlier one."""
+    from redlens_compile.errors import OutputFolderError
+    from redlens_compile.files import check_output_folder, staged_folder
+
+    out = tmp_path / "demo"
+    for run in ("first", "second"):
+        check_output_folder(out, "demo")
+        with staged_folder(out, "demo", error=OutputFolderError) as staging:
+            (staging / "summary.json").write_text(json.dumps({"run": run}))
+            (staging / "onnx").mkdir()
+            (staging / "onnx" / f"decoder_{run}.onnx").write_text(run)
+    assert json.loads((out / "summary.json").read_text()) == {"run": "second"}
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == ["decoder_second.onnx"]
+    with pytest.raises(RuntimeError, match="failed"):
+        with staged_folder(out, "demo", error=OutputFolderError) as staging:
+            (staging / "summary.json").write_text("{}")
+            raise RuntimeError("the run failed")
+    assert json.loads((out / "summary.json").read_text()) == {"run": "second"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no scratch folder left
+    (out / "onnx" / "mine.txt").write_text("a user's file")
+    with pytest.raises(OutputFolderError, match=r"did not write \(onnx/mine.txt\)"):
+        check_output_folder(out, "demo", error=OutputFolderError)
 
 
 def test_an_unreachable_budget_is_a_clear_error_and_writes_nothing(demo_dir, tmp_path, capsys):

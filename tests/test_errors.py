@@ -160,3 +160,49 @@ def test_a_codebook_of_another_model_is_refused(family_models, tmp_path):
         run(tmp_path / "other.safetensors")
     with pytest.raises(rc.CodebookError, match="already exists"):
         Codebook(torch.randn(4, 64)).save(wrong_type)
+
+
+def _count_decoder_calls(model):
+    """A counter of the language model's forward calls: 0 after an error means no work was done."""
+    from redlens_compile.capture.families import adapter_for
+
+    calls = []
+    handle = adapter_for(model).language_model(model).register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_image_placeholders_without_pixel_values_are_refused_before_any_work(family_models, identity_optimized):
+    model, inputs, opt = identity_optimized("llava")
+    no_pixels = {k: v for k, v in inputs.items() if not k.startswith("pixel_values")}
+    calls, handle = _count_decoder_calls(model)
+    try:
+        for run in (lambda: rc.optimize(model, no_pixels),  # the default budget: it used to fail after the ranking
+                    lambda: rc.optimize(model, no_pixels, config=rc.RedLensConfig(prune="random", prune_keep=8)),
+                    lambda: rc.audit(model, no_pixels), lambda: opt(**no_pixels),
+                    lambda: opt.generate(**no_pixels, max_new_tokens=2)):
+            with pytest.raises(rc.InputError, match=r"input_ids hold 64 image placeholder tokens \(ids \[100\]\) but "
+                                                    "the inputs have no pixel_values"):
+                run()
+        assert calls == []
+    finally:
+        handle.remove()
+
+
+def test_bad_inputs_are_refused_before_the_model_runs(family_models, tmp_path):
+    model = family_models("llava")
+    inputs = make_inputs("llava", model)
+    calls, handle = _count_decoder_calls(model)
+    cases = [
+        (rc.RedLensConfig(prune="random", prune_keep=65, flops_budget=1.0), rc.PruningError, "prune_keep=65 is above"),
+        (rc.RedLensConfig(prune="codebook", codebook=str(tmp_path / "none.safetensors")), rc.CodebookError,
+         "no such file"),
+        (rc.RedLensConfig(layers=[9]), rc.ConfigError, r"layers=\[9\]"),
+    ]
+    try:
+        for config, error, message in cases:
+            with pytest.raises(error, match=message) as err:
+                rc.optimize(model, inputs, config=config)
+            assert len(str(err.value).splitlines()) == 1
+        assert calls == []
+    finally:
+        handle.remove()
