@@ -118,7 +118,7 @@ def staged_folder(target: Path, command: str | None = None, error: type = OSErro
     and an existing `target` is replaced only when it is empty or an earlier output of the same
     command (check_output_folder, checked again here so nothing else is ever deleted). Without
     it an existing `target` is replaced whatever it holds (the caller owns it)."""
-    target = Path(target).absolute()
+    target = Path(target).resolve()  # a symlinked folder: the folder it names is replaced, beside itself
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

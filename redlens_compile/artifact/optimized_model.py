@@ -148,7 +148,7 @@ class OptimizedModel(nn.Module):
 
     def export_onnx(self, directory, example_inputs: dict[str, Any] | None = None):
         """ONNX files of this model (rewritten prefill, decode step, embedding) + redlens.json; see
-        exporters/onnx.py. `directory` must be new or empty."""
+        exporters/onnx.py. `directory` must be new, empty or an earlier export (replaced whole)."""
         from ..exporters.onnx import export_onnx
 
         example = example_inputs if example_inputs is not None else self.example_inputs
