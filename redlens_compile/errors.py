@@ -39,3 +39,7 @@ class CodebookError(RedLensError, ValueError):
 
 class ExportError(RedLensError, RuntimeError):
     """The ONNX export cannot be made (an op without a translation, a bad output folder, ...)."""
+
+
+class SavedModelError(RedLensError, ValueError):
+    """A saved optimized model folder cannot be read, or was saved for another model or library version."""
