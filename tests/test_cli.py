@@ -20,7 +20,8 @@ def test_optimize_cli_writes_report_and_summary(demo_dir, tmp_path, capsys):
     assert summary["max_abs_logit_diff"] <= 1e-5
     assert summary["generated_tokens_equal"] is True
     assert summary["decoder_prefill_flops_ratio"] == 1.0
-    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "flops.png", "summary.json"}
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "flops.png", "summary.json", "optimized"}
+    assert (out / "optimized" / "plan.json").is_file()  # the loadable folder: --from, rc.load
     assert "decoder FLOPs" in capsys.readouterr().out
 
 
@@ -54,6 +55,15 @@ BAD_INVOCATIONS = [
     (["codebook", "{model}", "--images", "{empty}", "--out", "{cb}"], "the folder is empty"),
     (["export", "{model}", "--out", "{stale}"], "already holds files"),
     (["export", "{model}", "--identity", "--budget", "0.5", "--out", "{out}"], "not allowed with argument --identity"),
+    (["optimize", "{model}", "--from", "/no/such/dir", "--out", "{out}"], "/no/such/dir: no such folder"),
+    (["optimize", "{model}", "--from", "{badplan}", "--out", "{out}"],
+     "plan.json: layers[0].ffn_keep=1.5: must be a fraction with 0 < ffn_keep <= 1"),
+    (["optimize", "{model}", "--plan", "{badplan}/plan.json", "--out", "{out}"], "layers[0].ffn_keep=1.5"),
+    (["optimize", "{model}", "--from", "{empty}", "--config", "budget-0.5", "--out", "{out}"],
+     "argument --config: not allowed with argument --from"),
+    (["optimize", "{model}", "--from", "{empty}", "--budget", "0.5", "--out", "{out}"],
+     "argument --budget: not allowed with argument --from"),
+    (["export", "{model}", "--from", "{empty}", "--out", "{out}"], "manifest.json: missing"),
 ]
 
 
@@ -72,12 +82,17 @@ def test_bad_invocation_is_one_line_exit_2_before_any_model_work(demo_dir, tmp_p
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "stale").mkdir()
     (tmp_path / "stale" / "old.onnx").write_text("x")
+    badplan = tmp_path / "badplan"  # a saved folder whose plan.json was edited by hand
+    badplan.mkdir()
+    (badplan / "manifest.json").write_text(json.dumps({"format": "redlens-optimized/1"}))
+    (badplan / "plan.json").write_text(json.dumps({"layers": {"0": {"ffn_keep": 1.5, "hollow_window": 8}}}))
     out = tmp_path / "out"
     names = {"{model}": str(demo_dir), "{out}": str(out), "{empty}": str(empty), "{llama}": str(llama),
              "{file}": str(tmp_path / "a_file"), "{cb}": str(tmp_path / "cb.safetensors"),
-             "{stale}": str(tmp_path / "stale")}
+             "{stale}": str(tmp_path / "stale"), "{badplan}": str(badplan)}
     argv = [names.get(a, a) for a in argv]
-    argv = [a.replace("{out}", str(out)).replace("{file}", str(tmp_path / "a_file")) for a in argv]
+    argv = [a.replace("{out}", str(out)).replace("{file}", str(tmp_path / "a_file")).replace("{badplan}", str(badplan))
+            for a in argv]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "redlens_compile.cli", *argv], capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -105,7 +120,7 @@ def test_verbose_is_accepted_after_the_subcommand():
     assert build_parser().parse_args(["audit", "m", "--out", "o"]).verbose is False
 
 
-def test_optimize_cli_with_a_budget_reports_layers_and_ratios(demo_dir, tmp_path, capsys):
+def test_optimize_cli_with_a_budget_reports_layers_and_ratios(demo_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "budget"
     assert main(["optimize", str(demo_dir), "--budget", "0.5", "--out", str(out), "--repeats", "1",
                  "--max-new-tokens", "2"]) == 0
@@ -117,6 +132,32 @@ def test_optimize_cli_with_a_budget_reports_layers_and_ratios(demo_dir, tmp_path
     assert "reduced layers" in printed and "ffn_keep" in printed and "latency" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["ranking"]["metric"] == "jsd" and report["plan"]["steps"]
+
+    # The saved plan applied without calibration: the ranking and the planner must not run.
+    import redlens_compile.api as api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ranking or planning ran with --from")
+
+    monkeypatch.setattr(api, "_rank", refuse)
+    monkeypatch.setattr(api, "plan_to_budget", refuse)
+    again = tmp_path / "again"
+    assert main(["optimize", str(demo_dir), "--from", str(out / "optimized"), "--out", str(again), "--repeats", "1",
+                 "--max-new-tokens", "2"]) == 0
+    loaded = json.loads((again / "summary.json").read_text())
+    assert loaded["reduced_layers"] == summary["reduced_layers"]
+    assert loaded["decoder_prefill_flops_ratio"] == summary["decoder_prefill_flops_ratio"]
+    assert loaded["max_abs_logit_diff"] == summary["max_abs_logit_diff"]  # the same graph on the same prompt
+    assert loaded["generated_after"] == summary["generated_after"]
+    assert loaded["plan_from"] == str(out / "optimized") and "loaded from" in capsys.readouterr().out
+    # export takes the saved plan too: the ONNX prefill carries the same reductions
+    onnx_dir = tmp_path / "onnx"
+    assert main(["export", str(demo_dir), "--plan", str(out / "optimized" / "plan.json"), "--out", str(onnx_dir),
+                 "--max-new-tokens", "2"]) == 0
+    manifest = json.loads((onnx_dir / "redlens.json").read_text())
+    assert {int(i): s for i, s in manifest["config"]["layers"].items()} == {
+        int(i): {"ffn_keep": s["ffn_keep"], "hollow_window": s["window"]} for i, s in summary["reduced_layers"].items()}
+    assert "same tokens" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("preset, visual_after", [("codebook-0.125", 32), ("fastv-0.25", 64), ("vtw-1", 0)])

@@ -28,16 +28,19 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..config import RedLensConfig
 from ..errors import ConfigError, SavedModelError
-from ..files import atomic_write, staged_folder
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch loads inside the functions that need it: reading and checking a folder (the CLI's --from)
+# stays well under a second.
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ def _flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _sampled_hash(tensor: torch.Tensor) -> str:
     """sha256 of SAMPLED_ELEMENTS evenly spaced elements' bytes (integer indices: the same on any device)."""
+    import torch
+
     flat = tensor.detach().reshape(-1)
     n = flat.numel()
     if n > SAMPLED_ELEMENTS:
@@ -180,7 +185,10 @@ def _check_target(path: Path) -> None:
 
 
 def _save_example(path: Path, example: Mapping[str, Any]) -> None:
+    import torch
     from safetensors.torch import save_file
+
+    from ..files import atomic_write
 
     tensors, other = {}, {}
     for name, value in example.items():
@@ -197,6 +205,8 @@ def _save_example(path: Path, example: Mapping[str, Any]) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
+    from ..files import atomic_write
+
     text = json.dumps(data, indent=2, sort_keys=True)
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -211,6 +221,7 @@ def _file_sha256(path: Path) -> str:
 
 def save_optimized(opt, directory: str | os.PathLike) -> Path:
     """Write `opt` as a loadable folder (see the module docstring); returns the folder."""
+    from ..files import staged_folder
     from ..report.audit_report import library_versions
 
     target = Path(directory)
@@ -247,7 +258,14 @@ class SavedOptimized:
     manifest: dict[str, Any]
     config: RedLensConfig  # plan.json, its codebook resolved to the folder's copy
     original_config: RedLensConfig
-    example: dict[str, Any]
+    _example: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def example(self) -> dict[str, Any]:
+        """The saved example inputs (read on first use: the file's tensors need torch)."""
+        if self._example is None:
+            self._example = _load_example(self.directory / EXAMPLE)
+        return self._example
 
 
 def _read_json(path: Path) -> Any:
@@ -303,11 +321,14 @@ def read_saved(directory: str | os.PathLike) -> SavedOptimized:
     if config.prune == "codebook" and not Path(config.codebook).is_file():
         raise SavedModelError(f"{path}: plan.json prunes with codebook {config.codebook}, which is missing")
     original = _read_config(path / ORIGINAL_CONFIG, path)
-    example = _load_example(path / EXAMPLE)
-    return SavedOptimized(path, manifest, config, original, example)
+    if not (path / EXAMPLE).is_file():
+        raise SavedModelError(f"{path / EXAMPLE}: missing; the folder is not a whole save_pretrained output (save again)")
+    return SavedOptimized(path, manifest, config, original)
 
 
 def _to_model_device(example: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    import torch
+
     device = next(model.parameters()).device
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in example.items()}
 
