@@ -158,7 +158,7 @@ class OptimizedModel(nn.Module):
         """
         from .saved import load_optimized
 
-        return load_optimized(directory, model, example_inputs, progress=progress, check_versions_match=check_versions)
+        return load_optimized(directory, model, example_inputs, progress=progress, check_versions=check_versions)
 
     def export_onnx(self, directory, example_inputs: dict[str, Any] | None = None):
         """ONNX files of this model (rewritten prefill, decode step, embedding) + redlens.json; see

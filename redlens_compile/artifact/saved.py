@@ -146,7 +146,7 @@ def _major_minor(version: str) -> tuple[str, ...]:
     return tuple(version.split("+")[0].split(".")[:2])
 
 
-def check_versions(saved: Mapping[str, str], current: Mapping[str, str]) -> None:
+def check_library_versions(saved: Mapping[str, str], current: Mapping[str, str]) -> None:
     """transformers' modeling code decides the graph a plan's layers and channels were measured on:
     another major.minor release is an error; any other difference is logged."""
     if _major_minor(saved.get("transformers", "?")) != _major_minor(current["transformers"]):
@@ -334,7 +334,7 @@ def _to_model_device(example: Mapping[str, Any], model: nn.Module) -> dict[str, 
 
 
 def load_optimized(directory: str | os.PathLike, model: nn.Module, example_inputs: Mapping[str, Any] | None = None,
-                   progress: Callable[[str], None] | None = None, check_versions_match: bool = True):
+                   progress: Callable[[str], None] | None = None, check_versions: bool = True):
     """The saved OptimizedModel of `model`: folder and fingerprint checked first, then the decoder
     captured and the saved plan applied (optimize's path with the explicit config: no ranking,
     no planning).
@@ -350,8 +350,8 @@ def load_optimized(directory: str | os.PathLike, model: nn.Module, example_input
     if differences:
         raise SavedModelError(f"{saved.directory} was saved for another model: " + "; ".join(differences)
                               + ". Load it with the model it was optimized from, or optimize this model")
-    if check_versions_match:
-        check_versions(saved.manifest.get("versions", {}), library_versions())
+    if check_versions:
+        check_library_versions(saved.manifest.get("versions", {}), library_versions())
     example = dict(example_inputs) if example_inputs is not None else _to_model_device(saved.example, model)
     opt = optimize(model, example, config=saved.config, progress=progress)
     opt.original_config = saved.original_config

@@ -199,6 +199,8 @@ def test_another_transformers_release_is_named_and_a_foreign_folder_is_not_overw
     (edited / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(rc.SavedModelError, match=r"transformers version: saved with 4\.1\.0, this process has "):
         rc.load(edited, model)
+    with pytest.raises(AssertionError, match="captured before"):  # check_versions=False: on to the capture
+        rc.load(edited, model, check_versions=False)
     (edited / "manifest.json").unlink()
     with pytest.raises(rc.SavedModelError, match="manifest.json: missing"):
         rc.load(edited, model)
