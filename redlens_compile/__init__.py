@@ -16,6 +16,7 @@ from .errors import (  # noqa: E402
     PruningError,
     RedLensError,
     ReductionUnavailableError,
+    SavedModelError,
     UnsupportedModelError,
 )
 
@@ -26,6 +27,7 @@ _LAZY = {
     # `redlens_compile.capture` is the capture stage's package; its entry point is capture_decoder.
     "capture_decoder": ("api", "capture"),
     "optimize": ("api", "optimize"),
+    "load": ("artifact.saved", "load_optimized"),  # = OptimizedModel.from_pretrained
     "OptimizedModel": ("artifact.optimized_model", "OptimizedModel"),
     "AuditReport": ("report.audit_report", "AuditReport"),
     "OnnxRunner": ("exporters.ort_runner", "OnnxRunner"),
@@ -57,9 +59,11 @@ __all__ = [
     "RedLensConfig",
     "RedLensError",
     "ReductionUnavailableError",
+    "SavedModelError",
     "UnsupportedModelError",
     "__version__",
     "audit",
     "capture_decoder",
+    "load",
     "optimize",
 ]

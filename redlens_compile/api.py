@@ -138,7 +138,10 @@ def optimize(
     if key_bias and hollow:
         notes.append(f"layers {hollow}: hollow attention reads the family's mask without the proportional-attention "
                      "key bias of token pruning")
-    if config.layers != "auto" and plan.settings and config.flops_budget < 1.0:
+    if isinstance(config.layers, dict):
+        notes.append(f"per-layer settings given by the config (a saved plan): layers {sorted(plan.settings)} applied "
+                     "with no ranking and no planning")
+    elif config.layers != "auto" and plan.settings and config.flops_budget < 1.0:
         notes.append(f"layers={config.layers!r} given explicitly: flops_budget={config.flops_budget} was not applied")
     pruning_summary = None
     if pruned is not None:

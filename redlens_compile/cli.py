@@ -12,6 +12,7 @@ from typing import Any, Sequence
 logger = logging.getLogger("redlens_compile")
 
 DEFAULT_QUESTION = "what colour is the circle ?"
+OPTIMIZED_DIR = "optimized"  # optimize --out DIR writes the loadable folder DIR/optimized
 
 
 def _check_model_dir(model_dir: str) -> Path:
@@ -86,6 +87,8 @@ def _build_inputs(processor, image_path: str | None, prompt: str | None) -> dict
 def _config_from_args(args: argparse.Namespace):
     from .config import RedLensConfig
 
+    if getattr(args, "from_dir", None) is not None:
+        return _saved_from_args(args).config
     if args.identity:
         config = RedLensConfig.identity()
     elif args.config is not None:
@@ -104,6 +107,26 @@ def _config_from_args(args: argparse.Namespace):
         if problem is not None:
             raise CodebookError(f"codebook {config.codebook}: {problem}")
     return config
+
+
+def _saved_from_args(args: argparse.Namespace):
+    """--from DIR (or DIR/plan.json): the saved folder, read and validated before the model loads."""
+    from .artifact.saved import read_saved
+
+    if getattr(args, "_saved", None) is None:
+        args._saved = read_saved(args.from_dir)
+    return args._saved
+
+
+def _optimize_or_load(model, inputs, config, saved, progress=None):
+    """optimize with `config`, or (--from) the saved plan applied on these inputs: no ranking, no planning."""
+    if saved is not None:
+        from .artifact.saved import load_optimized
+
+        return load_optimized(saved.directory, model, example_inputs=inputs, progress=progress)
+    from .api import optimize
+
+    return optimize(model, inputs, config=config, progress=progress)
 
 
 def _onnx_check(opt, model, inputs, onnx_dir: Path, max_new_tokens: int) -> dict:
@@ -125,19 +148,18 @@ def _onnx_check(opt, model, inputs, onnx_dir: Path, max_new_tokens: int) -> dict
 
 
 def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: int, repeats: int,
-                  questions: int = 0, onnx: bool = False, command: str = "optimize") -> dict:
+                  questions: int = 0, onnx: bool = False, command: str = "optimize", saved=None) -> dict:
     import torch
     from tqdm import tqdm
 
     from .analysis.timing import interleaved_medians
-    from .api import optimize
 
-    with tqdm(total=6, desc="optimize", unit="step", file=sys.stderr) as bar:
+    with tqdm(total=6, desc="optimize" if saved is None else "load", unit="step", file=sys.stderr) as bar:
         def progress(stage: str) -> None:
             bar.set_postfix_str(stage)
             bar.update(1)
 
-        opt = optimize(model, inputs, config=config, progress=progress)
+        opt = _optimize_or_load(model, inputs, config, saved, progress)
         bar.update(bar.total - bar.n)
 
     with torch.no_grad():
@@ -169,6 +191,8 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
         "generated_after": processor.tokenizer.decode(opt_ids[0, prompt_len:]),
         "generated_tokens_equal": bool(torch.equal(ref_ids, opt_ids)),
         "report_dir": str(out),
+        "optimized_dir": str(out / OPTIMIZED_DIR),
+        "plan_from": str(saved.directory) if saved is not None else None,
     }
     if questions:
         summary.update(_task_accuracy(model, opt, processor, questions))
@@ -177,6 +201,7 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
             summary.update(_onnx_check(opt, model, inputs, staging / "onnx", max_new_tokens))
             summary["onnx_dir"] = str(out / "onnx")
         report.save(staging)
+        opt.save_pretrained(staging / OPTIMIZED_DIR)  # the loadable folder: --from, rc.load
         (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -221,6 +246,9 @@ def _print_summary(summary: dict) -> None:
               f"{summary['onnx_max_abs_logit_diff']:.3g} vs torch, "
               f"{'same tokens' if summary['onnx_generated_tokens_equal'] else 'tokens differ'}")
     print(f"report           {summary['report_dir']}/report.md, report.json, flops.png, summary.json")
+    if summary.get("plan_from"):
+        print(f"plan             loaded from {summary['plan_from']} (no ranking, no planning)")
+    print(f"saved            {summary['optimized_dir']} (load: rc.load(DIR, model), or --from DIR)")
 
 
 def _check_image_arg(args: argparse.Namespace) -> None:
@@ -279,7 +307,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     out = _check_out(args.out, "optimize")
     model, processor, inputs = _load_checked(args.model_dir, lambda p: _build_inputs(p, args.image, args.prompt),
                                              config)
-    summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats)
+    saved = _saved_from_args(args) if args.from_dir is not None else None
+    summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats, saved=saved)
     _print_summary(summary)
     return 0
 
@@ -298,8 +327,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model, processor, inputs = _load_checked(str(model_dir), lambda p: encode_questions(p, [image], [qa.question]),
                                              config)
     questions = args.questions if meta["weights"] == "trained" else 0  # random weights: accuracy means nothing
+    saved = _saved_from_args(args) if args.from_dir is not None else None
     summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats, questions,
-                            onnx=not args.no_onnx, command="demo")
+                            onnx=not args.no_onnx, command="demo", saved=saved)
     _print_summary(summary)
     return 0
 
@@ -311,9 +341,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = _check_out(args.out, "export")
     model, processor, inputs = _load_checked(args.model_dir, lambda p: _build_inputs(p, args.image, args.prompt),
                                              config)
-    from .api import optimize
-
-    opt = optimize(model, inputs, config=config)
+    saved = _saved_from_args(args) if args.from_dir is not None else None
+    opt = _optimize_or_load(model, inputs, config, saved)
     check = _onnx_check(opt, model, inputs, out, args.max_new_tokens)
     files = ", ".join(sorted(p.name for p in out.glob("*.onnx")))
     print(f"onnx             {out}: {files}, redlens.json (vision in {check['onnx_vision_runs_in']})")
@@ -402,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "token pruning: codebook-0.125, fastv-0.25, random-0.25, vtw-1, ...), "
                                             "JSON text or a JSON file (default: RedLensConfig(), flops_budget 0.5)")
         which.add_argument("--identity", action="store_true", help="RedLensConfig.identity(): change no number")
+        which.add_argument("--from", "--plan", dest="from_dir", metavar="DIR",
+                           help="a folder written by optimize --out (OUT/optimized) or save_pretrained, or its "
+                                "plan.json: apply that plan without calibration (no ranking, no planning)")
         p.add_argument("--budget", type=_budget, help="flops_budget: decoder prefill FLOPs after/before "
                                                       "(overrides --config's; not with --identity)")
         p.add_argument("--max-new-tokens", type=_int_at_least(1), default=8)
@@ -453,6 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "identity", False) and args.budget is not None:
         parser.error("argument --budget: not allowed with argument --identity (identity changes no number)")
+    if getattr(args, "from_dir", None) is not None and args.budget is not None:
+        parser.error("argument --budget: not allowed with argument --from (the saved plan is applied as it is)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args)

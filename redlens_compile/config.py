@@ -50,7 +50,11 @@ class RedLensConfig:
     ffn_keep: fraction of FFN channels kept for visual tokens in reduced layers.
     probe_tokens: M probe rows of the dynamic FFN (int, or fraction of the visual tokens).
     hollow_window: w, the visual-to-visual attention window of reduced layers.
-    layers: "auto" (ranking + budget), "all", or explicit layer indices ([] reduces none).
+    layers: "auto" (ranking + budget), "all", explicit layer indices ([] reduces none), or explicit
+        per-layer settings {index: {"ffn_keep": f, "hollow_window": w}} (w None: hollow attention
+        off; a missing key takes the config's own value): what a saved plan holds (plan.json, see
+        artifact/saved.py), applied with no ranking and no planning. JSON keys are strings; they
+        are read back as ints.
     ranking: the layer-ranking metric, one of RANKING_METRICS.
     prune: None or one of PRUNE_METHODS (token pruning before/within the decoder).
     prune_keep: visual tokens kept by pruning (int count or float fraction).
@@ -65,7 +69,7 @@ class RedLensConfig:
     ffn_keep: float = 0.5
     probe_tokens: int | float = 0.1
     hollow_window: int = 64
-    layers: str | list[int] = "auto"
+    layers: str | list[int] | dict[int, dict[str, Any]] = "auto"
     ranking: str = "jsd"
     prune: str | None = None
     prune_keep: int | float = 0.25
@@ -104,7 +108,11 @@ class RedLensConfig:
     def _validate_layers(self) -> None:
         if isinstance(self.layers, str):
             if self.layers not in ("auto", "all"):
-                raise ConfigError(f"layers={self.layers!r}: must be 'auto', 'all' or a list of layer indices")
+                raise ConfigError(f"layers={self.layers!r}: must be 'auto', 'all', a list of layer indices or "
+                                  "per-layer settings {index: {ffn_keep, hollow_window}}")
+            return
+        if isinstance(self.layers, dict):
+            self.layers = self._validated_layer_settings(self.layers)
             return
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
@@ -112,6 +120,34 @@ class RedLensConfig:
             raise ConfigError(f"layers={self.layers!r}: a list of layer indices must hold ints >= 0")
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers={self.layers!r}: layer indices must be unique")
+
+    def _validated_layer_settings(self, layers: dict) -> dict[int, dict[str, Any]]:
+        """{index: {"ffn_keep", "hollow_window"}} with int keys (JSON gives strings) and both fields filled."""
+        settings: dict[int, dict[str, Any]] = {}
+        for key, value in layers.items():
+            index = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+            if not _is_int(index) or index < 0:
+                raise ConfigError(f"layers: key {key!r} is not a layer index; per-layer settings are keyed by "
+                                  "ints >= 0 (strings of digits in JSON)")
+            if index in settings:
+                raise ConfigError(f"layers: layer {index} is given twice")
+            if not isinstance(value, dict):
+                raise ConfigError(f"layers[{index}]={value!r}: must be an object with ffn_keep and/or hollow_window")
+            unknown = sorted(set(value) - {"ffn_keep", "hollow_window"})
+            if unknown:
+                raise ConfigError(f"layers[{index}]: unknown field(s) {unknown}; a layer's settings are ffn_keep and "
+                                  "hollow_window")
+            keep = value.get("ffn_keep", self.ffn_keep)
+            if not _is_number(keep) or not 0.0 < keep <= 1.0:
+                raise ConfigError(f"layers[{index}].ffn_keep={keep!r}: must be a fraction with 0 < ffn_keep <= 1")
+            window = value.get("hollow_window", self.hollow_window)
+            if window is not None and (not _is_int(window) or window < 1):
+                raise ConfigError(f"layers[{index}].hollow_window={window!r}: must be an int >= 1, or null for no "
+                                  "hollow attention in that layer")
+            if window is not None and window >= UNBOUNDED_WINDOW:
+                window = None  # wider than any visual span: the same as off
+            settings[index] = {"ffn_keep": float(keep), "hollow_window": window}
+        return dict(sorted(settings.items()))
 
     @classmethod
     def identity(cls) -> "RedLensConfig":

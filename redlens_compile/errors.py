@@ -52,3 +52,7 @@ class ModelFilesError(RedLensError, ValueError):
 
 class OutputFolderError(RedLensError, OSError):
     """An output folder cannot take a command's outputs (foreign files, not writable, a file)."""
+
+
+class SavedModelError(RedLensError, ValueError):
+    """A saved optimized model folder cannot be read, or was saved for another model or library version."""

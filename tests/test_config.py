@@ -51,3 +51,31 @@ def test_parse_preset_json_text_and_file(tmp_path):
     assert hollow.ffn_keep == 1.0 and hollow.hollow_window == 64 and hollow.layers == "all"
     with pytest.raises(rc.ConfigError, match="no such file"):
         rc.RedLensConfig.parse(str(tmp_path / "missing.json"))
+
+
+def test_per_layer_settings_round_trip_through_json_with_int_keys():
+    cfg = rc.RedLensConfig(layers={3: {"ffn_keep": 0.0625, "hollow_window": 8}, 1: {"hollow_window": None},
+                                   "0": {"ffn_keep": 1, "hollow_window": UNBOUNDED_WINDOW}})
+    # int keys, sorted; a missing field takes the config's own; an unbounded window is "off" (None)
+    assert cfg.layers == {0: {"ffn_keep": 1.0, "hollow_window": None}, 1: {"ffn_keep": 0.5, "hollow_window": None},
+                          3: {"ffn_keep": 0.0625, "hollow_window": 8}}
+    text = cfg.to_json()
+    assert json.loads(text)["layers"]["3"] == {"ffn_keep": 0.0625, "hollow_window": 8}
+    back = rc.RedLensConfig.from_json(text)
+    assert back == cfg and list(back.layers) == [0, 1, 3]
+
+
+@pytest.mark.parametrize("layers, message", [
+    ({"x": {"ffn_keep": 0.5}}, r"layers: key 'x' is not a layer index"),
+    ({-1: {"ffn_keep": 0.5}}, r"layers: key -1 is not a layer index"),
+    ({2: {"ffn_keep": 1.5}}, r"layers\[2\]\.ffn_keep=1\.5: must be a fraction with 0 < ffn_keep <= 1"),
+    ({2: {"ffn_keep": 0.0}}, r"layers\[2\]\.ffn_keep=0\.0"),
+    ({2: {"hollow_window": 0}}, r"layers\[2\]\.hollow_window=0: must be an int >= 1, or null"),
+    ({2: {"hollow_window": 8.5}}, r"layers\[2\]\.hollow_window=8\.5"),
+    ({2: {"window": 8}}, r"layers\[2\]: unknown field\(s\) \['window'\]"),
+    ({2: 0.5}, r"layers\[2\]=0\.5: must be an object"),
+    ({2: {}, "2": {}}, r"layer 2 is given twice"),
+])
+def test_bad_per_layer_settings_name_the_field(layers, message):
+    with pytest.raises(rc.ConfigError, match=message):
+        rc.RedLensConfig(layers=layers)

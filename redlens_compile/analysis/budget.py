@@ -87,11 +87,12 @@ LayerCosts = Callable[[LayerSettings], Mapping[int, float]]
 
 
 def validate_layers(config: RedLensConfig, num_layers: int) -> None:
-    if isinstance(config.layers, list):
+    if isinstance(config.layers, (list, dict)):
         out_of_range = [i for i in config.layers if i >= num_layers]
         if out_of_range:
+            given = list(config.layers) if isinstance(config.layers, dict) else config.layers
             raise ConfigError(
-                f"layers={config.layers}: indices {out_of_range} are out of range; the decoder has {num_layers} "
+                f"layers={given}: indices {out_of_range} are out of range; the decoder has {num_layers} "
                 f"layers (valid: 0..{num_layers - 1})"
             )
 
@@ -104,9 +105,24 @@ def needs_ranking(config: RedLensConfig) -> bool:
     return config.layers == "auto" and config.flops_budget < 1.0 and base_settings(config).changes_numbers
 
 
+def layer_settings(value: Mapping) -> LayerSettings:
+    """One layer of an explicit plan ({"ffn_keep", "hollow_window"}, window None: off) as LayerSettings."""
+    window = value["hollow_window"]
+    return LayerSettings(ffn_keep=float(value["ffn_keep"]), window=UNBOUNDED_WINDOW if window is None else int(window))
+
+
 def plan_fixed(config: RedLensConfig, num_layers: int) -> ReductionPlan:
-    """`layers` given ("all" or indices): those layers at the config's settings, no budget search."""
+    """`layers` given ("all", indices, or per-layer settings): those layers, no ranking, no budget search.
+
+    Per-layer settings (a saved plan) are applied as they are; layers whose settings change no
+    number are left out, as the planner leaves them out.
+    """
     validate_layers(config, num_layers)
+    if isinstance(config.layers, dict):
+        settings = {i: layer_settings(v) for i, v in config.layers.items()}
+        settings = {i: s for i, s in settings.items() if s.changes_numbers}
+        return ReductionPlan(settings=settings, order=sorted(settings),
+                             steps=[f"per-layer settings given by the config: layers {sorted(settings)}"])
     settings = base_settings(config)
     if not settings.changes_numbers or config.layers == "auto":
         return ReductionPlan(settings={})

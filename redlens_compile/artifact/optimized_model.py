@@ -146,6 +146,28 @@ class OptimizedModel(nn.Module):
         out = self.output_cls(loss=loss, logits=logits, cache=kv_to_cache(prefill.kv, self.text_config))
         return out if own.get("return_dict", True) is not False else out.to_tuple()
 
+    def save_pretrained(self, directory):
+        """Write this model's plan, config, report, example inputs, codebook (when pruning uses one),
+        library versions and the model's fingerprint as a folder of JSON + safetensors, atomically;
+        `from_pretrained` rebuilds it without ranking or planning. See artifact/saved.py."""
+        from .saved import save_optimized
+
+        return save_optimized(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, model: nn.Module, example_inputs: dict[str, Any] | None = None,
+                        progress=None, check_versions: bool = True) -> "OptimizedModel":
+        """The OptimizedModel saved in `directory`, rebuilt on `model` (the model it was optimized from).
+
+        The folder and `model`'s fingerprint (class, config, parameter shapes, sampled weights) and
+        the transformers version are checked before any capture; then the decoder is captured on
+        `example_inputs` (default: the example saved in the folder) and the saved plan applied,
+        with no ranking and no planning. Also `rc.load(directory, model)`.
+        """
+        from .saved import load_optimized
+
+        return load_optimized(directory, model, example_inputs, progress=progress, check_versions=check_versions)
+
     def export_onnx(self, directory, example_inputs: dict[str, Any] | None = None):
         """ONNX files of this model (rewritten prefill, decode step, embedding) + redlens.json; see
         exporters/onnx.py. `directory` must be new, empty or an earlier export (replaced whole)."""

@@ -44,3 +44,20 @@ def test_plan_meets_the_budget_and_spares_the_critical_layer(budget):
 def test_unreachable_budget_names_the_floor_ratio():
     with pytest.raises(rc.BudgetUnreachableError, match=r"lowest reachable decoder FLOPs ratio is 0\.3438"):
         plan_to_budget(rc.RedLensConfig(flops_budget=0.3), BEFORE, SCORES, synthetic_costs, FLOORS)
+
+
+def test_per_layer_settings_become_the_plan_as_given_without_ranking():
+    from redlens_compile.analysis.budget import needs_ranking, plan_fixed
+    from redlens_compile.config import UNBOUNDED_WINDOW
+
+    cfg = rc.RedLensConfig(flops_budget=0.5, layers={0: {"ffn_keep": 0.21, "hollow_window": 27},
+                                                     2: {"ffn_keep": 0.0625, "hollow_window": None},
+                                                     3: {"ffn_keep": 1.0, "hollow_window": None}})
+    assert not needs_ranking(cfg)
+    plan = plan_fixed(cfg, num_layers=4)
+    # layer 3 changes no number: left out, as the planner leaves such layers out
+    assert {i: (s.ffn_keep, s.window) for i, s in plan.settings.items()} == {0: (0.21, 27), 2: (0.0625, UNBOUNDED_WINDOW)}
+    assert plan.to_dict()["settings"] == {"0": {"ffn_keep": 0.21, "window": 27}, "2": {"ffn_keep": 0.0625, "window": None}}
+    assert plan_fixed(rc.RedLensConfig(layers={}), num_layers=4).settings == {}
+    with pytest.raises(rc.ConfigError, match=r"indices \[4\] are out of range; the decoder has 4 layers"):
+        plan_fixed(rc.RedLensConfig(layers={4: {"ffn_keep": 0.5}}), num_layers=4)
