@@ -13,6 +13,7 @@ from .errors import (  # noqa: E402
     PruningError,
     RedLensError,
     ReductionUnavailableError,
+    ReportError,
     UnsupportedModelError,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "RedLensConfig",
     "RedLensError",
     "ReductionUnavailableError",
+    "ReportError",
     "UnsupportedModelError",
     "__version__",
     "audit",

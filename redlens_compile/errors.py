@@ -39,3 +39,7 @@ class CodebookError(RedLensError, ValueError):
 
 class ExportError(RedLensError, RuntimeError):
     """The ONNX export cannot be made (an op without a translation, a bad output folder, ...)."""
+
+
+class ReportError(RedLensError, ValueError):
+    """An audit report cannot be read, or a measurement put into it is malformed."""
