@@ -180,7 +180,7 @@ class AuditReport:
                          f"{len(reduced)} of {len(self.layers)} decoder layers: " + "; ".join(
                              f"layer {row['layer']} {layer_settings_text(row.get('settings'))}" for row in reduced)))
             p = self.pruning
-            lines.append("pruned: no visual token" if not p else
+            lines.append("pruned: nothing (no token pruning)" if not p else
                          f"pruned: {p['method']} {p['where']}: visual tokens per sample "
                          f"{', '.join(map(str, p['visual_before']))} -> {', '.join(map(str, p['visual_after']))} "
                          f"(sequence {p['seq_len_before']} -> {p['seq_len_after']})")

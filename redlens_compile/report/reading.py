@@ -20,6 +20,9 @@ def fmt(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, int) and abs(value) < 10**DIGITS:
         return str(value)
+    rounded = float(f"{value:.{DIGITS}g}")
+    if 10**DIGITS <= abs(rounded) < 1e6:  # 1450 rather than 1.45e+03
+        return f"{rounded:.0f}"
     return f"{value:.{DIGITS}g}"
 
 

@@ -81,10 +81,13 @@ def test_the_proof_model_exported_by_the_cli_answers_like_the_torch_module_and_p
         tmp_path, capfd, monkeypatch):
     """`redlens-compile export` of the bundled model: its stderr holds no torchvision notice and no
     FutureWarning of torch's exporter, and onnxruntime answers a padded batch like the torch module."""
+    import logging
+    import sys
     import warnings
 
     import redlens_compile.api
     from redlens_compile.cli import main
+    from redlens_compile.exporters.onnx import _REGISTRATION_LOGGER
     from redlens_compile.loading import load_model_dir
     from redlens_compile.models.demo import SHIPPED_MODEL_DIR
     from redlens_compile.models.evaluate import encode_questions
@@ -94,10 +97,19 @@ def test_the_proof_model_exported_by_the_cli_answers_like_the_torch_module_and_p
     optimize = redlens_compile.api.optimize
     monkeypatch.setattr(redlens_compile.api, "optimize", lambda *a, **k: made.append(optimize(*a, **k)) or made[-1])
     out = tmp_path / "onnx"
-    with warnings.catch_warnings(record=True) as shown:  # pytest would keep warnings off stderr: record them
-        warnings.simplefilter("always")
-        assert main(["export", str(SHIPPED_MODEL_DIR), "--config", json.dumps(CONFIGS["budget-0.5+random-0.25"].to_dict()),
-                     "--out", str(out), "--max-new-tokens", "3"]) == 0
+    # Under pytest, torch's log handler writes to pytest's own capture and warnings are recorded by
+    # pytest: a handler on stderr and a recorder put both back where a user sees them.
+    registration = logging.getLogger(_REGISTRATION_LOGGER)
+    to_stderr = logging.StreamHandler(sys.stderr)
+    registration.addHandler(to_stderr)
+    try:
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            assert main(["export", str(SHIPPED_MODEL_DIR), "--config",
+                         json.dumps(CONFIGS["budget-0.5+random-0.25"].to_dict()), "--out", str(out),
+                         "--max-new-tokens", "3"]) == 0
+    finally:
+        registration.removeHandler(to_stderr)
     printed = capfd.readouterr()
     stderr = printed.err + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in shown)
     noise = [line for line in stderr.splitlines() if "torchvision" in line or "FutureWarning" in line]

@@ -143,7 +143,7 @@ def test_the_summary_block_of_a_budget_run_gives_report_json_rounded(budget_save
     assert line_starting(lines, "reduced:") == f"reduced: {len(reduced)} of 3 decoder layers: " + "; ".join(
         f"layer {row['layer']} ffn_keep {row['settings']['ffn_keep']:.3g}, window {row['settings']['window']}"
         for row in reduced)
-    assert line_starting(lines, "pruned:") == "pruned: no visual token"
+    assert line_starting(lines, "pruned:") == "pruned: nothing (no token pruning)"
     lat = m["prefill_latency_s"]
     assert lat["ratio"] == pytest.approx(0.00654321 / 0.0123456)  # the ratio is added by add_measurements
     assert line_starting(lines, "prefill latency:") == (
@@ -263,6 +263,11 @@ def test_a_pruned_report_shows_the_tokens_kept_and_only_the_config_that_acts(tmp
     assert three_digits(md.split("## Passes")[0]) == []
     svg = (out / "flops.svg").read_text()
     assert "visual tokens kept per sample: 256 -&gt; 32" in svg and "token pruning: codebook" in svg
+
+
+def test_numbers_for_reading():
+    assert [fmt(v) for v in (0.11865234375, 0.066741943359375, 236528640, 1446.8, 999.95, 6.3, 12, 4096, None)] == \
+        ["0.119", "0.0667", "2.37e+08", "1450", "1000", "6.3", "12", "4100", "n/a"]
 
 
 def test_measurements_are_checked_and_a_schema_1_report_still_loads(identity_optimized):
