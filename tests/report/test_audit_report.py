@@ -1,8 +1,11 @@
 import json
+import re
 
+import pytest
 from tiny_families import make_inputs
 
 import redlens_compile as rc
+from redlens_compile.report.reading import fmt
 
 
 def test_report_saves_json_markdown_png(tmp_path, identity_optimized):
@@ -85,12 +88,6 @@ def test_an_audit_shows_one_column_integer_flops_and_normal_file_modes(family_mo
 
 
 # ---- the report a user reads: summary block, rounding, config diff, planner steps, figure ----------
-
-import re  # noqa: E402
-
-import pytest  # noqa: E402
-
-from redlens_compile.report.reading import fmt  # noqa: E402
 
 MEASURED = dict(
     prefill_latency_s={"before": 0.0123456, "after": 0.00654321, "repeats": 5, "how": "median of 5 runs (test)"},
