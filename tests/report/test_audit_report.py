@@ -44,11 +44,8 @@ def test_audit_of_unmodified_model(family_models):
     assert reduced.flops_ratio < 1.0
 
 
-def test_report_of_a_budget_shows_ranking_plan_and_settings(tmp_path, family_models):
-    model = family_models("llava")
-    report = rc.optimize(model, make_inputs("llava", model), config=rc.RedLensConfig(flops_budget=0.6)).report
-    out = report.save(tmp_path / "budget")
-    data = json.loads((out / "report.json").read_text())
+def test_report_of_a_budget_shows_ranking_plan_and_settings(budget_saved):
+    report, out, data, md = budget_saved  # the tiny LLaVA at flops_budget 0.6 (one optimize for the tests here)
     assert data["ranking"]["metric"] == "jsd" and len(data["ranking"]["scores"]) == 3
     assert data["plan"]["steps"] and data["chosen_layers"]
     for row in data["layers"]:
@@ -58,7 +55,6 @@ def test_report_of_a_budget_shows_ranking_plan_and_settings(tmp_path, family_mod
             assert 0 < row["settings"]["ffn_keep"] <= 1
     assert [p["name"] for p in data["passes"]] == ["StripAssertsPass", "DynamicFFNPass", "HollowAttentionPass",
                                                    "CausalFastPathPass", "ThinLinearPass", "DeadCodeEliminationPass"]
-    md = (out / "report.md").read_text()
     assert "## Layer ranking (jsd" in md and "## Planner steps" in md and "ffn_keep" in md
     assert data["totals"]["decoder_prefill_ratio"] <= 0.6
 
