@@ -17,6 +17,7 @@ from .errors import (  # noqa: E402
     RedLensError,
     ReductionUnavailableError,
     SavedModelError,
+    ReportError,
     UnsupportedModelError,
 )
 
@@ -60,6 +61,7 @@ __all__ = [
     "RedLensError",
     "ReductionUnavailableError",
     "SavedModelError",
+    "ReportError",
     "UnsupportedModelError",
     "__version__",
     "audit",

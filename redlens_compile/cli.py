@@ -165,12 +165,15 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
     with torch.no_grad():
         latency = interleaved_medians({"before": lambda: model(**inputs), "after": lambda: opt(**inputs)}, repeats)
         ref_logits, opt_logits = model(**inputs).logits, opt(**inputs).logits
-        if ref_logits.shape != opt_logits.shape:  # token pruning: the kept rows only; compare the next token's
-            ref_logits, opt_logits = ref_logits[:, -1], opt_logits[:, -1]
-        logits_diff = (ref_logits - opt_logits).abs().max().item()
+        # generate reads the last position only; every row (visual rows included) is kept apart, and
+        # is not defined where token pruning drops rows
+        last_diff = (ref_logits[:, -1] - opt_logits[:, -1]).abs().max().item()
+        all_rows_diff = (ref_logits - opt_logits).abs().max().item() if ref_logits.shape == opt_logits.shape else None
+        next_token_agreement = (ref_logits[:, -1].argmax(-1) == opt_logits[:, -1].argmax(-1)).float().mean().item()
         ref_ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     opt_ids = opt.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     prompt_len = inputs["input_ids"].shape[1]
+    matching, compared = _token_agreement(ref_ids[:, prompt_len:], opt_ids[:, prompt_len:])
     report = opt.report
     summary = {
         "model": report.model["class"],
@@ -186,24 +189,49 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
         "ranking": report.ranking,
         "prefill_latency_s_before": latency["before"],
         "prefill_latency_s_after": latency["after"],
-        "max_abs_logit_diff": logits_diff,
+        # kept as it was (every row; the last position where pruning drops rows): the two below say which
+        "max_abs_logit_diff": last_diff if all_rows_diff is None else all_rows_diff,
+        "last_position_max_abs_logit_diff": last_diff,
+        "all_rows_max_abs_logit_diff": all_rows_diff,
+        "greedy_next_token_agreement": next_token_agreement,
         "generated_before": processor.tokenizer.decode(ref_ids[0, prompt_len:]),
         "generated_after": processor.tokenizer.decode(opt_ids[0, prompt_len:]),
         "generated_tokens_equal": bool(torch.equal(ref_ids, opt_ids)),
+        "generated_tokens_matching": matching,
+        "generated_tokens_compared": compared,
         "report_dir": str(out),
         "optimized_dir": str(out / OPTIMIZED_DIR),
         "plan_from": str(saved.directory) if saved is not None else None,
     }
+    report.add_measurements(
+        prefill_latency_s={"before": latency["before"], "after": latency["after"], "repeats": repeats,
+                           "how": f"median of {repeats} interleaved runs, whole model, this machine"},
+        logits={"last_position_max_abs_diff": last_diff, "all_rows_max_abs_diff": all_rows_diff,
+                "greedy_next_token_agreement": next_token_agreement},
+        generate={"max_new_tokens": max_new_tokens, "tokens_equal": summary["generated_tokens_equal"],
+                  "tokens_matching": matching, "tokens_compared": compared,
+                  "before": summary["generated_before"], "after": summary["generated_after"]})
     if questions:
         summary.update(_task_accuracy(model, opt, processor, questions))
+        report.add_measurements(accuracy={"questions": questions, "before": summary["accuracy_before"],
+                                          "after": summary["accuracy_after"]})
     with _staged(out, command) as staging:  # every output or none, replacing an earlier run's
         if onnx:
             summary.update(_onnx_check(opt, model, inputs, staging / "onnx", max_new_tokens))
             summary["onnx_dir"] = str(out / "onnx")
+            report.add_measurements(onnx={k: v for k, v in summary.items() if k.startswith("onnx_")})
         report.save(staging)
         opt.save_pretrained(staging / OPTIMIZED_DIR)  # the loadable folder: --from, rc.load
         (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _token_agreement(ref, opt) -> tuple[int, int]:
+    """Generated tokens at the same position that are the same, and the positions compared (the
+    longer of the two per row: a sequence that stops early counts its missing tokens as different)."""
+    length = max(ref.shape[1], opt.shape[1])
+    same = min(ref.shape[1], opt.shape[1])
+    return int((ref[:, :same] == opt[:, :same]).sum()), int(ref.shape[0] * length)
 
 
 def _task_accuracy(model, opt, processor, questions: int) -> dict:
@@ -234,8 +262,11 @@ def _print_summary(summary: dict) -> None:
     before, after = summary["prefill_latency_s_before"], summary["prefill_latency_s_after"]
     print(f"prefill latency  {before * 1e3:.1f} ms -> {after * 1e3:.1f} ms (ratio {after / before:.3f}; median of "
           "interleaved runs, whole model, this machine)")
-    print(f"logits           max abs diff {summary['max_abs_logit_diff']:.3g}")
-    print(f"generate         {'same tokens' if summary['generated_tokens_equal'] else 'tokens differ'}: "
+    print(f"logits           last position (what generate reads) max abs diff "
+          f"{summary['last_position_max_abs_logit_diff']:.3g}, greedy next token the same in "
+          f"{100 * summary['greedy_next_token_agreement']:.3g}% of rows")
+    print(f"generate         {summary['generated_tokens_matching']} of {summary['generated_tokens_compared']} greedy "
+          f"tokens the same ({'same tokens' if summary['generated_tokens_equal'] else 'tokens differ'}): "
           f"{summary['generated_after']!r}")
     if "accuracy_before" in summary:
         print(f"accuracy         {100 * summary['accuracy_before']['overall']:.1f}% -> "
@@ -245,7 +276,7 @@ def _print_summary(summary: dict) -> None:
               f"{summary['onnx_vision_runs_in']}): last-position logits max abs diff "
               f"{summary['onnx_max_abs_logit_diff']:.3g} vs torch, "
               f"{'same tokens' if summary['onnx_generated_tokens_equal'] else 'tokens differ'}")
-    print(f"report           {summary['report_dir']}/report.md, report.json, flops.png, summary.json")
+    print(f"report           {summary['report_dir']}/report.md, report.json, flops.png, flops.svg, summary.json")
     if summary.get("plan_from"):
         print(f"plan             loaded from {summary['plan_from']} (no ranking, no planning)")
     print(f"saved            {summary['optimized_dir']} (load: rc.load(DIR, model), or --from DIR)")
@@ -297,7 +328,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     with _staged(out, "audit") as staging:
         report.save(staging)
     print(report.summary())
-    print(f"report written to {args.out}/report.md, report.json, flops.png")
+    print(f"report written to {args.out}/report.md, report.json, flops.png, flops.svg")
     return 0
 
 

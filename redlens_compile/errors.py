@@ -56,3 +56,7 @@ class OutputFolderError(RedLensError, OSError):
 
 class SavedModelError(RedLensError, ValueError):
     """A saved optimized model folder cannot be read, or was saved for another model or library version."""
+
+
+class ReportError(RedLensError, ValueError):
+    """An audit report cannot be read, or a measurement put into it is malformed."""

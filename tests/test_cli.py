@@ -23,10 +23,16 @@ def test_optimize_cli_writes_report_and_summary(demo_dir, tmp_path, capsys):
     assert summary["max_abs_logit_diff"] <= 1e-5
     assert summary["generated_tokens_equal"] is True
     assert summary["decoder_prefill_flops_ratio"] == 1.0
-    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "flops.png", "summary.json",
-                                               "redlens-outputs.json", "optimized"}
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "flops.png", "flops.svg",
+                                               "summary.json", "redlens-outputs.json", "optimized"}
     assert (out / "optimized" / "plan.json").is_file()  # the loadable folder: --from, rc.load
     assert "decoder FLOPs" in capsys.readouterr().out
+    # what the CLI measured is in the report too (report.md's summary block reads it from there)
+    measured = json.loads((out / "report.json").read_text())["measurements"]
+    assert measured["prefill_latency_s"]["before"] == summary["prefill_latency_s_before"]
+    assert measured["logits"]["all_rows_max_abs_diff"] == summary["all_rows_max_abs_logit_diff"] <= 1e-5
+    assert measured["generate"]["tokens_compared"] == summary["generated_tokens_compared"] == 3
+    assert measured["generate"]["tokens_matching"] == 3
 
 
 def test_audit_cli_with_prompt(demo_dir, tmp_path):
@@ -221,6 +227,18 @@ def test_optimize_cli_with_a_budget_reports_layers_and_ratios(demo_dir, tmp_path
     assert "reduced layers" in printed and "ffn_keep" in printed and "latency" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["ranking"]["metric"] == "jsd" and report["plan"]["steps"]
+    # the last position (what generate reads) is printed; every row's difference stays in report.json
+    logits = report["measurements"]["logits"]
+    assert logits["last_position_max_abs_diff"] == summary["last_position_max_abs_logit_diff"]
+    assert logits["all_rows_max_abs_diff"] == summary["all_rows_max_abs_logit_diff"] >= logits["last_position_max_abs_diff"]
+    line = next(line for line in printed.splitlines() if line.startswith("logits"))
+    assert line.startswith(f"logits           last position (what generate reads) max abs diff "
+                           f"{logits['last_position_max_abs_diff']:.3g}, greedy next token the same in ")
+    assert f"{logits['all_rows_max_abs_diff']:.3g}" not in line
+    gen = report["measurements"]["generate"]
+    assert f"generate         {gen['tokens_matching']} of {gen['tokens_compared']} greedy tokens the same" in printed
+    md = (out / "report.md").read_text()
+    assert f"max abs diff {logits['last_position_max_abs_diff']:.3g};" in md.split("## Details")[0]
 
     # The saved plan applied without calibration: the ranking and the planner must not run.
     import redlens_compile.api as api
@@ -273,6 +291,9 @@ def test_optimize_cli_with_a_pruning_preset_prints_the_tokens_kept(tmp_path, cap
     assert f"-> [{visual_after}]" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["pruning"]["method"] == preset.split("-")[0]
+    # pruning drops rows: every row's difference is not defined, the last position's is
+    assert report["measurements"]["logits"]["all_rows_max_abs_diff"] is None
+    assert report["measurements"]["logits"]["last_position_max_abs_diff"] == summary["max_abs_logit_diff"]
 
 
 @pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl", "internvl", "qwen2.5-vl", "gemma3"])

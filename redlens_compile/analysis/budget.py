@@ -63,6 +63,9 @@ class ReductionPlan:
     order: list[int] = field(default_factory=list)  # least critical first (auto) or as given
     steps: list[str] = field(default_factory=list)  # what the planner did, for the report
     predicted_ratio: float | None = None
+    # the same steps as data, so the report can group them per layer:
+    # {"action": reduce|tighten|relax, "layer", "to": settings dict or None (unreduced), "ratio"}
+    moves: list[dict] = field(default_factory=list)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -78,6 +81,7 @@ class ReductionPlan:
             "settings": {str(i): s.to_dict() for i, s in sorted(self.settings.items())},
             "order": self.order,
             "steps": self.steps,
+            "moves": self.moves,
             "predicted_ratio": self.predicted_ratio,
         }
 
@@ -208,6 +212,8 @@ def plan_to_budget(
     level = {i: 0 for i in before}
     ratio = (sum(before.values()) + extra) / total
     steps: list[str] = []
+    moves: list[dict] = []
+
     def next_saving(layer: int) -> int | None:
         """The nearest tighter rung that costs fewer FLOPs (a loose rung can cost more than none)."""
         for nxt in range(level[layer] + 1, rungs + 1):
@@ -232,6 +238,7 @@ def plan_to_budget(
         level[layer] = best[1]
         ratio = (sum(cost(i, level[i]) for i in before) + extra) / total
         steps.append(f"{verb} layer {layer} to {ladder[level[layer] - 1].to_dict()}: ratio {ratio:.4f}")
+        moves.append({"action": verb, "layer": layer, "to": ladder[level[layer] - 1].to_dict(), "ratio": ratio})
     # The last move may overshoot (a whole layer added at once): give back the rungs that
     # cost most damage per FLOP while the budget still holds.
     while ratio <= budget:
@@ -255,6 +262,8 @@ def plan_to_budget(
         ratio = (sum(cost(i, level[i]) for i in before) + extra) / total
         steps.append(f"relax layer {best} to {ladder[level[best] - 1].to_dict() if level[best] else 'unreduced'}: "
                      f"ratio {ratio:.4f}")
+        moves.append({"action": "relax", "layer": best, "to": ladder[level[best] - 1].to_dict() if level[best] else None,
+                      "ratio": ratio})
     if ratio > budget:
         floor = ladder[-1].to_dict()
         raise BudgetUnreachableError(
@@ -264,6 +273,6 @@ def plan_to_budget(
             "reductions (ffn_keep < 1 and a finite hollow_window), or prune visual tokens (prune=...)."
         )
     plan = ReductionPlan(settings={i: ladder[lv - 1] for i, lv in level.items() if lv}, order=order, steps=steps,
-                         predicted_ratio=ratio)
+                         predicted_ratio=ratio, moves=moves)
     logger.info("plan: layers %s, predicted ratio %.4f", list(plan.layers), ratio)
     return plan

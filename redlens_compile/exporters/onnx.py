@@ -21,9 +21,11 @@ export leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -77,10 +79,35 @@ class _NamedGraph(nn.Module):
         return tuple(self.graph_module(*(args if key_bias is None else (*args, key_bias))))
 
 
+# torch.onnx logs this once per export for each torchvision op it cannot register: no graph of
+# ours holds a torchvision op, so it is noise to the user.
+_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+class _DropTorchvisionNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torchvision is not installed" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Around one torch.onnx.export call: drop the torchvision notice and the FutureWarnings torch's
+    exporter raises about its own internals (e.g. pytree's LeafSpec); every other warning still shows."""
+    registration = logging.getLogger(_REGISTRATION_LOGGER)
+    notice = _DropTorchvisionNotice()
+    registration.addFilter(notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        registration.removeFilter(notice)
+
+
 def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
             dynamic_shapes) -> None:
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(module, args, input_names=input_names, output_names=output_names,
                                         dynamic_shapes=dynamic_shapes, dynamo=True, optimize=True, verbose=False)
     except Exception as exc:

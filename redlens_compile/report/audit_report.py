@@ -1,4 +1,5 @@
-"""AuditReport: before/after FLOPs per decoder layer, components, passes; saved as JSON/MD/PNG."""
+"""AuditReport: before/after FLOPs per decoder layer, components, passes, what a run measured;
+saved as report.json, report.md and the figure flops.png / flops.svg."""
 
 from __future__ import annotations
 
@@ -11,11 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis.flops import FLOP_CONVENTION, GROUPS, groups_total
+from ..errors import ReportError
 from ..files import atomic_write
+from . import figure
+from .reading import config_text, fmt, layer_settings_text, percent, planner_steps_by_layer
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 2 adds `measurements` (AuditReport.add_measurements) and `plan.moves`; every field of 1 is kept
+# as it was, so what reads 1 reads 2 (and load() takes both).
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+# What a run may measure and put into the report (AuditReport.add_measurements).
+MEASUREMENT_GROUPS = ("prefill_latency_s", "logits", "generate", "accuracy", "onnx")
 
 
 def library_versions() -> dict[str, str]:
@@ -52,9 +61,11 @@ def _whole_flops(value: Any, key: str = "") -> Any:
     return value
 
 
+
 @dataclass
 class AuditReport:
-    """What the decoder costs before and after optimization, and what was done to it."""
+    """What the decoder costs before and after optimization, what was done to it, and what the run
+    that made it measured (add_measurements)."""
 
     model: dict[str, Any]
     inputs: dict[str, Any]
@@ -71,6 +82,8 @@ class AuditReport:
     versions: dict[str, str] = field(default_factory=library_versions)
     flops_convention: str = FLOP_CONVENTION
     schema_version: int = SCHEMA_VERSION
+    # latency, logit differences, generated tokens, accuracy, ONNX check: put in by whoever measured them
+    measurements: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def decoder_flops_before(self) -> float:
@@ -89,6 +102,34 @@ class AuditReport:
         """Nothing was rewritten (rc.audit): one set of numbers, no before/after."""
         return self.config is None
 
+    def add_measurements(self, **groups: dict[str, Any] | None) -> "AuditReport":
+        """Put what a run measured into the report (saved in report.json `measurements`, shown in
+        report.md's summary and in the figure). Groups (each a dict; None is skipped; a second call
+        adds to a group):
+        - prefill_latency_s: {"before", "after" (seconds), "repeats", "how"}; the ratio is added here.
+        - logits: {"last_position_max_abs_diff", "all_rows_max_abs_diff" (None where pruning drops rows),
+          "greedy_next_token_agreement" (fraction of rows whose last-position argmax is the same)}.
+        - generate: {"max_new_tokens", "tokens_equal", "tokens_compared", "tokens_matching", "before", "after"}.
+        - accuracy: {"questions", "before", "after"} (fractions, "overall" and per question type).
+        - onnx: the ONNX check (provider, last-position logit difference, tokens equal).
+        """
+        unknown = sorted(set(groups) - set(MEASUREMENT_GROUPS))
+        if unknown:
+            raise ReportError(f"add_measurements: unknown group(s) {unknown}; the groups are "
+                              f"{', '.join(MEASUREMENT_GROUPS)}")
+        for name, values in groups.items():
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ReportError(f"add_measurements: {name} must be a dict of values, not {type(values).__name__}")
+            group = self.measurements.setdefault(name, {})
+            group.update(values)
+            if name == "prefill_latency_s" and group.get("before") and group.get("after") is not None:
+                group["ratio"] = group["after"] / group["before"]
+            if name == "generate" and group.get("tokens_compared"):
+                group["token_agreement"] = group["tokens_matching"] / group["tokens_compared"]
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
@@ -106,17 +147,19 @@ class AuditReport:
             "pruning": self.pruning,
             "passes": self.passes,
             "notes": self.notes,
+            "measurements": self.measurements,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AuditReport":
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(
-                f"report schema_version {data.get('schema_version')!r} is not {SCHEMA_VERSION}; "
+        if data.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+            raise ReportError(
+                f"report schema_version {data.get('schema_version')!r} is not one of {READABLE_SCHEMA_VERSIONS}; "
                 "re-run the audit with this version of redlens-compile"
             )
         keys = ("model", "inputs", "layers", "components", "totals", "config", "passes", "ranking",
-                "plan", "chosen_layers", "pruning", "notes", "versions", "flops_convention")
+                "plan", "chosen_layers", "pruning", "notes", "versions", "flops_convention", "schema_version",
+                "measurements")
         return cls(**{k: data[k] for k in keys if k in data})
 
     @classmethod
@@ -125,46 +168,116 @@ class AuditReport:
 
     # ---- rendering -------------------------------------------------------------------
 
+    def summary_lines(self) -> list[str]:
+        """The summary block of report.md: what was done, what it saved, what it cost (3 digits)."""
+        t, m = self.totals, self.measurements
+        lines = []
+        if self.is_audit:
+            lines.append(f"decoder prefill FLOPs: {fmt(t['decoder_prefill_before'])} (nothing rewritten: an audit)")
+        else:
+            reduced = [row for row in self.layers if row.get("reduced")]
+            lines.append("reduced: " + ("no decoder layer" if not reduced else
+                         f"{len(reduced)} of {len(self.layers)} decoder layers: " + "; ".join(
+                             f"layer {row['layer']} {layer_settings_text(row.get('settings'))}" for row in reduced)))
+            p = self.pruning
+            lines.append("pruned: nothing (no token pruning)" if not p else
+                         f"pruned: {p['method']} {p['where']}: visual tokens per sample "
+                         f"{', '.join(map(str, p['visual_before']))} -> {', '.join(map(str, p['visual_after']))} "
+                         f"(sequence {p['seq_len_before']} -> {p['seq_len_after']})")
+            budget = (self.config or {}).get("flops_budget")
+            lines.append(f"decoder prefill FLOPs: {fmt(t['decoder_prefill_before'])} -> "
+                         f"{fmt(t['decoder_prefill_after'])}, ratio {fmt(t['decoder_prefill_ratio'])} "
+                         f"(flops_budget {fmt(budget)})")
+        latency = m.get("prefill_latency_s")
+        lines.append("prefill latency: not measured" if not latency else
+                     f"prefill latency: {fmt(latency['before'] * 1e3)} ms -> {fmt(latency['after'] * 1e3)} ms, "
+                     f"ratio {fmt(latency['ratio'])} ({latency.get('how', 'measured')})")
+        logits = m.get("logits")
+        if logits:
+            rows = logits.get("all_rows_max_abs_diff")
+            lines.append(f"logits at the last position (what generate reads): max abs diff "
+                         f"{fmt(logits['last_position_max_abs_diff'])}; greedy next token the same in "
+                         f"{percent(logits['greedy_next_token_agreement'])} of rows"
+                         + (f" (every row, visual rows included: {fmt(rows)}, measurements.logits."
+                            "all_rows_max_abs_diff)" if rows is not None else ""))
+        gen = m.get("generate")
+        if gen:
+            lines.append(f"greedy generate: {gen['tokens_matching']} of {gen['tokens_compared']} tokens the same "
+                         f"({percent(gen['token_agreement'])}); {gen.get('after', '')!r}"
+                         + ("" if gen.get("tokens_equal") else f" against {gen.get('before', '')!r}"))
+        acc = m.get("accuracy")
+        lines.append("accuracy: not measured" if not acc else
+                     f"accuracy: {percent(acc['before']['overall'])} -> {percent(acc['after']['overall'])} on "
+                     f"{acc['questions']} held-out questions")
+        onnx = m.get("onnx")
+        if onnx:
+            lines.append(f"onnxruntime ({onnx.get('onnx_provider')}): last-position logits max abs diff "
+                         f"{fmt(onnx.get('onnx_max_abs_logit_diff'))} vs torch, "
+                         f"{'same tokens' if onnx.get('onnx_generated_tokens_equal') else 'tokens differ'}")
+        return lines
+
     def to_markdown(self) -> str:
         t = self.totals
         lines = [
             f"# redlens-compile audit: {self.model.get('class', '?')} ({self.model.get('family', '?')})",
             "",
+            "## Summary",
+            "",
+            *[f"- {line}" for line in self.summary_lines()],
+            "",
+            "Numbers here are rounded to 3 significant digits; report.json holds them in full.",
+            "",
+            "## Details",
+            "",
             f"{self.flops_convention}",
             "",
             f"- inputs: batch {self.inputs['batch']}, sequence {self.inputs['seq_len']}, "
             f"visual tokens {self.inputs['visual_tokens']}, text tokens {self.inputs['text_tokens']}",
-            f"- decoder prefill FLOPs: {t['decoder_prefill_before']:.4g}" if self.is_audit else
-            f"- decoder prefill FLOPs: before {t['decoder_prefill_before']:.4g}, after "
-            f"{t['decoder_prefill_after']:.4g}, ratio {t['decoder_prefill_ratio']:.4f}",
-            f"- cross-check, fvcore on the eager decoder: {t.get('eager_fvcore_decoder', float('nan')):.4g}",
+            f"- decoder prefill FLOPs (the decoder layers, what flops_budget bounds): {fmt(t['decoder_prefill_before'])}"
+            if self.is_audit else
+            f"- decoder prefill FLOPs (the decoder layers, what flops_budget bounds): before "
+            f"{fmt(t['decoder_prefill_before'])}, after {fmt(t['decoder_prefill_after'])}, ratio "
+            f"{fmt(t['decoder_prefill_ratio'])}",
+            self._cross_check_line(),
         ]
         comp = self.components
         keys = ("vision_tower", "projector") + (("lm_head_before",) if self.is_audit else ("lm_head_before", "lm_head_after"))
         for key in keys:
             value = comp.get(key)
             name = "lm_head" if self.is_audit and key == "lm_head_before" else key
-            lines.append(f"- {name}: {'not counted' if value is None else f'{value:.4g}'}")
+            lines.append(f"- {name}: {'not counted' if value is None else fmt(value)}")
         if comp.get("vision_note"):
             lines.append(f"- vision note: {comp['vision_note']}")
         if self.config is not None:
-            lines.append(f"- config: `{json.dumps(self.config, sort_keys=True)}`")
+            lines.append(f"- config: {config_text(self.config)}")
         lines.append(f"- reduced layers: {self.chosen_layers if self.chosen_layers else 'none'}")
         if self.pruning:
             p = self.pruning
             lines.append(f"- token pruning: {p['method']} {p['where']}, visual tokens per sample {p['visual_before']} -> "
                          f"{p['visual_after']}, sequence {p['seq_len_before']} -> {p['seq_len_after']}; scoring "
-                         f"{p['scoring_flops']:.4g} FLOPs (counted in the decoder prefill after)")
+                         f"{fmt(p['scoring_flops'])} FLOPs (counted in the decoder prefill after)")
         if self.is_audit:
             lines += ["", "## Decoder layers (FLOPs)", "", "| layer | visual | text | proj | attn core | ffn |",
                       "|---:|---:|---:|---:|---:|---:|"]
             for row in self.layers:
                 groups = [groups_total({g: row["before"][g]}) for g in GROUPS]
-                lines.append(f"| {row['layer']} | {groups_total(row['before'], 'visual'):.4g} | "
-                             f"{groups_total(row['before'], 'text'):.4g} | " + " | ".join(f"{v:.4g}" for v in groups) + " |")
+                lines.append(f"| {row['layer']} | {fmt(groups_total(row['before'], 'visual'))} | "
+                             f"{fmt(groups_total(row['before'], 'text'))} | " + " | ".join(fmt(v) for v in groups) + " |")
         else:
             lines += self._before_after_tables()
+        lines += self._accuracy_table()
         return self._closing_sections(lines)
+
+    def _cross_check_line(self) -> str:
+        """fvcore on the eager decoder counts what the graph holds (layers, lm_head, the rest): compared so."""
+        t, comp = self.totals, self.components
+        eager, graph = t.get("eager_fvcore_decoder"), t.get("graph_total_before")
+        if eager is None or graph is None:
+            return "- cross-check against fvcore on the eager decoder: not run"
+        verdict = "equal" if abs(eager - graph) <= 1e-6 * max(1.0, eager) else f"differ by {fmt(eager - graph)}"
+        return (f"- cross-check, the whole decoder before (layers {fmt(t['decoder_prefill_before'])} + lm_head "
+                f"{fmt(comp.get('lm_head_before'))} + the rest {fmt(comp.get('other_before') or 0)}): graph count "
+                f"{fmt(graph)}, fvcore on the eager decoder {fmt(eager)}: {verdict}")
 
     def _before_after_tables(self) -> list[str]:
         lines = ["", "## Decoder layers (FLOPs)", "",
@@ -174,24 +287,40 @@ class AuditReport:
             vb, tb = groups_total(row["before"], "visual"), groups_total(row["before"], "text")
             va, ta = groups_total(row["after"], "visual"), groups_total(row["after"], "text")
             ratio = (va + ta) / (vb + tb) if vb + tb else float("nan")
-            settings = row.get("settings") or {}
-            label = ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None) if row.get("reduced") else ""
-            lines.append(f"| {row['layer']} | {vb:.4g} | {tb:.4g} | {va:.4g} | {ta:.4g} | {ratio:.3f} | {label} |")
+            label = layer_settings_text(row.get("settings")) if row.get("reduced") else ""
+            lines.append(f"| {row['layer']} | {fmt(vb)} | {fmt(tb)} | {fmt(va)} | {fmt(ta)} | {fmt(ratio)} | {label} |")
         for phase in ("before", "after"):
             lines += ["", f"## Per group, {phase} (visual / text)", "", "| layer | proj | attn core | ffn |",
                       "|---:|---:|---:|---:|"]
             for row in self.layers:
-                cells = [f"{row[phase][g]['visual']:.3g} / {row[phase][g]['text']:.3g}" for g in GROUPS]
+                cells = [f"{fmt(row[phase][g]['visual'])} / {fmt(row[phase][g]['text'])}" for g in GROUPS]
                 lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
+        return lines
+
+    def _accuracy_table(self) -> list[str]:
+        acc = self.measurements.get("accuracy")
+        if not acc:
+            return []
+        lines = ["", f"## Accuracy on {acc['questions']} held-out questions", "", "| questions | before | after |",
+                 "|:---|---:|---:|"]
+        for kind in [k for k in acc["before"] if k != "overall"] + ["overall"]:
+            lines.append(f"| {kind} | {percent(acc['before'][kind])} | {percent(acc['after'].get(kind, float('nan')))} |")
         return lines
 
     def _closing_sections(self, lines: list[str]) -> str:
         if self.ranking:
             lines += ["", f"## Layer ranking ({self.ranking['metric']}; lower = less critical, reduced first)", "",
                       "| layer | score |", "|---:|---:|"]
-            lines += [f"| {i} | {self.ranking['scores'][str(i)]:.4g} |" for i in self.ranking["order"]]
+            lines += [f"| {i} | {fmt(self.ranking['scores'][str(i)])} |" for i in self.ranking["order"]]
         if self.plan.get("steps"):
-            lines += ["", "## Planner steps", ""] + [f"{k + 1}. {step}" for k, step in enumerate(self.plan["steps"])]
+            grouped = planner_steps_by_layer(self.plan)
+            moves = len(self.plan.get("moves") or [])
+            title = f"## Planner steps ({moves} steps, per layer in the order first touched)" if moves else \
+                "## Planner steps"
+            lines += ["", title, ""] + [f"- {line}" for line in grouped]
+            if self.plan.get("predicted_ratio") is not None:
+                lines.append(f"- predicted decoder FLOPs ratio {fmt(self.plan['predicted_ratio'])} "
+                             "(every step in report.json plan.steps)")
         if self.passes:
             lines += ["", "## Passes", "", "| pass | modified | nodes before | nodes after |", "|---|:---:|---:|---:|"]
             for p in self.passes:
@@ -202,50 +331,29 @@ class AuditReport:
         lines += ["", f"_versions: {', '.join(f'{k} {val}' for k, val in v.items())}_", ""]
         return "\n".join(lines)
 
-    def _plot(self, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        layers = [row["layer"] for row in self.layers]
-        width = 0.4
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(layers) + 3), 4))
-        phases = ((0.0, "before", 1.0),) if self.is_audit else ((-width / 2, "before", 1.0), (width / 2, "after", 0.6))
-        for offset, phase, alpha in phases:
-            xs = [x + offset for x in layers]
-            visual = [groups_total(r[phase], "visual") for r in self.layers]
-            text = [groups_total(r[phase], "text") for r in self.layers]
-            suffix = "" if self.is_audit else f" ({phase})"
-            ax.bar(xs, visual, width, label=f"visual{suffix}", color="tab:orange", alpha=alpha)
-            ax.bar(xs, text, width, bottom=visual, label=f"text{suffix}", color="tab:blue", alpha=alpha)
-        ax.set_xlabel("decoder layer")
-        ax.set_ylabel("FLOPs (fvcore, multiply-add = 1)")
-        ax.set_title(f"{self.model.get('class', '')}: decoder prefill FLOPs per layer")
-        ax.set_xticks(layers)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
-        fig.tight_layout()
-        fig.savefig(path, format="png", dpi=100)
-        plt.close(fig)
-
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write report.json, report.md and flops.png into `directory`; returns the folder."""
+        """Write report.json, report.md, flops.png and flops.svg into `directory`; returns the folder."""
         out = Path(directory)
         payload = json.dumps(self.to_dict(), indent=2, sort_keys=False)
         atomic_write(out / "report.json", lambda p: p.write_text(payload))
         markdown = self.to_markdown()
         atomic_write(out / "report.md", lambda p: p.write_text(markdown))
-        atomic_write(out / "flops.png", self._plot)
+        fig = figure.draw(self)
+        try:
+            atomic_write(out / "flops.png", lambda p: figure.save(fig, p, "png"))
+            atomic_write(out / "flops.svg", lambda p: figure.save(fig, p, "svg"))
+        finally:
+            figure.close(fig)
         logger.info("report written to %s", out)
         return out
 
     def summary(self) -> str:
         t = self.totals
         if self.is_audit:
-            return (f"decoder prefill FLOPs {t['decoder_prefill_before']:.4g}; visual tokens "
+            return (f"decoder prefill FLOPs {fmt(t['decoder_prefill_before'])}; visual tokens "
                     f"{self.inputs['visual_tokens']} of {self.inputs['seq_len'] * self.inputs['batch']}")
         return (
-            f"decoder prefill FLOPs {t['decoder_prefill_before']:.4g} -> {t['decoder_prefill_after']:.4g} "
-            f"(ratio {t['decoder_prefill_ratio']:.3f}); visual tokens {self.inputs['visual_tokens']} of "
+            f"decoder prefill FLOPs {fmt(t['decoder_prefill_before'])} -> {fmt(t['decoder_prefill_after'])} "
+            f"(ratio {fmt(t['decoder_prefill_ratio'])}); visual tokens {self.inputs['visual_tokens']} of "
             f"{self.inputs['seq_len'] * self.inputs['batch']}"
         )

@@ -77,19 +77,72 @@ def test_sliding_window_decoders_are_refused(family_models, tmp_path):
     assert not (tmp_path / "onnx").exists()
 
 
-def test_the_proof_model_exported_answers_like_the_torch_module(tmp_path):
+def test_the_proof_model_exported_by_the_cli_answers_like_the_torch_module_and_prints_no_noise(
+        tmp_path, capfd, monkeypatch):
+    """`redlens-compile export` of the bundled model: its stderr holds no torchvision notice and no
+    FutureWarning of torch's exporter, and onnxruntime answers a padded batch like the torch module."""
+    import logging
+    import sys
+    import warnings
+
+    import redlens_compile.api
+    from redlens_compile.cli import main
+    from redlens_compile.exporters.onnx import _REGISTRATION_LOGGER
     from redlens_compile.loading import load_model_dir
     from redlens_compile.models.demo import SHIPPED_MODEL_DIR
     from redlens_compile.models.evaluate import encode_questions
     from redlens_compile.models.shapes_task import heldout_questions
 
+    made = []
+    optimize = redlens_compile.api.optimize
+    monkeypatch.setattr(redlens_compile.api, "optimize", lambda *a, **k: made.append(optimize(*a, **k)) or made[-1])
+    out = tmp_path / "onnx"
+    # Under pytest, torch's log handler writes to pytest's own capture and warnings are recorded by
+    # pytest: a handler on stderr and a recorder put both back where a user sees them.
+    registration = logging.getLogger(_REGISTRATION_LOGGER)
+    to_stderr = logging.StreamHandler(sys.stderr)
+    registration.addHandler(to_stderr)
+    try:
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            assert main(["export", str(SHIPPED_MODEL_DIR), "--config",
+                         json.dumps(CONFIGS["budget-0.5+random-0.25"].to_dict()), "--out", str(out),
+                         "--max-new-tokens", "3"]) == 0
+    finally:
+        registration.removeHandler(to_stderr)
+    printed = capfd.readouterr()
+    stderr = printed.err + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in shown)
+    noise = [line for line in stderr.splitlines() if "torchvision" in line or "FutureWarning" in line]
+    assert noise == []
+    assert "same tokens" in printed.out
+    (opt,) = made
     model, processor = load_model_dir(SHIPPED_MODEL_DIR)
+    runner = OnnxRunner(out)  # a LLaVA: no torch model needed
     items = heldout_questions(3)
-    inputs = encode_questions(processor, [items[0][0]], [items[0][1].question])
-    opt = rc.optimize(model, inputs, config=CONFIGS["budget-0.5+random-0.25"])
-    runner = OnnxRunner(opt.export_onnx(tmp_path / "onnx"))  # a LLaVA: no torch model needed
     batch = encode_questions(processor, [image for image, _ in items[1:]], [qa.question for _, qa in items[1:]])
     assert_same_as_torch(opt, runner, batch)
+
+
+def test_the_exporter_filter_drops_only_the_exporters_own_noise(caplog):
+    import logging
+    import warnings
+
+    from redlens_compile.exporters.onnx import _REGISTRATION_LOGGER, _quiet_exporter
+
+    registration = logging.getLogger(_REGISTRATION_LOGGER)
+    with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.WARNING, logger=_REGISTRATION_LOGGER):
+        warnings.simplefilter("always")
+        with _quiet_exporter():
+            registration.warning("torchvision is not installed. Skipping torchvision::nms")
+            registration.warning("an op could not be registered")
+            warnings.warn("LeafSpec is deprecated", FutureWarning)
+            warnings.warn("a warning that matters", UserWarning)
+        registration.warning("torchvision is not installed. Skipping torchvision::nms")  # outside: shown again
+        warnings.warn("outside", FutureWarning)
+    assert [str(w.message) for w in shown] == ["a warning that matters", "outside"]
+    assert [r.getMessage() for r in caplog.records] == ["an op could not be registered",
+                                                        "torchvision is not installed. Skipping torchvision::nms"]
+    assert registration.filters == []
 
 
 def test_the_exported_prefill_carries_the_rewrites(family_models, tmp_path):
