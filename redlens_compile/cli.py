@@ -99,7 +99,7 @@ def _onnx_check(opt, model, inputs, onnx_dir: Path, max_new_tokens: int) -> dict
 
 
 def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: int, repeats: int,
-                  questions: int = 0, onnx: bool = False) -> dict:
+                  questions: int = 0, onnx: bool = False, engine: Any = "local") -> dict:
     import torch
     from tqdm import tqdm
 
@@ -111,7 +111,7 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
             bar.set_postfix_str(stage)
             bar.update(1)
 
-        opt = optimize(model, inputs, config=config, progress=progress)
+        opt = optimize(model, inputs, config=config, progress=progress, engine=engine)
         bar.update(bar.total - bar.n)
 
     with torch.no_grad():
@@ -257,11 +257,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     config = _config_from_args(args)  # bad configs fail before the model loads
+    engine = _engine_from_args(args)
     _check_image_arg(args)
     out = _check_out(args.out)
     model, processor = _load(args.model_dir)  # checks the directory's config.json first
     inputs = _build_inputs(processor, args.image, args.prompt)
-    summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats)
+    summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats, engine=engine)
     _print_summary(summary)
     return 0
 
@@ -272,6 +273,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .models.shapes_task import heldout_questions
 
     config = _config_from_args(args)
+    engine = _engine_from_args(args)
     out = _check_out(args.out)
     model_dir = ensure_default_model()
     meta = json.loads((model_dir / "redlens_model.json").read_text())
@@ -281,13 +283,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     inputs = encode_questions(processor, [image], [qa.question])
     questions = args.questions if meta["weights"] == "trained" else 0  # random weights: accuracy means nothing
     summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats, questions,
-                            onnx=not args.no_onnx)
+                            onnx=not args.no_onnx, engine=engine)
     _print_summary(summary)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
+    engine = _engine_from_args(args)
     _check_image_arg(args)
     from .exporters.onnx import check_export_dir
 
@@ -297,7 +300,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     inputs = _build_inputs(processor, args.image, args.prompt)
     from .api import optimize
 
-    opt = optimize(model, inputs, config=config)
+    opt = optimize(model, inputs, config=config, engine=engine)
     check = _onnx_check(opt, model, inputs, out, args.max_new_tokens)
     files = ", ".join(sorted(p.name for p in out.glob("*.onnx")))
     print(f"onnx             {out}: {files}, redlens.json (vision in {check['onnx_vision_runs_in']})")
@@ -309,18 +312,30 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_codebook(args: argparse.Namespace) -> int:
+    import torch
+
     from .analysis.codebook import CodebookSettings, build_codebook, list_images
     from .analysis.codebook_file import check_output_path
+    from .analysis.ray_engine import image_sources
 
     # Every argument and the output path before the model loads: a bad one fails in seconds.
+    engine = _engine_from_args(args)
     out = Path(args.out)
     check_output_path(out)
     _check_model_dir(args.model_dir)
     settings = CodebookSettings(**{f: getattr(args, f) for f in CODEBOOK_FIELDS if getattr(args, f) is not None})
-    list_images(args.images)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     shards = Path(args.shards) if args.shards else out.with_name(out.name + ".shards")
-    model, processor = _load(args.model_dir)
-    codebook = build_codebook(model, processor, args.images, shards, settings, extra_shards=args.extra_shards or ())
+    if engine == "local":
+        list_images(args.images)
+        model, processor = _load(args.model_dir)
+        model = model.to(dtype) if dtype is not None else model
+    else:
+        image_sources(args.images)  # a folder or a list file; the workers load the model
+        model, processor = args.model_dir, None
+    codebook = build_codebook(model, processor, args.images, shards, settings, extra_shards=args.extra_shards or (),
+                              engine=engine, allow_missing=args.allow_missing, dtype=dtype,
+                              on_summary=lambda s: print(f"map              {s.line()}", flush=True))
     codebook.save(out)
     meta = codebook.metadata
     print(f"codebook         {out}: {codebook.prototypes.shape[0]} prototypes of dim {codebook.hidden_size}")
@@ -334,6 +349,33 @@ def cmd_codebook(args: argparse.Namespace) -> int:
 # CodebookSettings fields the codebook command takes as --flags (dashes for underscores).
 CODEBOOK_FIELDS = ("prompt", "top_k", "top1_threshold", "jsd_threshold", "global_weight", "region_radius",
                    "clusters_per_image", "min_cluster_size", "global_clusters", "min_image_share", "batch_size")
+
+
+def _engine_from_args(args: argparse.Namespace) -> Any:
+    """"local", or the RayEngine the --engine ray flags describe (Ray's import checked now, before any work)."""
+    ray_flags = {"address": args.address, "workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
+                 "gpus_per_worker": args.gpus_per_worker}
+    if args.engine == "local":
+        given = [f"--{k.replace('_', '-')}" for k, v in ray_flags.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --engine ray")
+        return "local"
+    from .analysis.ray_engine import RayEngine, require_ray
+
+    require_ray()
+    return RayEngine(**{k: v for k, v in ray_flags.items() if v is not None})
+
+
+def _engine_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help=f"where {what} runs: this process (default) or Ray (pip install \"redlens-compile[ray]\")")
+    p.add_argument("--address", help="with --engine ray: a running Ray cluster (auto or HOST:PORT, from "
+                                     "`ray start --head`); default: a local Ray started and stopped by the command")
+    p.add_argument("--workers", type=_int_at_least(1), help="with --engine ray: actors, each one model replica "
+                                                             "(default: as many as the cluster's CPUs/GPUs hold)")
+    p.add_argument("--cpus-per-worker", type=float, help="with --engine ray: CPUs of each worker (its torch threads; "
+                                                         "default 1)")
+    p.add_argument("--gpus-per-worker", type=float, help="with --engine ray: GPUs of each worker (default 0: CPU)")
 
 
 def _int_at_least(low: int):
@@ -390,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(overrides --config's; not with --identity)")
         p.add_argument("--max-new-tokens", type=_int_at_least(1), default=8)
         p.add_argument("--repeats", type=_int_at_least(1), default=20, help="timed prefill runs, interleaved (median)")
+        _engine_flags(p, "the layer ranking's trials")
 
     p_audit = sub.add_parser("audit", help="FLOPs audit of the unmodified model", parents=[verbose])
     common(p_audit)
@@ -414,11 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_cb = sub.add_parser("codebook", help="build a redundancy codebook from a folder of calibration images",
                           parents=[verbose])
     p_cb.add_argument("model_dir", help="a local directory written by save_pretrained (model + processor)")
-    p_cb.add_argument("--images", required=True, help="a folder of calibration images (png, jpg, ...)")
+    p_cb.add_argument("--images", required=True, help="a folder of calibration images (png, jpg, ...); with "
+                                                      "--engine ray also a list file, one path or URI a line")
     p_cb.add_argument("--out", required=True, help="the codebook file to write (.safetensors; must not exist)")
     p_cb.add_argument("--shards", help="folder of per-image shards (default: OUT.shards); an interrupted build "
                                        "resumes from it")
     p_cb.add_argument("--extra-shards", nargs="*", help="shard folders made elsewhere, merged in")
+    _engine_flags(p_cb, "the per-image map")
+    p_cb.add_argument("--allow-missing", type=_int_at_least(0), default=0,
+                      help="write the codebook although up to N images failed (default 0: every image has a shard)")
+    p_cb.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="the model's dtype for the build")
     p_cb.add_argument("--prompt", help="the probe prompt; '{image}' marks the image (default: a describe-in-one-word "
                                        "prompt)")
     for name, kind in (("top_k", int), ("top1_threshold", float), ("jsd_threshold", float),

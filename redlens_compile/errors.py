@@ -39,3 +39,7 @@ class CodebookError(RedLensError, ValueError):
 
 class ExportError(RedLensError, RuntimeError):
     """The ONNX export cannot be made (an op without a translation, a bad output folder, ...)."""
+
+
+class EngineUnavailableError(RedLensError, ImportError):
+    """engine="ray" was asked for, but Ray (the `ray` extra) is not installed or cannot be reached."""
