@@ -11,7 +11,8 @@ $(BIN)/redlens-compile: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch pinned exactly: the CPU wheel; a looser spec pulls a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	# the ray extra too: its tests run in CI (a plain `pip install redlens-compile` stays Ray-free)
+	$(BIN)/pip install --quiet -e ".[test,ray]"
 	touch $@
 
 setup: $(BIN)/redlens-compile

@@ -41,7 +41,15 @@ def _noop_progress(_: str) -> None:
 
 
 def _rank(captured: CapturedDecoder, model: nn.Module, calibration: list[DecoderInputs], config: RedLensConfig,
-          layers: list[int], reference, key_bias: bool) -> LayerRanking:
+          layers: list[int], reference, key_bias: bool, engine=None, example_inputs=None) -> LayerRanking:
+    if config.ranking in SENSITIVITY_METRICS and engine is not None:
+        from .analysis.ray_engine import sensitivity_scores_ray
+
+        ladder, base = settings_ladder(config)
+        levels = [ladder[base]] + ([ladder[-1]] if len(ladder) > base + 1 else [])
+        scores = sensitivity_scores_ray(engine, model, example_inputs, reference, calibration, layers, levels,
+                                        config.probe_tokens, key_bias, config.ranking)
+        return LayerRanking(config.ranking, scores[0], scores[1] if len(scores) > 1 else None)
     if config.ranking in SENSITIVITY_METRICS:
         def at(settings):
             def reduce_one(layer: int):
@@ -73,12 +81,19 @@ def optimize(
     config: RedLensConfig | None = None,
     calibration: list[Mapping[str, Any]] | None = None,
     progress: Progress | None = None,
+    engine: Any = "local",
 ) -> OptimizedModel:
-    """Capture `model`'s decoder, rewrite it per `config` and return the optimized model."""
+    """Capture `model`'s decoder, rewrite it per `config` and return the optimized model.
+
+    engine: where the layer ranking's trials run: "local", "ray" (a local Ray) or a
+    analysis.ray_engine.RayEngine (a cluster by address); the scores are the same."""
     progress = progress or _noop_progress
     config = RedLensConfig() if config is None else config
     if not isinstance(config, RedLensConfig):
         raise ConfigError(f"config must be a RedLensConfig, got {type(config).__name__}")
+    from .analysis.ray_engine import resolve_engine
+
+    ray_engine = resolve_engine(engine)  # a missing extra fails before any work
     adapter = adapter_for(model)
     model.eval()
     pruning = check_inputs(model, example_inputs, config)
@@ -109,7 +124,8 @@ def optimize(
         calib = [capture_decoder_inputs(model, adapter, x) for x in calibration] if calibration else [captured.example]
         if pruning is not None:
             calib = [pruning(x).inputs for x in calib]
-        ranking = _rank(captured, model, calib, config, sorted(before.layers), reference_graph, key_bias)
+        ranking = _rank(captured, model, calib, config, sorted(before.layers), reference_graph, key_bias,
+                        ray_engine, example_inputs)
 
         def layer_costs(settings):
             plan = ReductionPlan(settings={i: settings for i in before.layers})

@@ -118,7 +118,7 @@ def _saved_from_args(args: argparse.Namespace):
     return args._saved
 
 
-def _optimize_or_load(model, inputs, config, saved, progress=None):
+def _optimize_or_load(model, inputs, config, saved, progress=None, engine="local"):
     """optimize with `config`, or (--from) the saved plan applied on these inputs: no ranking, no planning."""
     if saved is not None:
         from .artifact.saved import load_optimized
@@ -126,7 +126,7 @@ def _optimize_or_load(model, inputs, config, saved, progress=None):
         return load_optimized(saved.directory, model, example_inputs=inputs, progress=progress)
     from .api import optimize
 
-    return optimize(model, inputs, config=config, progress=progress)
+    return optimize(model, inputs, config=config, progress=progress, engine=engine)
 
 
 def _onnx_check(opt, model, inputs, onnx_dir: Path, max_new_tokens: int) -> dict:
@@ -148,7 +148,8 @@ def _onnx_check(opt, model, inputs, onnx_dir: Path, max_new_tokens: int) -> dict
 
 
 def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: int, repeats: int,
-                  questions: int = 0, onnx: bool = False, command: str = "optimize", saved=None) -> dict:
+                  questions: int = 0, onnx: bool = False, command: str = "optimize", saved=None,
+                  engine: Any = "local") -> dict:
     import torch
     from tqdm import tqdm
 
@@ -159,7 +160,7 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
             bar.set_postfix_str(stage)
             bar.update(1)
 
-        opt = _optimize_or_load(model, inputs, config, saved, progress)
+        opt = _optimize_or_load(model, inputs, config, saved, progress, engine=engine)
         bar.update(bar.total - bar.n)
 
     with torch.no_grad():
@@ -334,18 +335,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     config = _config_from_args(args)  # bad configs fail before the model loads
+    engine = _engine_from_args(args)
     _check_image_arg(args)
     out = _check_out(args.out, "optimize")
     model, processor, inputs = _load_checked(args.model_dir, lambda p: _build_inputs(p, args.image, args.prompt),
                                              config)
     saved = _saved_from_args(args) if args.from_dir is not None else None
-    summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats, saved=saved)
+    summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats, saved=saved,
+                            engine=engine)
     _print_summary(summary)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
+    engine = _engine_from_args(args)
     out = _check_out(args.out, "demo")  # before torch loads
     from .models.demo import ensure_default_model
     from .models.evaluate import encode_questions
@@ -360,20 +364,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     questions = args.questions if meta["weights"] == "trained" else 0  # random weights: accuracy means nothing
     saved = _saved_from_args(args) if args.from_dir is not None else None
     summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats, questions,
-                            onnx=not args.no_onnx, command="demo", saved=saved)
+                            onnx=not args.no_onnx, command="demo", saved=saved, engine=engine)
     _print_summary(summary)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
+    engine = _engine_from_args(args)
     _check_image_arg(args)
     # before any model work: new, empty or an earlier export (export_onnx's manifest says "export")
     out = _check_out(args.out, "export")
     model, processor, inputs = _load_checked(args.model_dir, lambda p: _build_inputs(p, args.image, args.prompt),
                                              config)
     saved = _saved_from_args(args) if args.from_dir is not None else None
-    opt = _optimize_or_load(model, inputs, config, saved)
+    opt = _optimize_or_load(model, inputs, config, saved, engine=engine)
     check = _onnx_check(opt, model, inputs, out, args.max_new_tokens)
     files = ", ".join(sorted(p.name for p in out.glob("*.onnx")))
     print(f"onnx             {out}: {files}, redlens.json (vision in {check['onnx_vision_runs_in']})")
@@ -385,18 +390,30 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_codebook(args: argparse.Namespace) -> int:
+    import torch
+
     from .analysis.codebook import CodebookSettings, build_codebook, list_images
     from .analysis.codebook_file import check_output_path
+    from .analysis.ray_engine import image_sources
 
     # Every argument and the output path before the model loads: a bad one fails in seconds.
+    engine = _engine_from_args(args)
     out = Path(args.out)
     check_output_path(out)
     _check_model_dir(args.model_dir)
     settings = CodebookSettings(**{f: getattr(args, f) for f in CODEBOOK_FIELDS if getattr(args, f) is not None})
-    list_images(args.images)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     shards = Path(args.shards) if args.shards else out.with_name(out.name + ".shards")
-    model, processor = _load(args.model_dir)
-    codebook = build_codebook(model, processor, args.images, shards, settings, extra_shards=args.extra_shards or ())
+    if engine == "local":
+        list_images(args.images)
+        model, processor = _load(args.model_dir)
+        model = model.to(dtype) if dtype is not None else model
+    else:
+        image_sources(args.images)  # a folder or a list file; the workers load the model
+        model, processor = args.model_dir, None
+    codebook = build_codebook(model, processor, args.images, shards, settings, extra_shards=args.extra_shards or (),
+                              engine=engine, allow_missing=args.allow_missing, dtype=dtype,
+                              on_summary=lambda s: print(f"map              {s.line()}", flush=True))
     codebook.save(out)
     meta = codebook.metadata
     print(f"codebook         {out}: {codebook.prototypes.shape[0]} prototypes of dim {codebook.hidden_size}")
@@ -410,6 +427,33 @@ def cmd_codebook(args: argparse.Namespace) -> int:
 # CodebookSettings fields the codebook command takes as --flags (dashes for underscores).
 CODEBOOK_FIELDS = ("prompt", "top_k", "top1_threshold", "jsd_threshold", "global_weight", "region_radius",
                    "clusters_per_image", "min_cluster_size", "global_clusters", "min_image_share", "batch_size")
+
+
+def _engine_from_args(args: argparse.Namespace) -> Any:
+    """"local", or the RayEngine the --engine ray flags describe (Ray's import checked now, before any work)."""
+    ray_flags = {"address": args.address, "workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
+                 "gpus_per_worker": args.gpus_per_worker}
+    if args.engine == "local":
+        given = [f"--{k.replace('_', '-')}" for k, v in ray_flags.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --engine ray")
+        return "local"
+    from .analysis.ray_engine import RayEngine, require_ray
+
+    require_ray()
+    return RayEngine(**{k: v for k, v in ray_flags.items() if v is not None})
+
+
+def _engine_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help=f"where {what} runs: this process (default) or Ray (pip install \"redlens-compile[ray]\")")
+    p.add_argument("--address", help="with --engine ray: a running Ray cluster (auto or HOST:PORT, from "
+                                     "`ray start --head`); default: a local Ray started and stopped by the command")
+    p.add_argument("--workers", type=_int_at_least(1), help="with --engine ray: actors, each one model replica "
+                                                             "(default: as many as the cluster's CPUs/GPUs hold)")
+    p.add_argument("--cpus-per-worker", type=float, help="with --engine ray: CPUs of each worker (its torch threads; "
+                                                         "default 1)")
+    p.add_argument("--gpus-per-worker", type=float, help="with --engine ray: GPUs of each worker (default 0: CPU)")
 
 
 def _int_at_least(low: int):
@@ -469,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(overrides --config's; not with --identity)")
         p.add_argument("--max-new-tokens", type=_int_at_least(1), default=8)
         p.add_argument("--repeats", type=_int_at_least(1), default=20, help="timed prefill runs, interleaved (median)")
+        _engine_flags(p, "the layer ranking's trials")
 
     p_audit = sub.add_parser("audit", help="FLOPs audit of the unmodified model", parents=[verbose])
     common(p_audit)
@@ -493,11 +538,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_cb = sub.add_parser("codebook", help="build a redundancy codebook from a folder of calibration images",
                           parents=[verbose])
     p_cb.add_argument("model_dir", help="a local directory written by save_pretrained (model + processor)")
-    p_cb.add_argument("--images", required=True, help="a folder of calibration images (png, jpg, ...)")
+    p_cb.add_argument("--images", required=True, help="a folder of calibration images (png, jpg, ...); with "
+                                                      "--engine ray also a list file, one path or URI a line")
     p_cb.add_argument("--out", required=True, help="the codebook file to write (.safetensors; must not exist)")
     p_cb.add_argument("--shards", help="folder of per-image shards (default: OUT.shards); an interrupted build "
                                        "resumes from it")
     p_cb.add_argument("--extra-shards", nargs="*", help="shard folders made elsewhere, merged in")
+    _engine_flags(p_cb, "the per-image map")
+    p_cb.add_argument("--allow-missing", type=_int_at_least(0), default=0,
+                      help="write the codebook although up to N images failed (default 0: every image has a shard)")
+    p_cb.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="the model's dtype for the build")
     p_cb.add_argument("--prompt", help="the probe prompt; '{image}' marks the image (default: a describe-in-one-word "
                                        "prompt)")
     for name, kind in (("top_k", int), ("top1_threshold", float), ("jsd_threshold", float),

@@ -60,3 +60,7 @@ class SavedModelError(RedLensError, ValueError):
 
 class ReportError(RedLensError, ValueError):
     """An audit report cannot be read, or a measurement put into it is malformed."""
+
+
+class EngineUnavailableError(RedLensError, ImportError):
+    """engine="ray" was asked for, but Ray (the `ray` extra) is not installed or cannot be reached."""

@@ -19,6 +19,9 @@ A map over images, then a merge:
   centres become the codebook's prototypes. Shards are read in the order of their image keys,
   so shards made in other processes or machines merge into the codebook one build makes.
 
+`build_codebook(..., engine="ray")` runs the map on Ray (analysis/ray_engine.py: one model
+replica per actor, a local Ray or a cluster by address); the merge is this one, on the driver.
+
 The ablations run batched (`batch_size` sequences per decoder call) on the eager language model.
 Defaults follow the paper's public code (LLaVA-1.5): top-1 0.15 over the top-50, JSD 2e-3,
 region radius 1, 8 clusters per image with clusters under 8 tokens dropped, 64 clusters across
@@ -35,7 +38,8 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -98,16 +102,24 @@ class CodebookSettings:
 # ---- images ----------------------------------------------------------------------------
 
 
+def content_key(data: bytes) -> str:
+    """A shard's name: the content hash of the image file's bytes (renames and copies map to one shard)."""
+    return hashlib.sha256(data).hexdigest()[:20]
+
+
 def image_key(path: Path) -> str:
-    """A shard's name: the content hash of the image file (renames and copies map to one shard)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+    return content_key(path.read_bytes())
+
+
+def shard_path(folder: Path, key: str) -> Path:
+    return folder / f"{key}.safetensors"
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """The image files of `folder`, sorted; each is opened and decoded now, so a bad file fails before any work."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CodebookError(f"--images {folder}: not a folder")
+        raise CodebookError(f"--images {folder}: not a folder (a list file of paths is read by --engine ray)")
     paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not paths:
         raise CodebookError(f"--images {folder}: the folder is empty; put calibration images (png/jpg) in it")
@@ -166,9 +178,9 @@ def pad_embedding(model: nn.Module, adapter: FamilyAdapter) -> torch.Tensor:
     embed = model.get_input_embeddings()
     if pad is None:
         logger.warning("the model has no pad token id: ablated tokens are replaced by zeros")
-        return torch.zeros(embed.weight.shape[1])
+        return embed.weight.new_zeros(embed.weight.shape[1])
     with torch.no_grad():
-        return embed(torch.tensor([pad]))[0]
+        return embed(torch.tensor([pad], device=embed.weight.device))[0]
 
 
 def last_logits(ctx: ProbeContext, embeds: torch.Tensor) -> torch.Tensor:
@@ -321,6 +333,10 @@ def probe_context(model: nn.Module, processor: Any, image: Image.Image, settings
     adapter = adapter_for(model)
     image_token = getattr(processor, "image_token", "<image>")
     inputs = dict(processor(images=[image], text=[settings.prompt.format(image=image_token)], return_tensors="pt"))
+    # The processor's tensors on the model's device, pixels in its dtype (a GPU or half-precision replica).
+    weight = next(model.parameters())
+    inputs = {k: v.to(weight.device, weight.dtype if v.is_floating_point() else v.dtype)
+              if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     decoder_inputs = capture_decoder_inputs(model, adapter, inputs)
     positions = decoder_inputs.visual_mask[0].nonzero().flatten()
     return ProbeContext(
@@ -334,10 +350,10 @@ def image_shard(model: nn.Module, processor: Any, key: str, image: Image.Image,
                 settings: CodebookSettings) -> ImageShard:
     """The map step for one image: its candidates' cluster centres and the counts."""
     ctx = probe_context(model, processor, image, settings)
-    stats = token_statistics(ctx, settings)
+    stats = {k: v.cpu() for k, v in token_statistics(ctx, settings).items()}  # clustering and shards on the CPU
     score = stats["jsd_region"] + settings.global_weight * stats["jsd_global"]
     candidate = (stats["top1"] < settings.top1_threshold) & (score < settings.jsd_threshold)
-    tokens = ctx.inputs.inputs_embeds[0][ctx.visual_positions].float()
+    tokens = ctx.inputs.inputs_embeds[0][ctx.visual_positions].float().cpu()
     centres = cluster_centres(tokens[candidate], settings.clusters_per_image, settings.min_cluster_size, settings.knn)
     quantiles = lambda t: [round(float(v), 6) for v in torch.quantile(t.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))]  # noqa: E731,E501
     metadata = {
@@ -367,17 +383,40 @@ def write_shards(model: nn.Module, processor: Any, images: Sequence[Path], shard
     made = 0
     for path in tqdm(images, desc="codebook: ablating images", unit="image", disable=not progress):
         key = image_key(path)
-        target = folder / f"{key}.safetensors"
+        target = shard_path(folder, key)
         if target.exists():
-            existing = ImageShard.load(target)
-            if existing.metadata.get("settings") != settings.map_fingerprint():
-                raise CodebookError(f"shard folder {folder} holds shards of other settings; use a new --shards folder")
+            check_shard_settings(ImageShard.load(target), folder, settings)
             continue
         image_shard(model, processor, key, load_image(path), settings).save(folder)
         made += 1
         if on_image_done is not None:
             on_image_done(key)
     return made
+
+
+def check_shard_settings(shard: ImageShard, folder: Path, settings: CodebookSettings) -> None:
+    if shard.metadata.get("settings") != settings.map_fingerprint():
+        raise CodebookError(f"shard folder {folder} holds shards of other settings; use a new --shards folder")
+
+
+@dataclass
+class BuildSummary:
+    """What a build's map did: images listed, shards made now / found from an earlier run / failed."""
+
+    images: int
+    made: int
+    reused: int
+    failed: dict[str, str] = field(default_factory=dict)  # image -> why it has no shard
+    wall_s: float = 0.0
+    engine: str = "local"
+
+    def line(self) -> str:
+        text = (f"{self.images} images, shards made {self.made} / reused {self.reused} / failed {len(self.failed)}, "
+                f"wall {self.wall_s:.1f} s ({self.engine})")
+        if self.failed:
+            named = "; ".join(f"{name}: {why}" for name, why in list(self.failed.items())[:10])
+            text += f"; failed: {named}{' ...' if len(self.failed) > 10 else ''}"
+        return text
 
 
 def read_shards(folders: Iterable[str | os.PathLike]) -> list[ImageShard]:
@@ -432,11 +471,47 @@ def merge_shards(folders: Iterable[str | os.PathLike], settings: CodebookSetting
     return Codebook(prototypes=points[keep].contiguous(), metadata=metadata)
 
 
-def build_codebook(model: nn.Module, processor: Any, image_folder: str | os.PathLike, shard_dir: str | os.PathLike,
-                   settings: CodebookSettings | None = None, extra_shards: Sequence[str | os.PathLike] = (),
-                   on_image_done: ImageDone | None = None, progress: bool = True) -> Codebook:
-    """Map over the images of `image_folder` (resuming from `shard_dir`), then merge with any `extra_shards`."""
+def build_codebook(model: nn.Module | str | os.PathLike, processor: Any, image_folder: str | os.PathLike,
+                   shard_dir: str | os.PathLike, settings: CodebookSettings | None = None,
+                   extra_shards: Sequence[str | os.PathLike] = (), on_image_done: ImageDone | None = None,
+                   progress: bool = True, engine: Any = "local", allow_missing: int = 0,
+                   dtype: torch.dtype | None = None, on_summary: Callable[[BuildSummary], None] | None = None
+                   ) -> Codebook:
+    """Map over the images of `image_folder` (resuming from `shard_dir`), then merge with any `extra_shards`.
+
+    engine: "local" (this process), "ray" or a ray_engine.RayEngine; Ray loads the model on each
+    worker, so `model` is then its directory (and `processor` None), and `image_folder` may be a
+    list file of paths or URIs the workers read. An image whose map fails on Ray is named in the
+    summary; the codebook is merged only when at most `allow_missing` images have no shard.
+    """
     settings = settings or CodebookSettings()
-    images = list_images(image_folder)
-    write_shards(model, processor, images, shard_dir, settings, on_image_done, progress)
+    from .ray_engine import resolve_engine
+
+    ray_engine = resolve_engine(engine)  # a missing extra fails before any work
+    if ray_engine is not None:
+        from .ray_engine import image_sources, write_shards_ray
+
+        if isinstance(model, nn.Module):
+            raise CodebookError("engine='ray' loads the model on every worker from its directory: pass the model "
+                                "directory (a save_pretrained folder) as `model`, not a loaded model")
+        summary = write_shards_ray(model, image_sources(image_folder), shard_dir, settings, ray_engine, dtype=dtype,
+                                   progress=progress)
+    else:
+        if not isinstance(model, nn.Module):
+            from ..loading import load_model_dir
+
+            model, processor = load_model_dir(model)
+            model = model.to(dtype) if dtype is not None else model
+        images = list_images(image_folder)
+        start = time.perf_counter()
+        made = write_shards(model, processor, images, shard_dir, settings, on_image_done, progress)
+        summary = BuildSummary(len(images), made, len(images) - made, wall_s=time.perf_counter() - start)
+    logger.info("codebook map: %s", summary.line())
+    if on_summary is not None:
+        on_summary(summary)
+    if len(summary.failed) > allow_missing:
+        names = ", ".join(list(summary.failed)[:10]) + (" ..." if len(summary.failed) > 10 else "")
+        raise CodebookError(f"{len(summary.failed)} image(s) have no shard ({names}); the codebook is not written. "
+                            "Fix or remove them and rerun (the other shards are kept and reused), or pass "
+                            f"--allow-missing {len(summary.failed)} to build it without them")
     return merge_shards([shard_dir, *extra_shards], settings)

@@ -61,6 +61,25 @@ def divergence(ref: torch.Tensor, other: torch.Tensor, metric: str) -> float:
     return float(jsd.clamp_min(0).mean())
 
 
+def trial_divergences(trial: fx.GraphModule, reference: Sequence[torch.Tensor], calibration: Sequence[DecoderInputs],
+                      metric: str, on_input: Callable[[], None] | None = None) -> list[float]:
+    """Per calibration input, the divergence of `trial`'s next-token distribution from the reference's."""
+    out = []
+    for ref, inputs in zip(reference, calibration):
+        out.append(divergence(ref, next_token_log_probs(trial, inputs), metric))
+        if on_input is not None:
+            on_input()
+    return out
+
+
+def mean_score(divergences: Sequence[float]) -> float:
+    """A layer's score: summed in calibration order, so every engine adds the same numbers the same way."""
+    total = 0.0
+    for value in divergences:
+        total += value
+    return total / len(divergences)
+
+
 def sensitivity_scores(
     graph_module: fx.GraphModule,
     calibration: Sequence[DecoderInputs],
@@ -74,12 +93,8 @@ def sensitivity_scores(
     with tqdm(total=len(layers) * len(calibration), desc=f"ranking layers ({metric})", leave=False,
               disable=None) as bar:
         for layer in layers:
-            trial = reduce_one(layer)
-            total = 0.0
-            for ref, inputs in zip(reference, calibration):
-                total += divergence(ref, next_token_log_probs(trial, inputs), metric)
-                bar.update(1)
-            scores[layer] = total / len(calibration)
+            scores[layer] = mean_score(trial_divergences(reduce_one(layer), reference, calibration, metric,
+                                                         lambda: bar.update(1)))
     return scores
 
 
