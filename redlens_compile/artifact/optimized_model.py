@@ -20,7 +20,7 @@ from ..passes.last_position_logits import LastPositionLogitsPass
 from ..passes.selectors import clone_graph_module
 from ..ops.token_pruning import KeptRows
 from ..passes.key_bias import KEY_BIAS_LAYERS
-from ..passes.token_pruning import TokenPruning
+from ..passes.token_pruning import TokenPruning, align_left, compose
 from .generation import DEFAULT_MAX_NEW_TOKENS, GraphForward, check_generation_options
 from .layered_decode import LayeredDecodeStep
 from ..report.audit_report import AuditReport
@@ -109,6 +109,8 @@ class OptimizedModel(nn.Module):
     def _run_split(self, decoder_inputs: DecoderInputs, last_position_only: bool) -> Prefill:
         """Layers 0..K on every row, the pruning stage on their output, layers K+1.. on the kept rows."""
         layer = self.pruning.layer
+        # layers 0..K on left-aligned rows: FastV reads each sample's last row as its last real query
+        decoder_inputs, aligned = align_left(decoder_inputs)
         hidden, *rest = self.graph_module(*decoder_inputs.as_args())
         # fastv's head graph returns layer K's last-query attention after its KV tensors
         head_kv, attention = (tuple(rest[:-1]), rest[-1]) if self.pruning.method == "fastv" else (tuple(rest), None)
@@ -117,7 +119,7 @@ class OptimizedModel(nn.Module):
         tail = self.prefill_graph if last_position_only else self.tail_graph_module
         logits, *tail_kv = tail(*pruned.inputs.as_args())
         masks = [decoder_inputs.attention_mask] * (layer + 1) + [pruned.inputs.attention_mask] * (self.num_layers - layer - 1)
-        return Prefill(logits, head_kv + tuple(tail_kv), masks, pruned.inputs, pruned.kept)
+        return Prefill(logits, head_kv + tuple(tail_kv), masks, pruned.inputs, compose(aligned, pruned.kept))
 
     def decode_masks(self, prefill: Prefill) -> list[torch.Tensor]:
         """Each layer's cache mask; additive, with the pruning's key bias, in the layers whose prefill had it."""
@@ -134,9 +136,15 @@ class OptimizedModel(nn.Module):
         if inputs.get("past_key_values") is not None or inputs.get("cache") is not None:
             raise ValueError("OptimizedModel.forward runs the prefill; pass no cache (use generate for decoding)")
         decoder_inputs = capture_decoder_inputs(self.model, self.adapter, inputs, require_visual=False)
-        # With pruning the logits cover the kept rows only: [B, S', V], S' = text + kept visual rows.
+        # With pruning the logits cover the kept rows only: [B, S', V], S' = the batch's longest kept
+        # sample (text + kept visual rows), left-padded; `kept_positions` [B, S'] names each row's
+        # position in the input (-1: a pad).
         prefill = self.run_decoder(decoder_inputs)
-        return self.output_cls(logits=prefill.logits, cache=kv_to_cache(prefill.kv, self.text_config))
+        out = self.output_cls(logits=prefill.logits, cache=kv_to_cache(prefill.kv, self.text_config))
+        if prefill.kept is not None:
+            out["kept_positions"] = torch.where(prefill.kept.valid, prefill.kept.index,
+                                                torch.full_like(prefill.kept.index, -1))
+        return out
 
     def export_onnx(self, directory, example_inputs: dict[str, Any] | None = None):
         """ONNX files of this model (rewritten prefill, decode step, embedding) + redlens.json; see

@@ -51,34 +51,95 @@ def redundancy_flops(rows: int, prototypes: int, dim: int) -> int:
     return rows * prototypes * dim
 
 
-def random_scores(visual_mask: torch.Tensor, seed: int) -> torch.Tensor:
-    """[B, S] uniform scores from a generator seeded per call: the same input keeps the same rows."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.rand(visual_mask.shape, generator=generator).to(visual_mask.device)
+# Random scores: an integer hash (products of values below 2^31 stay inside int64; no float64, no
+# generator, the same numbers on every device) of the seed, the sample's own content and the
+# visual row's rank within the sample: a function of the sample alone, whatever its batch-mates,
+# its padding or its offset in the batch.
+_PRIME = 2_147_483_647  # 2^31 - 1
+_SCORE_BITS = 24  # scores exact in float32
 
 
-def select_rows(visual_mask: torch.Tensor, keep_score: torch.Tensor, counts: torch.Tensor) -> KeptRows:
-    """Keep every non-visual row and, per sample b, the counts[b] visual rows of highest keep_score.
+def _mix(x: torch.Tensor, salt: int) -> torch.Tensor:
+    """int64 values in [0, _PRIME) -> [0, _PRIME): rounds of multiply-add mod the prime and shift-xor."""
+    for multiplier in (48271 + salt % 1000, 69621, 16807):
+        x = (x * multiplier + salt + 12345) % _PRIME
+        x = x ^ (x >> 13)
+    return x
 
-    Ties go to the earlier position, so the selection is deterministic. Written for the whole
-    batch in ops ONNX has (comparisons, sums, TopK over unique keys; no stable sort, no boolean
-    indexing), so the eager stage and the exported prune graph are one code.
+
+def sample_keys(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, visual_mask: torch.Tensor,
+                seed: int) -> torch.Tensor:
+    """[B] int64: a hash of each sample's real text rows (embeddings rounded to bf16, so one model in
+    fp32 or bf16 draws alike), their order among themselves, and its visual count; pads and the
+    sample's place in the batch do not enter."""
+    text = attention_mask.bool() & ~visual_mask
+    bits = inputs_embeds.detach().to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    dims = torch.arange(bits.shape[-1], device=bits.device)
+    row = (bits * _mix(dims + 1, 7)).sum(-1) % _PRIME  # [B, S]: < D * 2^47, no overflow below D = 65536
+    rank = text.long().cumsum(1)  # 1-based rank of each real text row within its sample
+    rows = torch.where(text, _mix((row + rank) % _PRIME, 11), torch.zeros_like(row))
+    count = visual_mask.sum(1).to(torch.int64)
+    return _mix((rows.sum(1) % _PRIME + count * 7919 + seed % _PRIME) % _PRIME, seed % 997)
+
+
+def random_scores(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, visual_mask: torch.Tensor,
+                  seed: int) -> torch.Tensor:
+    """[B, S] uniform scores in [0, 1) on the visual rows (0 elsewhere), seeded per sample: score of a
+    visual row = hash(seed, the sample's key, its rank among the sample's visual rows). The same
+    sample keeps the same rows alone, in any batch and on either padding side."""
+    key = sample_keys(inputs_embeds, attention_mask, visual_mask, seed)
+    rank = visual_mask.long().cumsum(1)
+    draw = _mix((key[:, None] + rank * 104729) % _PRIME, 13) % (1 << _SCORE_BITS)
+    scores = draw.to(torch.float32) / float(1 << _SCORE_BITS)
+    return torch.where(visual_mask, scores, torch.zeros_like(scores))
+
+
+def select_rows(visual_mask: torch.Tensor, keep_score: torch.Tensor, counts: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> KeptRows:
+    """Keep the real text rows and, per sample b, the counts[b] visual rows of highest keep_score;
+    the batch's pad rows (attention_mask 0) are dropped, so the result is as wide as the batch's
+    longest kept sample.
+
+    Ties go to the earlier position, so the selection is deterministic. Memory linear in S: the
+    counts[b]-th best score t_b (TopK values, which ties cannot change) splits the visual rows
+    into kept (> t_b), dropped (< t_b) and the rows equal to t_b, of which the earliest fill the
+    rest of the count (a cumulative sum). Written for the whole batch in ops ONNX has
+    (comparisons, sums, TopK; no stable sort, no boolean indexing), so the eager stage and the
+    exported prune graph are one code.
     """
     batch, seq = visual_mask.shape
+    visual = visual_mask.bool()
+    real = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
     score = keep_score.float()
-    position = torch.arange(seq, device=visual_mask.device)
-    # ahead[b, i, j]: visual row j goes before row i (a higher score, or the same score earlier)
-    higher = score[:, None, :] > score[:, :, None]
-    tied_earlier = (score[:, None, :] == score[:, :, None]) & (position[None, :] < position[:, None])[None]
-    rank = ((higher | tied_earlier) & visual_mask[:, None, :]).sum(dim=-1)
-    kept = ~visual_mask | (rank < counts[:, None])
-    width = data_size(kept.sum(dim=1).max(), seq, low=1)
+    lowest = torch.full_like(score, float("-inf"))
+    masked = torch.where(visual, score, lowest)
+    depth = data_size(counts.max().clamp(min=1), max(seq, 1), low=1)
+    best = masked.topk(depth, dim=1).values  # [B, depth], descending
+    threshold = best.gather(1, (counts - 1).clamp(min=0)[:, None].to(torch.int64))  # [B, 1]
+    above = visual & (score > threshold)
+    tied = visual & (score == threshold)
+    need = counts[:, None] - above.sum(dim=1, keepdim=True)
+    tied_kept = tied & (tied.long().cumsum(dim=1) <= need)
+    kept = real & (~visual | above | tied_kept)
+    width = data_size(kept.sum(dim=1).max().clamp(min=1), max(seq, 1), low=1)
     # kept rows get keys above every dropped row's, all distinct: the top `width` keys, reversed, are
     # each sample's kept rows in order, after (to the left of) the dropped rows that pad it
-    key = torch.where(kept, position + seq, position - seq).expand(batch, seq)
+    position = torch.arange(seq, device=visual_mask.device)
+    key = torch.where(kept, position + seq, position - seq)
     ordered = key.topk(width, dim=1).values.flip(1)
     valid = ordered >= seq
     return KeptRows(index=torch.where(valid, ordered - seq, torch.zeros_like(ordered)), valid=valid)
+
+
+def left_aligned(attention_mask: torch.Tensor) -> KeptRows:
+    """Every real row of each sample, in order, pads moved to the left (a right-padded batch read
+    as a left-padded one: each sample's last row is its last real token)."""
+    seq = attention_mask.shape[1]
+    position = torch.arange(seq, device=attention_mask.device)
+    key = torch.where(attention_mask.bool(), position + seq, position - seq)
+    ordered = key.sort(dim=1).values
+    valid = ordered >= seq
+    return KeptRows(index=torch.where(valid, ordered - seq, ordered + seq), valid=valid)
 
 
 def gather_seq(tensor: torch.Tensor, kept: KeptRows, seq_dim: int, fill: int | float = 0) -> torch.Tensor:
