@@ -36,11 +36,19 @@ def keep_counts(counts: torch.Tensor, keep: int | float) -> torch.Tensor:
     return torch.where(counts > 0, kept.clamp(min=1), counts)
 
 
+def _normalized(rows: torch.Tensor) -> torch.Tensor:
+    """F.normalize(rows.float(), dim=-1) (the same values), in place on `rows`, a gathered copy: one
+    copy of the rows at a time, not two."""
+    rows = rows.float()
+    norm = rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return rows.div_(norm)
+
+
 def redundancy_scores(embeds: torch.Tensor, prototypes: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
     """[B, S]: each visual row's highest cosine similarity to any prototype (higher = more redundant);
     0 on the other rows, which are not scored."""
     positions, valid, _ = _padded_positions(visual_mask)
-    rows = F.normalize(gather_padded(embeds.float(), positions), dim=-1)
+    rows = _normalized(gather_padded(embeds, positions))
     protos = F.normalize(prototypes.to(device=embeds.device, dtype=torch.float32), dim=-1)
     best = torch.where(valid, (rows @ protos.T).amax(dim=-1), torch.zeros(positions.shape, device=embeds.device))
     return torch.zeros(visual_mask.shape, device=embeds.device).scatter_add(1, positions, best)
@@ -57,6 +65,7 @@ def redundancy_flops(rows: int, prototypes: int, dim: int) -> int:
 # its padding or its offset in the batch.
 _PRIME = 2_147_483_647  # 2^31 - 1
 _SCORE_BITS = 24  # scores exact in float32
+_HASHED_FEATURES = 64
 
 
 def _mix(x: torch.Tensor, salt: int) -> torch.Tensor:
@@ -69,13 +78,15 @@ def _mix(x: torch.Tensor, salt: int) -> torch.Tensor:
 
 def sample_keys(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, visual_mask: torch.Tensor,
                 seed: int) -> torch.Tensor:
-    """[B] int64: a hash of each sample's real text rows (embeddings rounded to bf16, so one model in
+    """[B] int64: a hash of each sample's real text rows (their first 64 features rounded to bf16, so one model in
     fp32 or bf16 draws alike), their order among themselves, and its visual count; pads and the
     sample's place in the batch do not enter."""
     text = attention_mask.bool() & ~visual_mask
-    bits = inputs_embeds.detach().to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    # the first features of a row tell token embeddings apart; all of them would cost 8 bytes per value
+    features = inputs_embeds.detach()[..., :_HASHED_FEATURES]
+    bits = features.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
     dims = torch.arange(bits.shape[-1], device=bits.device)
-    row = (bits * _mix(dims + 1, 7)).sum(-1) % _PRIME  # [B, S]: < D * 2^47, no overflow below D = 65536
+    row = (bits * _mix(dims + 1, 7)).sum(-1) % _PRIME  # [B, S]: < 64 * 2^47, no overflow
     rank = text.long().cumsum(1)  # 1-based rank of each real text row within its sample
     rows = torch.where(text, _mix((row + rank) % _PRIME, 11), torch.zeros_like(row))
     count = visual_mask.sum(1).to(torch.int64)
@@ -153,7 +164,7 @@ def gather_seq(tensor: torch.Tensor, kept: KeptRows, seq_dim: int, fill: int | f
     valid = valid.reshape(shape)
     if out.dtype == torch.bool:  # onnxruntime has no Where over bool values
         return out & valid if not fill else out | ~valid
-    return torch.where(valid, out, torch.full_like(out, fill))
+    return out.masked_fill_(~valid, fill)  # in the gathered copy: no second tensor of its size
 
 
 def _last_query_flops(query, key, attn_mask=None, scale=None, enable_gqa=False):
@@ -200,9 +211,10 @@ def proportional_key_bias(embeds: torch.Tensor, visual_mask: torch.Tensor, kept:
     kept_visual = visual_mask & (hits > 0)
     dropped_pos, dropped_valid, _ = _padded_positions(visual_mask & ~kept_visual)
     owner_pos, owner_valid, _ = _padded_positions(kept_visual)
-    rows = F.normalize(embeds.float(), dim=-1)
-    similarity = gather_padded(rows, dropped_pos) @ gather_padded(rows, owner_pos).transpose(1, 2)
-    similarity = similarity.masked_fill(~owner_valid[:, None, :], float("-inf"))
+    # normalized after the gathers (row by row, the same values): no normalized copy of every row
+    dropped = _normalized(gather_padded(embeds, dropped_pos))
+    similarity = dropped @ _normalized(gather_padded(embeds, owner_pos)).transpose(1, 2)
+    similarity.masked_fill_(~owner_valid[:, None, :], float("-inf"))
     owner = torch.gather(owner_pos, 1, similarity.argmax(dim=-1))  # the first of equal maxima, as ONNX's ArgMax
     counts = kept_visual.float().scatter_add(1, owner, dropped_valid.float())  # [B, S]: m at each kept visual row
     slots = valid & torch.gather(kept_visual, 1, index)

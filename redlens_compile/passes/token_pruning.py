@@ -33,8 +33,8 @@ from ..analysis.codebook_file import Codebook
 from ..capture.decoder_inputs import DecoderInputs
 from ..errors import ConfigError, PruningError
 from ..ops.token_pruning import (
-    KeptRows, gather_seq, keep_counts, left_aligned, proportional_flops, proportional_key_bias, random_scores, redundancy_flops,
-    redundancy_scores, select_rows, visual_counts,
+    KeptRows, gather_seq, keep_counts, left_aligned, proportional_flops, proportional_key_bias, random_scores,
+    redundancy_flops, redundancy_scores, select_rows, visual_counts,
 )
 
 logger = logging.getLogger(__name__)
