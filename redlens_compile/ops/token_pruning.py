@@ -1,8 +1,10 @@
 """Row selection for token pruning: score the visual rows, keep the best R per sample, gather.
 
-Kept rows keep their order; text rows always stay. Samples whose kept sequence is shorter than
-the longest are left-padded (attention mask 0), so the last position of every row is still its
-last real token (what generate reads) and original position ids travel with their rows.
+Kept rows keep their order; real text rows always stay, the batch's pad rows go. Samples whose
+kept sequence is shorter than the longest are left-padded (attention mask 0), whatever the
+input's padding side, so the last position of every row is its last real token (what generate
+reads) and original position ids travel with their rows. The selection is linear in S (the
+proportional assignment is a dropped x kept similarity, counted as matrix work).
 """
 
 from __future__ import annotations
