@@ -163,7 +163,8 @@ def optimize(
     if pruned is not None:
         pruning_summary = dict(pruning.describe(), scoring_flops=scoring,
                                visual_before=pruned.visual_before.tolist(), visual_after=pruned.visual_after.tolist(),
-                               seq_len_before=captured.example.seq_len, seq_len_after=example.seq_len)
+                               seq_len_before=captured.example.seq_len, seq_len_after=example.seq_len,
+                               kept_rows=example.attention_mask.sum(dim=1).tolist())
     report = build_report(model, captured, example_inputs, before, after, config, plan, result.records, ranking, notes,
                           pruning=pruning_summary)
     if config.layers != "auto" and report.flops_ratio > config.flops_budget:
@@ -227,7 +228,7 @@ def _optimize_split(model: nn.Module, captured: CapturedDecoder, example_inputs:
     visual_before = example.visual_mask.sum(dim=1)
     summary = dict(pruning.describe(), scoring_flops=0.0, visual_before=visual_before.tolist(),
                    visual_after=prefill.ran_on.visual_mask.sum(dim=1).tolist(), seq_len_before=example.seq_len,
-                   seq_len_after=prefill.ran_on.seq_len)
+                   seq_len_after=prefill.ran_on.seq_len, kept_rows=prefill.ran_on.attention_mask.sum(dim=1).tolist())
     notes = [f"layers 0..{layer} run on every row; layers {layer + 1}.. and their KV cache on the kept rows; "
              "decode steps run layer by layer with a mask per layer"]
     opt.report = build_report(model, captured, example_inputs, before, after, config, ReductionPlan(settings={}),

@@ -20,7 +20,7 @@ from ..passes.last_position_logits import LastPositionLogitsPass
 from ..passes.selectors import clone_graph_module
 from ..ops.token_pruning import KeptRows
 from ..passes.key_bias import KEY_BIAS_LAYERS
-from ..passes.token_pruning import TokenPruning
+from ..passes.token_pruning import TokenPruning, align_left, compose
 from .forward_options import keep_logits, kept_labels, split_arguments
 from .generation import DEFAULT_MAX_NEW_TOKENS, GraphForward, check_generation_options
 from .layered_decode import LayeredDecodeStep
@@ -110,6 +110,8 @@ class OptimizedModel(nn.Module):
     def _run_split(self, decoder_inputs: DecoderInputs, last_position_only: bool) -> Prefill:
         """Layers 0..K on every row, the pruning stage on their output, layers K+1.. on the kept rows."""
         layer = self.pruning.layer
+        # layers 0..K on left-aligned rows: FastV reads each sample's last row as its last real query
+        decoder_inputs, aligned = align_left(decoder_inputs)
         hidden, *rest = self.graph_module(*decoder_inputs.as_args())
         # fastv's head graph returns layer K's last-query attention after its KV tensors
         head_kv, attention = (tuple(rest[:-1]), rest[-1]) if self.pruning.method == "fastv" else (tuple(rest), None)
@@ -118,7 +120,7 @@ class OptimizedModel(nn.Module):
         tail = self.prefill_graph if last_position_only else self.tail_graph_module
         logits, *tail_kv = tail(*pruned.inputs.as_args())
         masks = [decoder_inputs.attention_mask] * (layer + 1) + [pruned.inputs.attention_mask] * (self.num_layers - layer - 1)
-        return Prefill(logits, head_kv + tuple(tail_kv), masks, pruned.inputs, pruned.kept)
+        return Prefill(logits, head_kv + tuple(tail_kv), masks, pruned.inputs, compose(aligned, pruned.kept))
 
     def decode_masks(self, prefill: Prefill) -> list[torch.Tensor]:
         """Each layer's cache mask; additive, with the pruning's key bias, in the layers whose prefill had it."""
@@ -144,6 +146,11 @@ class OptimizedModel(nn.Module):
         if own.get("logits_to_keep") is not None:
             logits = keep_logits(logits, own["logits_to_keep"], prefill.kept, decoder_inputs.seq_len)
         out = self.output_cls(loss=loss, logits=logits, cache=kv_to_cache(prefill.kv, self.text_config))
+        if prefill.kept is not None:
+            # With pruning the rows are the batch's longest kept sample, left-padded: `kept_positions`
+            # [B, S'] names each row's position in the input (-1: a pad).
+            out["kept_positions"] = torch.where(prefill.kept.valid, prefill.kept.index,
+                                                torch.full_like(prefill.kept.index, -1))
         return out if own.get("return_dict", True) is not False else out.to_tuple()
 
     def save_pretrained(self, directory):

@@ -105,8 +105,9 @@ class OnnxRunner:
         """The exported pruning stage (prune.onnx) on the decoder inputs."""
         check_keep(self.pruning["method"], self.pruning["keep"], decoder_inputs.visual_mask)
         args = [arg.detach().cpu().numpy() for arg in decoder_inputs.as_args()[:4]]
-        if self.pruning["method"] == "random":  # the torch module's seeded scores: only the shape is read
-            args.append(random_scores(decoder_inputs.visual_mask, self.pruning["seed"]).numpy())
+        if self.pruning["method"] == "random":  # the torch module's per-sample scores, the same function
+            args.append(random_scores(decoder_inputs.inputs_embeds, decoder_inputs.attention_mask,
+                                      decoder_inputs.visual_mask, self.pruning["seed"]).cpu().numpy())
         feeds = dict(zip(self.manifest["graphs"]["prune"]["inputs"], args))
         outputs = [torch.from_numpy(out) for out in self._run("prune", feeds)]
         return DecoderInputs(*outputs[:4], key_bias=outputs[4] if len(outputs) > 4 else None)

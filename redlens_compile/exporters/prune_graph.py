@@ -4,8 +4,9 @@ The eager stage (passes/token_pruning.py `TokenPruning.prune`) is written in who
 ops ONNX has, so the graph is that code exported: score the visual rows (the codebook's
 prototypes are a constant of the graph), keep each sample's best rows in order with their
 original position ids, left-pad the batch, and with proportional attention compute the key bias.
-The random baseline's scores come from torch's seeded generator (the same numbers as the torch
-module draws) and enter as the `keep_score` input; its shape is all the generator needs.
+The random baseline's scores (an integer hash of the seed and each sample's own content,
+ops/token_pruning.py `random_scores`) are computed by the same torch function as the torch
+module's and enter as the `keep_score` input.
 
 Inputs: inputs_embeds, attention_mask, position_ids, visual_mask (+ keep_score for random);
 outputs: the same four cut to the kept rows, prefixed `kept_`, and `key_bias` where the prefill
@@ -18,7 +19,6 @@ import torch
 from torch import nn
 
 from ..capture.decoder_inputs import DecoderInputs
-from ..ops.token_pruning import random_scores
 from ..passes.token_pruning import TokenPruning
 
 PRUNE = "prune.onnx"
@@ -53,7 +53,7 @@ class PruneGraph(nn.Module):
 
 def example_args(pruning: TokenPruning, inputs: DecoderInputs) -> tuple[torch.Tensor, ...]:
     args = (inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, inputs.visual_mask)
-    return (*args, random_scores(inputs.visual_mask, pruning.seed)) if pruning.method == "random" else args
+    return (*args, pruning.keep_scores(inputs)) if pruning.method == "random" else args
 
 
 def dynamic_shapes(pruning: TokenPruning, inputs: DecoderInputs) -> dict:

@@ -1,8 +1,10 @@
 """Row selection for token pruning: score the visual rows, keep the best R per sample, gather.
 
-Kept rows keep their order; text rows always stay. Samples whose kept sequence is shorter than
-the longest are left-padded (attention mask 0), so the last position of every row is still its
-last real token (what generate reads) and original position ids travel with their rows.
+Kept rows keep their order; real text rows always stay, the batch's pad rows go. Samples whose
+kept sequence is shorter than the longest are left-padded (attention mask 0), whatever the
+input's padding side, so the last position of every row is its last real token (what generate
+reads) and original position ids travel with their rows. The selection is linear in S (the
+proportional assignment is a dropped x kept similarity, counted as matrix work).
 """
 
 from __future__ import annotations
@@ -36,11 +38,19 @@ def keep_counts(counts: torch.Tensor, keep: int | float) -> torch.Tensor:
     return torch.where(counts > 0, kept.clamp(min=1), counts)
 
 
+def _normalized(rows: torch.Tensor) -> torch.Tensor:
+    """F.normalize(rows.float(), dim=-1) (the same values), in place on `rows`, a gathered copy: one
+    copy of the rows at a time, not two."""
+    rows = rows.float()
+    norm = rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return rows.div_(norm)
+
+
 def redundancy_scores(embeds: torch.Tensor, prototypes: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
     """[B, S]: each visual row's highest cosine similarity to any prototype (higher = more redundant);
     0 on the other rows, which are not scored."""
     positions, valid, _ = _padded_positions(visual_mask)
-    rows = F.normalize(gather_padded(embeds.float(), positions), dim=-1)
+    rows = _normalized(gather_padded(embeds, positions))
     protos = F.normalize(prototypes.to(device=embeds.device, dtype=torch.float32), dim=-1)
     best = torch.where(valid, (rows @ protos.T).amax(dim=-1), torch.zeros(positions.shape, device=embeds.device))
     return torch.zeros(visual_mask.shape, device=embeds.device).scatter_add(1, positions, best)
@@ -51,34 +61,98 @@ def redundancy_flops(rows: int, prototypes: int, dim: int) -> int:
     return rows * prototypes * dim
 
 
-def random_scores(visual_mask: torch.Tensor, seed: int) -> torch.Tensor:
-    """[B, S] uniform scores from a generator seeded per call: the same input keeps the same rows."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.rand(visual_mask.shape, generator=generator).to(visual_mask.device)
+# Random scores: an integer hash (products of values below 2^31 stay inside int64; no float64, no
+# generator, the same numbers on every device) of the seed, the sample's own content and the
+# visual row's rank within the sample: a function of the sample alone, whatever its batch-mates,
+# its padding or its offset in the batch.
+_PRIME = 2_147_483_647  # 2^31 - 1
+_SCORE_BITS = 24  # scores exact in float32
+_HASHED_FEATURES = 64
 
 
-def select_rows(visual_mask: torch.Tensor, keep_score: torch.Tensor, counts: torch.Tensor) -> KeptRows:
-    """Keep every non-visual row and, per sample b, the counts[b] visual rows of highest keep_score.
+def _mix(x: torch.Tensor, salt: int) -> torch.Tensor:
+    """int64 values in [0, _PRIME) -> [0, _PRIME): rounds of multiply-add mod the prime and shift-xor."""
+    for multiplier in (48271 + salt % 1000, 69621, 16807):
+        x = (x * multiplier + salt + 12345) % _PRIME
+        x = x ^ (x >> 13)
+    return x
 
-    Ties go to the earlier position, so the selection is deterministic. Written for the whole
-    batch in ops ONNX has (comparisons, sums, TopK over unique keys; no stable sort, no boolean
-    indexing), so the eager stage and the exported prune graph are one code.
+
+def sample_keys(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, visual_mask: torch.Tensor,
+                seed: int) -> torch.Tensor:
+    """[B] int64: a hash of each sample's real text rows (their first 64 features rounded to bf16, so one model in
+    fp32 or bf16 draws alike), their order among themselves, and its visual count; pads and the
+    sample's place in the batch do not enter."""
+    text = attention_mask.bool() & ~visual_mask
+    # the first features of a row tell token embeddings apart; all of them would cost 8 bytes per value
+    features = inputs_embeds.detach()[..., :_HASHED_FEATURES]
+    bits = features.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    dims = torch.arange(bits.shape[-1], device=bits.device)
+    row = (bits * _mix(dims + 1, 7)).sum(-1) % _PRIME  # [B, S]: < 64 * 2^47, no overflow
+    rank = text.long().cumsum(1)  # 1-based rank of each real text row within its sample
+    rows = torch.where(text, _mix((row + rank) % _PRIME, 11), torch.zeros_like(row))
+    count = visual_mask.sum(1).to(torch.int64)
+    return _mix((rows.sum(1) % _PRIME + count * 7919 + seed % _PRIME) % _PRIME, seed % 997)
+
+
+def random_scores(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, visual_mask: torch.Tensor,
+                  seed: int) -> torch.Tensor:
+    """[B, S] uniform scores in [0, 1) on the visual rows (0 elsewhere), seeded per sample: score of a
+    visual row = hash(seed, the sample's key, its rank among the sample's visual rows). The same
+    sample keeps the same rows alone, in any batch and on either padding side."""
+    key = sample_keys(inputs_embeds, attention_mask, visual_mask, seed)
+    rank = visual_mask.long().cumsum(1)
+    draw = _mix((key[:, None] + rank * 104729) % _PRIME, 13) % (1 << _SCORE_BITS)
+    scores = draw.to(torch.float32) / float(1 << _SCORE_BITS)
+    return torch.where(visual_mask, scores, torch.zeros_like(scores))
+
+
+def select_rows(visual_mask: torch.Tensor, keep_score: torch.Tensor, counts: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> KeptRows:
+    """Keep the real text rows and, per sample b, the counts[b] visual rows of highest keep_score;
+    the batch's pad rows (attention_mask 0) are dropped, so the result is as wide as the batch's
+    longest kept sample.
+
+    Ties go to the earlier position, so the selection is deterministic. Memory linear in S: the
+    counts[b]-th best score t_b (TopK values, which ties cannot change) splits the visual rows
+    into kept (> t_b), dropped (< t_b) and the rows equal to t_b, of which the earliest fill the
+    rest of the count (a cumulative sum). Written for the whole batch in ops ONNX has
+    (comparisons, sums, TopK; no stable sort, no boolean indexing), so the eager stage and the
+    exported prune graph are one code.
     """
     batch, seq = visual_mask.shape
+    visual = visual_mask.bool()
+    real = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
     score = keep_score.float()
-    position = torch.arange(seq, device=visual_mask.device)
-    # ahead[b, i, j]: visual row j goes before row i (a higher score, or the same score earlier)
-    higher = score[:, None, :] > score[:, :, None]
-    tied_earlier = (score[:, None, :] == score[:, :, None]) & (position[None, :] < position[:, None])[None]
-    rank = ((higher | tied_earlier) & visual_mask[:, None, :]).sum(dim=-1)
-    kept = ~visual_mask | (rank < counts[:, None])
-    width = data_size(kept.sum(dim=1).max(), seq, low=1)
+    lowest = torch.full_like(score, float("-inf"))
+    masked = torch.where(visual, score, lowest)
+    depth = data_size(counts.max().clamp(min=1), max(seq, 1), low=1)
+    best = masked.topk(depth, dim=1).values  # [B, depth], descending
+    threshold = best.gather(1, (counts - 1).clamp(min=0)[:, None].to(torch.int64))  # [B, 1]
+    above = visual & (score > threshold)
+    tied = visual & (score == threshold)
+    need = counts[:, None] - above.sum(dim=1, keepdim=True)
+    tied_kept = tied & (tied.long().cumsum(dim=1) <= need)
+    kept = real & (~visual | above | tied_kept)
+    width = data_size(kept.sum(dim=1).max().clamp(min=1), max(seq, 1), low=1)
     # kept rows get keys above every dropped row's, all distinct: the top `width` keys, reversed, are
     # each sample's kept rows in order, after (to the left of) the dropped rows that pad it
-    key = torch.where(kept, position + seq, position - seq).expand(batch, seq)
+    position = torch.arange(seq, device=visual_mask.device)
+    key = torch.where(kept, position + seq, position - seq)
     ordered = key.topk(width, dim=1).values.flip(1)
     valid = ordered >= seq
     return KeptRows(index=torch.where(valid, ordered - seq, torch.zeros_like(ordered)), valid=valid)
+
+
+def left_aligned(attention_mask: torch.Tensor) -> KeptRows:
+    """Every real row of each sample, in order, pads moved to the left (a right-padded batch read
+    as a left-padded one: each sample's last row is its last real token)."""
+    seq = attention_mask.shape[1]
+    position = torch.arange(seq, device=attention_mask.device)
+    key = torch.where(attention_mask.bool(), position + seq, position - seq)
+    ordered = key.sort(dim=1).values
+    valid = ordered >= seq
+    return KeptRows(index=torch.where(valid, ordered - seq, ordered + seq), valid=valid)
 
 
 def gather_seq(tensor: torch.Tensor, kept: KeptRows, seq_dim: int, fill: int | float = 0) -> torch.Tensor:
@@ -92,7 +166,7 @@ def gather_seq(tensor: torch.Tensor, kept: KeptRows, seq_dim: int, fill: int | f
     valid = valid.reshape(shape)
     if out.dtype == torch.bool:  # onnxruntime has no Where over bool values
         return out & valid if not fill else out | ~valid
-    return torch.where(valid, out, torch.full_like(out, fill))
+    return out.masked_fill_(~valid, fill)  # in the gathered copy: no second tensor of its size
 
 
 def _last_query_flops(query, key, attn_mask=None, scale=None, enable_gqa=False):
@@ -139,9 +213,10 @@ def proportional_key_bias(embeds: torch.Tensor, visual_mask: torch.Tensor, kept:
     kept_visual = visual_mask & (hits > 0)
     dropped_pos, dropped_valid, _ = _padded_positions(visual_mask & ~kept_visual)
     owner_pos, owner_valid, _ = _padded_positions(kept_visual)
-    rows = F.normalize(embeds.float(), dim=-1)
-    similarity = gather_padded(rows, dropped_pos) @ gather_padded(rows, owner_pos).transpose(1, 2)
-    similarity = similarity.masked_fill(~owner_valid[:, None, :], float("-inf"))
+    # normalized after the gathers (row by row, the same values): no normalized copy of every row
+    dropped = _normalized(gather_padded(embeds, dropped_pos))
+    similarity = dropped @ _normalized(gather_padded(embeds, owner_pos)).transpose(1, 2)
+    similarity.masked_fill_(~owner_valid[:, None, :], float("-inf"))
     owner = torch.gather(owner_pos, 1, similarity.argmax(dim=-1))  # the first of equal maxima, as ONNX's ArgMax
     counts = kept_visual.float().scatter_add(1, owner, dropped_valid.float())  # [B, S]: m at each kept visual row
     slots = valid & torch.gather(kept_visual, 1, index)

@@ -7,10 +7,14 @@ inputs. Gathering them ahead of the graph gives every layer, the KV cache and th
 the pruned sequence without touching a node, and the graph stays one graph for every method.
 
 Kept rows keep their order and their original position ids (1-D and M-RoPE alike: positions
-are not renumbered); text rows stay. Methods:
+are not renumbered); text rows stay. The batch's pad rows are dropped and the kept rows come
+back left-padded (whatever the caller's padding side: each sample's last row is its last real
+token, what generate reads), as wide as the batch's longest kept sample; `KeptRows` says which
+original position each row is (OptimizedModel's output carries it as `kept_positions`). Methods:
 - `codebook`: drop the visual rows most similar to a redundancy codebook's prototypes
   (max cosine similarity, on the projector output, i.e. the visual rows of inputs_embeds);
-- `random`: a seeded baseline, the same rows for the same input;
+- `random`: a seeded baseline drawn per sample (from the seed and the sample's own content), so a
+  sample keeps the same rows alone, in any batch and on either padding side;
 - `fastv` (after layer K): keep the visual rows the last query attends to most at layer K (the
   graph returns that attention row, passes/last_query_attention.py);
 - `vtw` (after layer K): drop every visual row.
@@ -29,8 +33,8 @@ from ..analysis.codebook_file import Codebook
 from ..capture.decoder_inputs import DecoderInputs
 from ..errors import ConfigError, PruningError
 from ..ops.token_pruning import (
-    KeptRows, gather_seq, keep_counts, proportional_flops, proportional_key_bias, random_scores, redundancy_flops,
-    redundancy_scores, select_rows, visual_counts,
+    KeptRows, gather_seq, keep_counts, left_aligned, proportional_flops, proportional_key_bias, random_scores,
+    redundancy_flops, redundancy_scores, select_rows, visual_counts,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,6 +52,35 @@ def check_keep(method: str, keep: int | float, visual_mask: torch.Tensor) -> Non
         b, c = short[0]
         raise PruningError(f"prune_keep={keep} is above the {c} visual tokens of sample {b}: give a count <= {c} or "
                            "a fraction such as prune_keep=0.25")
+
+
+def gather_inputs(inputs: DecoderInputs, kept: KeptRows) -> DecoderInputs:
+    """The decoder inputs cut to the rows `kept` names (pads: mask 0, position 1, not visual)."""
+    pos_dim = inputs.position_ids.dim() - 1  # the sequence axis: 1 (1-D) or 2 (M-RoPE rows first)
+    return DecoderInputs(
+        inputs_embeds=gather_seq(inputs.inputs_embeds, kept, 1),
+        attention_mask=gather_seq(inputs.attention_mask, kept, 1, fill=0),
+        # 1 for the pad rows, as transformers gives left-padded positions
+        position_ids=gather_seq(inputs.position_ids, kept, pos_dim, fill=1),
+        visual_mask=gather_seq(inputs.visual_mask, kept, 1, fill=False),
+    )
+
+
+def align_left(inputs: DecoderInputs) -> tuple[DecoderInputs, KeptRows | None]:
+    """Right-padded inputs as left-padded ones (None: already so), for the stages that read each
+    sample's last row as its last real token (FastV's last query); one host sync per forward."""
+    if not bool((inputs.attention_mask[:, -1] == 0).any()):
+        return inputs, None
+    aligned = left_aligned(inputs.attention_mask)
+    return gather_inputs(inputs, aligned), aligned
+
+
+def compose(outer: KeptRows | None, inner: KeptRows) -> KeptRows:
+    """Rows `inner` keeps of rows that `outer` kept, as original positions."""
+    if outer is None:
+        return inner
+    index = outer.index.gather(1, inner.index)
+    return KeptRows(torch.where(inner.valid, index, torch.zeros_like(index)), inner.valid)
 
 
 @dataclass
@@ -112,7 +145,7 @@ class TokenPruning:
             if attention is None:
                 raise ValueError("prune='fastv' selects by the attention of layer K's last query; none was given")
             return attention
-        return random_scores(inputs.visual_mask, self.seed)
+        return random_scores(inputs.inputs_embeds, inputs.attention_mask, inputs.visual_mask, self.seed)
 
     def scoring_flops(self, inputs: DecoderInputs) -> int:
         """Matrix work of the stage itself, as computed (per sample padded to the batch's longest):
@@ -135,15 +168,8 @@ class TokenPruning:
         """The rows kept by `scores` [B, S] (higher first), gathered; tensor ops only, no checks: the
         body of the exported prune graph (exporters/prune_graph.py) as of the eager stage."""
         visual = inputs.visual_mask
-        kept = select_rows(visual, scores, self._counts(visual))
-        pos_dim = inputs.position_ids.dim() - 1  # the sequence axis: 1 (1-D) or 2 (M-RoPE rows first)
-        pruned = DecoderInputs(
-            inputs_embeds=gather_seq(inputs.inputs_embeds, kept, 1),
-            attention_mask=gather_seq(inputs.attention_mask, kept, 1, fill=0),
-            # 1 for the pad rows, as transformers gives left-padded positions
-            position_ids=gather_seq(inputs.position_ids, kept, pos_dim, fill=1),
-            visual_mask=gather_seq(inputs.visual_mask, kept, 1, fill=False),
-        )
+        kept = select_rows(visual, scores, self._counts(visual), inputs.attention_mask)
+        pruned = gather_inputs(inputs, kept)
         if self.key_bias:
             pruned.key_bias = proportional_key_bias(inputs.inputs_embeds, visual, kept)
         return PrunedInputs(pruned, kept, visual_counts(visual), visual_counts(pruned.visual_mask))
