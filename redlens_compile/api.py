@@ -205,13 +205,13 @@ def _optimize_split(model: nn.Module, captured: CapturedDecoder, example_inputs:
 
 
 def _refuse_layered_decode(model: nn.Module, adapter, what: str, instead: str) -> None:
-    """Decode steps the project runs layer by layer (artifact/layered_decode.py) give every layer a
-    mask over its whole cache: right for full attention only, not for sliding-window layers."""
-    sliding = adapter.sliding_layer_types(model)
-    if sliding:
+    """Decode steps the project runs layer by layer (artifact/layered_decode.py) serve full-attention
+    and sliding-window layers (each takes its own cache's rows); other layer kinds (chunked) are refused."""
+    unserved = [kind for kind in adapter.sliding_layer_types(model) if kind != "sliding_attention"]
+    if unserved:
         raise ReductionUnavailableError(
-            f"{what}: this decoder has {sliding} layers, and the decode steps it needs run layer by layer with "
-            f"one mask per layer, served for full-attention decoders only; {instead}")
+            f"{what}: this decoder has {unserved} layers, and the decode steps it needs run layer by layer with "
+            f"one mask per layer, served for full-attention and sliding-window layers only; {instead}")
 
 
 def build_pruning(config: RedLensConfig, model: nn.Module, adapter) -> TokenPruning | None:

@@ -188,7 +188,7 @@ def gemma3_config():
     import transformers
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
                   patch_size=4)
-    text = dict(TEXT, head_dim=16, sliding_window=256, layer_types=["sliding_attention", "full_attention", "full_attention"])
+    text = dict(TEXT, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention", "full_attention"])
     return transformers.Gemma3Config(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
                                      mm_tokens_per_image=64, boi_token_index=VISION_START, eoi_token_index=VISION_END)
 
@@ -196,7 +196,7 @@ def gemma3_config():
 def aya_vision_config():
     import transformers
     text = dict(TEXT, model_type="cohere2", layer_types=["sliding_attention", "full_attention", "full_attention"],
-                sliding_window=256)
+                sliding_window=16)
     return transformers.AyaVisionConfig(vision_config=_siglip(image_size=64, patch_size=4), text_config=text,
                                         image_token_index=IMAGE_TOKEN, downsample_factor=2)
 
