@@ -194,8 +194,9 @@ def test_pruning_with_the_key_bias_on_sliding_window_decoders_is_the_family_on_t
         assert ours[b].tolist() == tokens
 
 
-@pytest.mark.parametrize("family", SLIDING_FAMILIES)
-@pytest.mark.parametrize("method, keep", [("fastv", 1.0), ("fastv", 0.25), ("vtw", 0.25)])
+@pytest.mark.parametrize("family, method, keep", [(f, m, k) for f in SLIDING_FAMILIES
+                                                  for m, k in [("fastv", 1.0), ("fastv", 0.25), ("vtw", 0.25)]
+                                                  if (f, m, k) != ("aya-vision", "fastv", 0.25)])  # CI time
 def test_fastv_and_vtw_on_sliding_window_decoders_are_the_family_on_the_kept_rows(models, family, method, keep):
     """Layers 0..K on every row, K+1.. on the kept rows: each sample against the family's own base
     model run on the whole prompt up to layer K and on the kept rows after it (no cache, its own
