@@ -294,3 +294,34 @@ def test_the_readme_family_table_is_the_generated_one(models, family_models):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = readme.split("<!-- families:start -->\n")[1].split("\n<!-- families:end -->")[0]
     assert block == families_table(built), "README out of date: run .venv/bin/python scripts/families_table.py"
+
+
+def test_the_layered_decode_names_the_decoders_it_cannot_run():
+    """Layer kinds other than full and sliding (chunked), and layers that take inputs the family's
+    forward computes across layers (Gemma 4's per-layer inputs, shared KV), are refused by name."""
+    from types import SimpleNamespace
+
+    from redlens_compile.artifact.layered_decode import unserved_reason
+    from redlens_compile.capture.families import FamilyAdapter
+
+    class PlainLayer(torch.nn.Module):
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                    position_embeddings=None, **kwargs):
+            return hidden_states
+
+    class PerLayerInputs(PlainLayer):
+        def forward(self, hidden_states, per_layer_input=None, shared_kv_states=None, **kwargs):
+            return hidden_states
+
+    def decoder(layer, kinds):
+        model = torch.nn.Module()
+        model.lm = torch.nn.Module()
+        model.lm.layers = torch.nn.ModuleList([layer])
+        model.lm.config = SimpleNamespace(layer_types=kinds)
+        return model
+
+    adapter = FamilyAdapter("x", (), "vision", (), language_model_path="lm")
+    assert unserved_reason(decoder(PlainLayer(), ["sliding_attention", "full_attention"]), adapter) is None
+    assert "chunked_attention" in unserved_reason(decoder(PlainLayer(), ["chunked_attention"]), adapter)
+    why = unserved_reason(decoder(PerLayerInputs(), ["full_attention"]), adapter)
+    assert "per_layer_input" in why and "shared_kv_states" in why
