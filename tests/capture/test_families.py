@@ -150,12 +150,13 @@ def test_sliding_window_decoders_serve_prompts_longer_than_the_window(models, fa
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("family", SLIDING_FAMILIES)
-@pytest.mark.parametrize("prune", ["random", "codebook"])
+@pytest.mark.parametrize("family, prune, proportional", [(f, p, True) for f in SLIDING_FAMILIES
+                                                         for p in ("random", "codebook")] + [("aya-vision", "random", False)])
 def test_pruning_with_the_key_bias_on_sliding_window_decoders_is_the_family_on_the_kept_rows(models, family, prune,
-                                                                                             tmp_path):
+                                                                                             proportional, tmp_path):
     """Pruning before layer 0 with proportional attention: logits and greedy tokens are the family's
-    own base model run on each sample's kept rows alone, its own masks plus the key bias."""
+    own base model run on each sample's kept rows alone, its own masks plus the key bias (without
+    the bias, plain pruning decodes through the family's own forward)."""
     model = models(family)
     window = model.config.text_config.sliding_window
     example = make_inputs(family, model)
@@ -165,11 +166,15 @@ def test_pruning_with_the_key_bias_on_sliding_window_decoders_is_the_family_on_t
         visual_rows = embeds.inputs_embeds[0][embeds.visual_mask[0]]
         path = Codebook(visual_rows[::7].clone(), {"model_type": model.config.model_type}).save(tmp_path / "cb.safetensors")
         extra = {"codebook": str(path)}
-    opt = rc.optimize(model, example, config=rc.RedLensConfig(prune=prune, prune_keep=0.25, flops_budget=1.0, **extra))
+    opt = rc.optimize(model, example, config=rc.RedLensConfig(prune=prune, prune_keep=0.25, flops_budget=1.0,
+                                                                prune_proportional=proportional, **extra))
     batch = make_inputs(family, model, text_before=4 * window, batch=2, pad_left=(5,), seed=9)
     decoder_inputs = capture_decoder_inputs(model, opt.adapter, batch)
     pruned = opt.pruning(decoder_inputs)
-    assert pruned.inputs.key_bias is not None and float(pruned.inputs.key_bias.max()) > 1.0  # the bias is real
+    if proportional:
+        assert float(pruned.inputs.key_bias.max()) > 1.0  # the bias is real
+    else:
+        assert pruned.inputs.key_bias is None
     with torch.no_grad():
         out = opt(**batch)
         ours = opt.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)[:, -NEW_TOKENS:]
@@ -179,7 +184,8 @@ def test_pruning_with_the_key_bias_on_sliding_window_decoders_is_the_family_on_t
         n = rows.numel()
         assert n > 4 * window
         embeds, positions = decoder_inputs.inputs_embeds[b, rows][None], decoder_inputs.position_ids[b:b + 1, rows]
-        visual, bias = decoder_inputs.visual_mask[b:b + 1, rows], pruned.inputs.key_bias[b:b + 1, -n:]
+        visual = decoder_inputs.visual_mask[b:b + 1, rows]
+        bias = pruned.inputs.key_bias[b:b + 1, -n:] if proportional else None
         want, _ = family_logits(model, embeds, positions, visual, bias)
         assert (out.logits[b, -n:] - want[0]).abs().max() <= 1e-5
         tokens = []
@@ -190,7 +196,7 @@ def test_pruning_with_the_key_bias_on_sliding_window_decoders_is_the_family_on_t
                 embeds = torch.cat([embeds, embed_tokens(torch.tensor([[tokens[-1]]]))], dim=1)
             positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
             visual = torch.cat([visual, visual.new_zeros(1, 1)], dim=1)
-            bias = torch.cat([bias, bias.new_zeros(1, 1)], dim=1)
+            bias = None if bias is None else torch.cat([bias, bias.new_zeros(1, 1)], dim=1)
         assert ours[b].tolist() == tokens
 
 
