@@ -15,6 +15,7 @@ from torch import nn
 from .analysis.budget import ReductionPlan, needs_ranking, plan_fixed, plan_to_budget, settings_ladder, validate_layers
 from .analysis.flops import count_graph_flops, merge_flops
 from .analysis.ranking import SENSITIVITY_METRICS, LayerRanking, activation_scores, sensitivity_scores
+from .artifact.layered_decode import unserved_reason
 from .artifact.optimized_model import OptimizedModel
 from .capture.decoder_inputs import DecoderInputs, capture_decoder_inputs, image_token_mask
 from .capture.families import adapter_for
@@ -237,13 +238,12 @@ def _optimize_split(model: nn.Module, captured: CapturedDecoder, example_inputs:
 
 
 def _refuse_layered_decode(model: nn.Module, adapter, what: str, instead: str) -> None:
-    """Decode steps the project runs layer by layer (artifact/layered_decode.py) give every layer a
-    mask over its whole cache: right for full attention only, not for sliding-window layers."""
-    sliding = adapter.sliding_layer_types(model)
-    if sliding:
-        raise ReductionUnavailableError(
-            f"{what}: this decoder has {sliding} layers, and the decode steps it needs run layer by layer with "
-            f"one mask per layer, served for full-attention decoders only; {instead}")
+    """Decode steps the project runs layer by layer (artifact/layered_decode.py) serve full-attention
+    and sliding-window layers (each takes its own cache's rows); other decoders are refused."""
+    why = unserved_reason(model, adapter)
+    if why is not None:
+        raise ReductionUnavailableError(f"{what}: the decode steps it needs run layer by layer with one mask per layer, "
+                                        f"and {why}; {instead}")
 
 
 def build_pruning(config: RedLensConfig, model: nn.Module, adapter) -> TokenPruning | None:

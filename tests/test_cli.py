@@ -296,7 +296,8 @@ def test_optimize_cli_with_a_pruning_preset_prints_the_tokens_kept(tmp_path, cap
     assert report["measurements"]["logits"]["last_position_max_abs_diff"] == summary["max_abs_logit_diff"]
 
 
-@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl", "internvl", "qwen2.5-vl", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl", "internvl", "qwen2.5-vl", "gemma3",
+                                    "aya-vision"])
 def test_console_script_audits_and_optimizes_a_saved_directory_of_every_family(tmp_path, family):
     """The model and the family's own processor saved together; torchvision is not installed, so the
     video-capable families' processors load without their video part."""
@@ -319,3 +320,6 @@ def test_console_script_audits_and_optimizes_a_saved_directory_of_every_family(t
         assert report["inputs"]["visual_tokens"] > 0
     summary = json.loads((tmp_path / "optimize" / "summary.json").read_text())
     assert summary["max_abs_logit_diff"] <= 1e-5 and summary["generated_tokens_equal"] is True
+    text_config = json.loads((model_dir / "config.json").read_text()).get("text_config", {})
+    if "sliding_attention" in (text_config.get("layer_types") or []):  # the prompt (one image) is longer than the window
+        assert report["inputs"]["seq_len"] > text_config["sliding_window"]

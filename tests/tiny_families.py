@@ -188,7 +188,7 @@ def gemma3_config():
     import transformers
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
                   patch_size=4)
-    text = dict(TEXT, head_dim=16, sliding_window=256, layer_types=["sliding_attention", "full_attention", "full_attention"])
+    text = dict(TEXT, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention", "full_attention"])
     return transformers.Gemma3Config(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
                                      mm_tokens_per_image=64, boi_token_index=VISION_START, eoi_token_index=VISION_END)
 
@@ -196,7 +196,7 @@ def gemma3_config():
 def aya_vision_config():
     import transformers
     text = dict(TEXT, model_type="cohere2", layer_types=["sliding_attention", "full_attention", "full_attention"],
-                sliding_window=256)
+                sliding_window=16)
     return transformers.AyaVisionConfig(vision_config=_siglip(image_size=64, patch_size=4), text_config=text,
                                         image_token_index=IMAGE_TOKEN, downsample_factor=2)
 
@@ -307,6 +307,8 @@ _SPECIAL_NAMES = {
                  VISION_END: "<|vision_end|>"},
     "internvl": {IMAGE_TOKEN: "<IMG_CONTEXT>", VIDEO_TOKEN: "<video>", VISION_START: "<img>", VISION_END: "</img>"},
     "gemma3": {IMAGE_TOKEN: "<image_soft_token>", VISION_START: "<start_of_image>", VISION_END: "<end_of_image>"},
+    "aya-vision": {IMAGE_TOKEN: "<|IMG_PATCH|>", VIDEO_TOKEN: "TILE_GLOBAL", VISION_START: "<|START_OF_IMG|>",
+                   VISION_END: "<|END_OF_IMG|>"},
 }
 _SPECIAL_NAMES["qwen2.5-vl"] = _SPECIAL_NAMES["qwen2-vl"]
 _EXTRA_SPECIAL = {
@@ -317,6 +319,8 @@ _EXTRA_SPECIAL = {
     "internvl": {"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>", "end_image_token": "</img>",
                  "video_token": "<video>"},
     "gemma3": {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+    "aya-vision": {"image_token": "<|IMG_PATCH|>", "tile_global_token": "TILE_GLOBAL", "boi_token": "<|START_OF_IMG|>",
+                   "eoi_token": "<|END_OF_IMG|>"},
 }
 _EXTRA_SPECIAL["qwen2.5-vl"] = _EXTRA_SPECIAL["qwen2-vl"]
 
@@ -366,6 +370,11 @@ def make_processor(family: str, model):
         image = transformers.Gemma3ImageProcessorPil(size={"height": side, "width": side})
         return transformers.Gemma3Processor(image_processor=image, tokenizer=tokenizer,
                                             image_seq_length=model.config.mm_tokens_per_image)
+    if family == "aya-vision":  # one global tile: (64 / (4 * 2))^2 = 64 patch tokens between BOI and EOI
+        side = vc.image_size
+        image = transformers.GotOcr2ImageProcessorPil(size={"height": side, "width": side}, max_patches=1)
+        return transformers.AyaVisionProcessor(image_processor=image, tokenizer=tokenizer, patch_size=vc.patch_size,
+                                               img_size=side, downsample_factor=model.config.downsample_factor)
     if family == "internvl":
         side = vc.image_size[0]
         image = transformers.GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=False)

@@ -93,10 +93,8 @@ class OptimizedModel(nn.Module):
         """The prefill through the rewritten graph(s), with token pruning where the config prunes."""
         longest = self.graph_module.meta.get(SEQ_RANGE, (2, None))[1]
         if longest is not None and decoder_inputs.seq_len > longest:
-            raise ValueError(
-                f"the prompt holds {decoder_inputs.seq_len} positions; the decoder graph serves at most {longest} "
-                f"(the family's masks depend on the length, e.g. a sliding window of "
-                f"{getattr(self.text_config, 'sliding_window', None)}): use a shorter prompt or fewer image tiles")
+            raise ValueError(f"the prompt holds {decoder_inputs.seq_len} positions; the decoder graph serves at most "
+                             f"{longest} ({self._length_limit(longest)}): use a shorter prompt or fewer image tiles")
         if self.tail_graph_module is not None:
             return self._run_split(decoder_inputs, last_position_only)
         kept = None
@@ -106,6 +104,15 @@ class OptimizedModel(nn.Module):
         graph = self.prefill_graph if last_position_only else self.graph_module
         logits, *kv = graph(*decoder_inputs.as_args())
         return Prefill(logits, tuple(kv), [decoder_inputs.attention_mask] * self.num_layers, decoder_inputs, kept)
+
+    def _length_limit(self, longest: int) -> str:
+        """Why the graph serves no longer prompt: the model's positions, or the family's length-dependent masks."""
+        limit = getattr(self.text_config, "max_position_embeddings", None)
+        if limit is not None and longest >= limit:
+            return "the model's max_position_embeddings"
+        window = getattr(self.text_config, "sliding_window", None)
+        kind = f"with its sliding window of {window}" if window else "with the length"
+        return f"the family's own mask code branches {kind}, and torch.export captured the lengths up to {longest}"
 
     def _run_split(self, decoder_inputs: DecoderInputs, last_position_only: bool) -> Prefill:
         """Layers 0..K on every row, the pruning stage on their output, layers K+1.. on the kept rows."""

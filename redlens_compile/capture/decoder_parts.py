@@ -14,9 +14,8 @@ import copy
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
-from .decoder_module import ImageBlockMasks, decoder_attention_mask
+from .decoder_module import DecoderMasks, decoder_attention_mask, decoder_cache
 
 
 class NamedLayers(nn.ModuleList):
@@ -42,6 +41,11 @@ def layer_range_view(language_model: nn.Module, start: int, stop: int, final_nor
     view.layers = NamedLayers({i: layers[i] for i in range(start, stop)})
     if not final_norm:
         view.norm = nn.Identity()
+    types = getattr(language_model.config, "layer_types", None)
+    if types:
+        # families pick each layer's mask by its place in the loop (layer_types[i]): the view's i starts at 0
+        view.config = copy.copy(language_model.config)
+        view.config.layer_types = list(types[start:stop])
     return view
 
 
@@ -52,7 +56,7 @@ class DecoderPart(nn.Module):
     """
 
     def __init__(self, language_model: nn.Module, start: int, stop: int, lm_head: nn.Module | None,
-                 masks: ImageBlockMasks | None = None):
+                 masks: DecoderMasks | None = None):
         super().__init__()
         self.masks = masks
         self.start, self.stop = start, stop
@@ -62,7 +66,7 @@ class DecoderPart(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 visual_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cache = DynamicCache(config=self.config)
+        cache = decoder_cache(self.config, self.masks)
         mask = decoder_attention_mask(self.masks, self.config, inputs_embeds, attention_mask, position_ids,
                                       visual_mask, cache)
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask,

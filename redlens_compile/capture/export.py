@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
+import sympy
 import torch
+from torch.utils._sympy.numbers import int_oo
 from torch.export import Dim, ExportedProgram
 
 from ..errors import CaptureError
@@ -39,7 +41,8 @@ def export_decoder(decoder: DecoderWithHead, example: DecoderInputs, max_seq_len
     A batch of 1 would be specialized by export (0/1 specialization), so the example is traced
     at batch 2 with the batch Dim starting at 1; the graph then serves any batch size. Where the
     family's code constrains the length (sliding-window masks branch on it), export is asked
-    for the range it can serve instead, and `served_seq_range` reads it back.
+    for the range it can serve instead, and `served_seq_range` reads it back (the masks the graph
+    builds itself, capture/decoder_module.py DecoderMasks, serve every length).
     """
     if example.batch_size == 1:
         example = example.repeat_batch(2)
@@ -70,5 +73,7 @@ def served_seq_range(program: ExportedProgram, max_seq_len: int) -> tuple[int, i
     bounds = program.range_constraints.get(seq.node.expr)
     if bounds is None:
         return 2, max_seq_len
+    # torch.export's unbounded range ends at int_oo, whose sympy `is_finite` is True: compare it.
     upper = bounds.upper
-    return int(bounds.lower), min(max_seq_len, int(upper)) if upper.is_finite else max_seq_len
+    longest = max_seq_len if upper == int_oo or upper == sympy.oo else min(max_seq_len, int(upper))
+    return int(bounds.lower), longest

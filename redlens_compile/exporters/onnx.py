@@ -187,7 +187,8 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
 
     layers = opt.num_layers
     unpruned, example = _examples(opt, example_inputs)
-    lowering = LowerForOnnxPass(looks_ahead=opt.adapter.decoder_masks(opt.model) is not None)
+    masks = opt.adapter.decoder_masks(opt.model)
+    lowering = LowerForOnnxPass(looks_ahead=masks is not None and masks.image_blocks)
     lowered, _ = run_passes(clone_graph_module(opt.graph_module), [lowering])
 
     # prefill: the rewritten graph
