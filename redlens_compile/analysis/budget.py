@@ -86,6 +86,64 @@ class ReductionPlan:
 LayerCosts = Callable[[LayerSettings], Mapping[int, float]]
 
 
+# a plan -> FLOPs of each decoder layer under it (a count of the rewritten graph on the example)
+PlanCosts = Callable[[ReductionPlan], Mapping[int, float]]
+
+
+def without_hollow(settings: LayerSettings) -> LayerSettings:
+    return LayerSettings(ffn_keep=settings.ffn_keep, window=UNBOUNDED_WINDOW)
+
+
+def paying_costs(costs: LayerCosts, unreduced: Mapping[int, float]) -> LayerCosts:
+    """`costs` where a setting's hollow window counts only in the layers where it saves FLOPs.
+
+    Hollow attention's blocks cost more than the layer's causal attention when the visual span is
+    short against the window (a block computes its whole square); there `drop_unpaying_hollow`
+    takes the window off, so the planner prices the layer without it.
+    """
+    memo: dict[LayerSettings, Mapping[int, float]] = {}
+
+    def cached(settings: LayerSettings) -> Mapping[int, float]:
+        if not settings.changes_numbers:
+            return unreduced
+        if settings not in memo:
+            memo[settings] = costs(settings)
+        return memo[settings]
+
+    def cost(settings: LayerSettings) -> Mapping[int, float]:
+        with_window = cached(settings)
+        if not settings.hollow:
+            return with_window
+        plain = cached(without_hollow(settings))
+        return {i: min(c, plain[i]) for i, c in with_window.items()}
+
+    return cost
+
+
+def drop_unpaying_hollow(plan: ReductionPlan, costs: PlanCosts) -> tuple[ReductionPlan, list[str]]:
+    """The plan without the hollow windows that do not save FLOPs in their layer, and a note for each.
+
+    A layer left with no reduction leaves the plan: it keeps the family's exact ops, so a config
+    never costs more than the original or changes numbers for no saved work.
+    """
+    hollow = sorted(i for i, s in plan.settings.items() if s.hollow)
+    if not hollow:
+        return plan, []
+    plain = {i: without_hollow(s) if s.hollow else s for i, s in plan.settings.items()}
+    with_window = costs(plan)
+    without = costs(ReductionPlan(settings={i: s for i, s in plain.items() if s.changes_numbers}))
+    dropped = [i for i in hollow if with_window[i] >= without[i]]
+    if not dropped:
+        return plan, []
+    settings = {i: (plain[i] if i in dropped else s) for i, s in plan.settings.items()}
+    settings = {i: s for i, s in settings.items() if s.changes_numbers}
+    notes = [f"layer {i}: hollow attention (window {plan.settings[i].window}) not applied: on the example the layer "
+             f"costs {with_window[i]:.6g} FLOPs with it against {without[i]:.6g} without (blocks of the window cost "
+             "more than the causal attention over a visual span this short)" for i in dropped]
+    steps = [*plan.steps, f"hollow attention taken off layers {dropped}: it saves no FLOPs there"]
+    return ReductionPlan(settings=settings, order=plan.order, steps=steps, predicted_ratio=plan.predicted_ratio), notes
+
+
 def validate_layers(config: RedLensConfig, num_layers: int) -> None:
     if isinstance(config.layers, list):
         out_of_range = [i for i in config.layers if i >= num_layers]
