@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .analysis.budget import (ReductionPlan, drop_unpaying_hollow, needs_ranking, paying_costs, plan_fixed, plan_to_budget,
+from .analysis.budget import (ReductionPlan, drop_unpaying, needs_ranking, paying_costs, plan_fixed, plan_to_budget,
                               settings_ladder, validate_layers)
 from .analysis.flops import count_graph_flops, merge_flops
 from .analysis.ranking import SENSITIVITY_METRICS, LayerRanking, activation_scores, sensitivity_scores
@@ -115,9 +115,12 @@ def optimize(
         captured.graph_module, ReductionPlan(settings={}), config.probe_tokens, copy=True, key_bias=True).graph_module
     unreduced = count_graph_flops(reference_graph, example) if pruned is not None else before
 
+    not_reduced: dict[int, str] = {}  # layer -> why a pass could not rewrite it, from the trials
+
     def plan_costs(plan: ReductionPlan) -> dict[int, float]:
-        trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True, key_bias=key_bias).graph_module
-        counted = count_graph_flops(trial, example)
+        trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True, key_bias=key_bias)
+        not_reduced.update(trial.skipped)
+        counted = count_graph_flops(trial.graph_module, example)
         return {i: counted.layer_total(i) for i in before.layers}
 
     layers_unreduced = {i: unreduced.layer_total(i) for i in before.layers}
@@ -134,11 +137,12 @@ def optimize(
 
         reference_total = sum(before.layer_total(i) for i in before.layers)
         plan = plan_to_budget(config, layers_unreduced, ranking.scores, paying_costs(layer_costs, layers_unreduced),
-                              ranking.floor_scores, reference_total=reference_total, extra=scoring)
+                              ranking.floor_scores, reference_total=reference_total, extra=scoring,
+                              not_reduced=not_reduced)
     else:
         plan = plan_fixed(config, adapter.num_layers(model))
-    # Hollow windows that cost more than the layer's own attention on this example are taken off.
-    plan, unpaid = drop_unpaying_hollow(plan, plan_costs)
+    # Reductions that save no FLOPs on this example (or that a pass cannot apply) are taken off.
+    plan, unpaid = drop_unpaying(plan, plan_costs, layers_unreduced, not_reduced)
 
     progress("running passes")
     # Reduced work runs in thinner GEMMs than the original's: lower them (identity stays the family's ops).
