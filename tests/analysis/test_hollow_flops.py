@@ -3,7 +3,7 @@ the layer without it (the audit, per layer, against the original's count)."""
 
 import pytest
 import torch
-from tiny_families import FAMILIES, make_inputs
+from tiny_families import FIRST_FAMILIES, make_inputs
 
 import redlens_compile as rc
 from redlens_compile.analysis.flops import groups_total
@@ -43,7 +43,9 @@ def test_the_proof_models_hollow_layers_keep_their_text_attention():
     assert report.flops_ratio < 1.0
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# The four first families, one whose image tokens see each other both ways (and sliding layers),
+# and the fused-FFN one; the rule itself is family-agnostic (analysis/budget.py drop_unpaying).
+@pytest.mark.parametrize("family", [*FIRST_FAMILIES, "gemma3", "glm4v"])
 def test_hollow_only_never_costs_more_than_the_original(family_models, family):
     """The zoo's short prompt: 64-ish visual rows against the default window of 64, where the blocks
     would cost more than causal attention; those windows are taken off (and the numbers kept)."""
