@@ -157,7 +157,8 @@ def test_an_ffn_the_pass_cannot_read_is_named_and_costs_nothing(tmp_path):
         layer.mlp.forward = types.MethodType(_interleaved_forward, layer.mlp)
     example = make_inputs(FAMILY, model)
     with pytest.raises(rc.BudgetUnreachableError) as err:
-        rc.optimize(model, example, config=rc.RedLensConfig(flops_budget=0.5))
+        # settings at the floors: a short ladder (the error is the same at any settings)
+        rc.optimize(model, example, config=rc.RedLensConfig(flops_budget=0.5, ffn_keep=0.0625, hollow_window=8))
     message = str(err.value)
     assert "cannot reduce layers [0, 1, 2]: no FFN of linear up/down projections found" in message
     assert "enable both reductions" not in message  # both are enabled: the FFN's form is the cause
