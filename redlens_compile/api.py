@@ -12,7 +12,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .analysis.budget import ReductionPlan, needs_ranking, plan_fixed, plan_to_budget, settings_ladder, validate_layers
+from .analysis.budget import (ReductionPlan, drop_unpaying, needs_ranking, paying_costs, plan_fixed, plan_to_budget,
+                              settings_ladder, validate_layers)
 from .analysis.flops import count_graph_flops, merge_flops
 from .analysis.ranking import SENSITIVITY_METRICS, LayerRanking, activation_scores, sensitivity_scores
 from .artifact.layered_decode import unserved_reason
@@ -119,6 +120,15 @@ def optimize(
         captured.graph_module, ReductionPlan(settings={}), config.probe_tokens, copy=True, key_bias=True).graph_module
     unreduced = count_graph_flops(reference_graph, example) if pruned is not None else before
 
+    not_reduced: dict[int, str] = {}  # layer -> why a pass could not rewrite it, from the trials
+
+    def plan_costs(plan: ReductionPlan) -> dict[int, float]:
+        trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True, key_bias=key_bias)
+        not_reduced.update(trial.skipped)
+        counted = count_graph_flops(trial.graph_module, example)
+        return {i: counted.layer_total(i) for i in before.layers}
+
+    layers_unreduced = {i: unreduced.layer_total(i) for i in before.layers}
     ranking = None
     if needs_ranking(config):
         progress("ranking layers on the calibration inputs")
@@ -129,17 +139,16 @@ def optimize(
                         ray_engine, example_inputs)
 
         def layer_costs(settings):
-            plan = ReductionPlan(settings={i: settings for i in before.layers})
-            trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True, key_bias=key_bias).graph_module
-            counted = count_graph_flops(trial, example)
-            return {i: counted.layer_total(i) for i in before.layers}
+            return plan_costs(ReductionPlan(settings={i: settings for i in before.layers}))
 
-        layers_unreduced = {i: unreduced.layer_total(i) for i in before.layers}
         reference_total = sum(before.layer_total(i) for i in before.layers)
-        plan = plan_to_budget(config, layers_unreduced, ranking.scores, layer_costs, ranking.floor_scores,
-                              reference_total=reference_total, extra=scoring)
+        plan = plan_to_budget(config, layers_unreduced, ranking.scores, paying_costs(layer_costs, layers_unreduced),
+                              ranking.floor_scores, reference_total=reference_total, extra=scoring,
+                              not_reduced=not_reduced)
     else:
         plan = plan_fixed(config, adapter.num_layers(model))
+    # Reductions that save no FLOPs on this example (or that a pass cannot apply) are taken off.
+    plan, unpaid = drop_unpaying(plan, plan_costs, layers_unreduced, not_reduced)
 
     progress("running passes")
     # Reduced work runs in thinner GEMMs than the original's: lower them (identity stays the family's ops).
@@ -147,7 +156,7 @@ def optimize(
     result = apply_plan(captured.graph_module, plan, config.probe_tokens, key_bias=key_bias, thin_linear=reduces)
     progress("counting FLOPs after the rewrite")
     after = count_graph_flops(result.graph_module, example)
-    notes = _probe_note(config, example, plan)
+    notes = _probe_note(config, example, plan) + unpaid
     notes += [f"layer {i}: hollow attention used the masked fallback ({why}); it saves no work there"
               for i, why in sorted(result.fallback.items())]
     notes += [f"layer {i}: not reduced: {why}" for i, why in sorted(result.skipped.items())]

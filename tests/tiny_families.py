@@ -201,6 +201,18 @@ def aya_vision_config():
                                         image_token_index=IMAGE_TOKEN, downsample_factor=2)
 
 
+def glm4v_config():
+    """GLM-4V: M-RoPE (partial rotary) and an FFN of one fused gate_up_proj linear whose output is chunked."""
+    import transformers
+    text = dict(TEXT, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0,
+                                       "partial_rotary_factor": 0.5})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, out_hidden_size=TEXT["hidden_size"], image_size=64)
+    return transformers.Glm4vConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                                    video_token_id=VIDEO_TOKEN, image_start_token_id=VISION_START,
+                                    image_end_token_id=VISION_END)
+
+
 def _pixels(model, batch: int, generator: torch.Generator, tiles: int | None = None) -> torch.Tensor:
     size = model.config.vision_config.image_size
     shape = (batch, 3, size, size) if tiles is None else (batch, tiles, 3, size, size)
@@ -247,10 +259,11 @@ GENERIC_FAMILIES = {
     "smolvlm": Family("smolvlm", smolvlm_config, _generic_vision("tiled")),
     "gemma3": Family("gemma3", gemma3_config, _generic_vision("plain")),
     "aya-vision": Family("aya-vision", aya_vision_config, _generic_vision("plain")),
+    "glm4v": Family("glm4v", glm4v_config, _generic_vision("grid")),
 }
 FAMILIES.update(GENERIC_FAMILIES)
 FIRST_FAMILIES = ("llava", "llava-next", "qwen2-vl", "internvl")
-M_ROPE_FAMILIES = ("qwen2-vl", "qwen2.5-vl")
+M_ROPE_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "glm4v")
 
 
 def build_and_reload(family: str, directory: Path, seed: int = 0):

@@ -90,6 +90,82 @@ class ReductionPlan:
 LayerCosts = Callable[[LayerSettings], Mapping[int, float]]
 
 
+# a plan -> FLOPs of each decoder layer under it (a count of the rewritten graph on the example)
+PlanCosts = Callable[[ReductionPlan], Mapping[int, float]]
+
+
+def without_hollow(settings: LayerSettings) -> LayerSettings:
+    return LayerSettings(ffn_keep=settings.ffn_keep, window=UNBOUNDED_WINDOW)
+
+
+def paying_costs(costs: LayerCosts, unreduced: Mapping[int, float]) -> LayerCosts:
+    """`costs` where a setting's hollow window counts only in the layers where it saves FLOPs.
+
+    Hollow attention's blocks cost more than the layer's causal attention when the visual span is
+    short against the window (a block computes its whole square); there `drop_unpaying` takes the
+    window off, so the planner prices the layer without it.
+    """
+    memo: dict[LayerSettings, Mapping[int, float]] = {}
+
+    def cached(settings: LayerSettings) -> Mapping[int, float]:
+        if not settings.changes_numbers:
+            return unreduced
+        if settings not in memo:
+            memo[settings] = costs(settings)
+        return memo[settings]
+
+    def cost(settings: LayerSettings) -> Mapping[int, float]:
+        with_window = cached(settings)
+        if not settings.hollow:
+            return with_window
+        plain = cached(without_hollow(settings))
+        return {i: min(c, plain[i]) for i, c in with_window.items()}
+
+    return cost
+
+
+def drop_unpaying(plan: ReductionPlan, costs: PlanCosts, unreduced: Mapping[int, float],
+                  reasons: Mapping[int, str] | None = None) -> tuple[ReductionPlan, list[str]]:
+    """The plan without the reductions that save no FLOPs in their layer, and a note for each.
+
+    A hollow window is taken off where the layer costs at least as much with it as without; a
+    dynamic FFN where the layer without the window costs at least its unreduced count (the pass
+    could not rewrite its FFN: `reasons` says why, or its probes cost what the slices save). A
+    layer left with no reduction leaves the plan and keeps the family's exact ops, so a config
+    never costs more than the original or changes the numbers for no saved work.
+    """
+    if not plan.settings:
+        return plan, []
+    reasons = {} if reasons is None else reasons  # filled by `costs` (the same mapping): read it after
+    plain = {i: without_hollow(s) for i, s in plan.settings.items()}
+    with_window = costs(plan)
+    hollow = any(s.hollow for s in plan.settings.values())
+    without = costs(ReductionPlan(settings={i: s for i, s in plain.items() if s.changes_numbers})) if hollow \
+        else with_window
+    settings, notes, dropped = {}, [], []
+    for i, s in sorted(plan.settings.items()):
+        keep, window = s.ffn_keep, s.window
+        if s.hollow and with_window[i] >= without[i]:
+            window = UNBOUNDED_WINDOW
+            notes.append(f"layer {i}: hollow attention (window {s.window}) not applied: on the example the layer costs "
+                         f"{with_window[i]:.6g} FLOPs with it against {without[i]:.6g} without (blocks of the window "
+                         "cost more than the causal attention over a visual span this short)")
+        if s.reduces_ffn and without[i] >= unreduced[i]:
+            keep = 1.0
+            why = reasons.get(i, "").removeprefix(f"layer {i}: ") or \
+                f"its probes and slices cost {without[i]:.6g} FLOPs against {unreduced[i]:.6g}"
+            notes.append(f"layer {i}: dynamic FFN (ffn_keep {s.ffn_keep}) not applied: {why}")
+        if (keep, window) != (s.ffn_keep, s.window):
+            dropped.append(i)
+        kept = LayerSettings(ffn_keep=keep, window=window)
+        if kept.changes_numbers:
+            settings[i] = kept
+    if not dropped:
+        return plan, []
+    steps = [*plan.steps, f"reductions that save no FLOPs taken off layers {dropped}"]
+    return ReductionPlan(settings=settings, order=plan.order, steps=steps, predicted_ratio=plan.predicted_ratio), notes
+
+
 def validate_layers(config: RedLensConfig, num_layers: int) -> None:
     if isinstance(config.layers, (list, dict)):
         out_of_range = [i for i in config.layers if i >= num_layers]
@@ -167,6 +243,7 @@ def plan_to_budget(
     floor_scores: Mapping[int, float] | None = None,
     reference_total: float | None = None,
     extra: float = 0.0,
+    not_reduced: Mapping[int, str] | None = None,
 ) -> ReductionPlan:
     """Reductions in order of least damage per FLOP saved, until the decoder FLOPs ratio <= flops_budget.
 
@@ -183,7 +260,8 @@ def plan_to_budget(
     `before` holds each layer's unreduced cost on the sequence the graph runs on (after token
     pruning, when the config prunes); `reference_total` is the unpruned decoder's cost the
     budget is a fraction of (default: the sum of `before`), and `extra` work added outside the
-    layers (the pruning scores) counts against the budget too.
+    layers (the pruning scores) counts against the budget too. `not_reduced` (layer -> why), what
+    the passes could not rewrite in the trials (filled while `costs` runs), is named in the error.
     """
     budget = config.flops_budget
     total = sum(before.values()) if reference_total is None else reference_total
@@ -266,11 +344,18 @@ def plan_to_budget(
                       "ratio": ratio})
     if ratio > budget:
         floor = ladder[-1].to_dict()
+        base = base_settings(config)
+        by_reason: dict[str, list[int]] = {}
+        for layer, why in sorted((not_reduced or {}).items()):
+            by_reason.setdefault(why.removeprefix(f"layer {layer}: "), []).append(layer)
+        cause = "".join(f" The passes cannot reduce layers {layers}: {why}." for why, layers in by_reason.items())
+        enable = "" if base.reduces_ffn and base.hollow else \
+            "enable both reductions (ffn_keep < 1 and a finite hollow_window), "
         raise BudgetUnreachableError(
             f"flops_budget={budget} cannot be met: with every decoder layer reduced down to the floors "
             f"(ffn_keep {floor['ffn_keep']}, window {floor['window']}) the lowest reachable decoder FLOPs ratio is "
-            f"{ratio:.4f}. Raise flops_budget to at least {math.ceil(ratio * 1000) / 1000}, enable both "
-            "reductions (ffn_keep < 1 and a finite hollow_window), or prune visual tokens (prune=...)."
+            f"{ratio:.4f}.{cause} Raise flops_budget to at least {math.ceil(ratio * 1000) / 1000}, {enable}"
+            "or prune visual tokens (prune=...)."
         )
     plan = ReductionPlan(settings={i: ladder[lv - 1] for i, lv in level.items() if lv}, order=order, steps=steps,
                          predicted_ratio=ratio, moves=moves)

@@ -83,6 +83,12 @@ def slice_out_features(weight: torch.Tensor, channels: torch.Tensor) -> torch.Te
     return kept if weight.dim() == 1 else kept.transpose(1, 2)
 
 
+def fused_channels(channels: torch.Tensor, width: int, blocks: int) -> torch.Tensor:
+    """Kept channels [B, K] of an F-wide FFN as rows of a fused weight of `blocks` F-wide blocks
+    (gate and up in one [2F, D] weight): the same K channels in every block -> [B, blocks * K]."""
+    return torch.cat([channels + b * width for b in range(blocks)], dim=-1)
+
+
 def slice_in_features(weight: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     """A down weight [D, F] kept at channels [B, K], as the right operand of h @ w: [B, K, D]."""
     kept = weight.index_select(1, channels.reshape(-1))  # [D, B * K]
@@ -103,4 +109,4 @@ def batched_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out + (bias[:, None, :] if bias.dim() == 2 else bias)
 
 
-__all__ = ["batched_matmul", "gather_padded", "probe_rows", "slice_in_features", "slice_out_features", "top_channels"]
+__all__ = ["batched_matmul", "fused_channels", "gather_padded", "probe_rows", "slice_in_features", "slice_out_features", "top_channels"]

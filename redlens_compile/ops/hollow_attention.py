@@ -7,6 +7,11 @@ each sample's visual rows are cut into blocks of c = ceil(w / 2) rows; a block's
 the text keys before it, the blocks behind it that a window reaches and their own block (and
 as many ahead when the family lets image tokens look ahead), with the exact mask inside.
 Work per visual query: P + 1.5w keys instead of S. The FLOPs function counts exactly that.
+
+Text queries cost what they cost in the family's SDPA: a query sees itself and the keys before it
+(analysis/flops.py's convention for every decoder SDPA). When the mask is exactly causal the text
+rows every sample starts with (before its first image) run as one causal SDPA over their own
+keys, as the unreduced layer's causal fast path runs them, instead of against all S keys.
 """
 
 from __future__ import annotations
@@ -113,14 +118,28 @@ def plan_blocks(allowed: torch.Tensor, visual_mask: torch.Tensor, vis_pos: torch
     return BlockPlan(block, blocks, lead, trail, (behind + 1 + ahead) * block, text_keys)
 
 
+def text_prefix(vis_pos: torch.Tensor, vis_valid: torch.Tensor, seq: int) -> int:
+    """P: rows [0, P) are text in every sample (the earliest first visual row; S without any)."""
+    if vis_pos.shape[1] == 0:
+        return seq
+    first = torch.where(vis_valid[:, 0], vis_pos[:, 0], torch.full_like(vis_pos[:, 0], seq)).min()
+    return data_size(first, seq)
+
+
+def text_query_pairs(txt_pos: torch.Tensor, txt_valid: torch.Tensor, seq: int) -> torch.Tensor:
+    """(query, key) pairs of the text queries, counted as the family's SDPA is counted: a real row
+    at position i sees i + 1 keys; a padded entry (a sample with fewer text rows) runs against all S."""
+    return torch.where(txt_valid, txt_pos + 1, torch.full_like(txt_pos, seq)).sum()
+
+
 def _hollow_flops(q, k, v, attn_mask, visual_mask, vis_pos, vis_valid, txt_pos, txt_valid, window, scale=None,
                   enable_gqa=False, mask_is_causal=False, looks_ahead=None):
-    """The (query, key) pairs the op computes: text queries against every key, each visual block
+    """Text queries at the pairs they see (as the unreduced SDPA is counted), each visual block
     against its text candidates and its local run (padded rows included: they are computed)."""
     batch, heads, seq, head_dim = q.shape
     per_pair = heads * (head_dim + v.shape[-1])
     allowed = _allowed(attn_mask).expand(batch, 1, seq, seq)
-    text = batch * txt_pos.shape[1] * seq * per_pair
+    text = float(text_query_pairs(txt_pos, txt_valid, seq)) * per_pair
     blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window, mask_is_causal, looks_ahead)
     visual = 0 if blk is None else batch * blk.blocks * blk.block * (blk.text_keys + blk.width) * per_pair
     return float(visual), float(text)
@@ -163,12 +182,21 @@ def hollow_attention(
         rows = masked_rows(rows.transpose(1, 2), valid)
         out.index_copy_(0, masked_rows(_flat(positions, seq), valid.reshape(-1)), rows)
 
-    # Text queries: unchanged, every key the mask allows.
-    if txt_pos.shape[1]:
-        rows = family_mask(txt_pos, torch.arange(seq, device=q.device).expand(batch, txt_pos.shape[1], seq))
-        rows = rows | ~txt_valid[:, :, None]  # padded rows: any finite result, discarded below
-        text_out = F.scaled_dot_product_attention(_gather_heads(q, txt_pos), k, v, attn_mask=rows[:, None], **sdpa)
-        put(text_out, txt_pos, txt_valid)
+    # Text queries: unchanged, every key the mask allows. With an exactly causal mask the leading
+    # text rows [0, P) see only keys before P: one causal SDPA over those (no S-wide scores for them).
+    query_pos, query_valid = txt_pos, txt_valid
+    if mask_is_causal and txt_pos.shape[1]:
+        prefix = _size_min(text_prefix(vis_pos, vis_valid, seq), txt_pos.shape[1])
+        if prefix:
+            lead = F.scaled_dot_product_attention(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix],
+                                                  is_causal=True, **sdpa)
+            out.view(batch, seq, heads, -1)[:, :prefix] = lead.transpose(1, 2)
+            query_pos, query_valid = txt_pos[:, prefix:], txt_valid[:, prefix:]
+    if query_pos.shape[1]:
+        rows = family_mask(query_pos, torch.arange(seq, device=q.device).expand(batch, query_pos.shape[1], seq))
+        rows = rows | ~query_valid[:, :, None]  # padded rows: any finite result, discarded below
+        text_out = F.scaled_dot_product_attention(_gather_heads(q, query_pos), k, v, attn_mask=rows[:, None], **sdpa)
+        put(text_out, query_pos, query_valid)
 
     result = out.view(batch, seq, heads, -1).transpose(1, 2)
     blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window, mask_is_causal, looks_ahead)

@@ -8,7 +8,9 @@ For each reduced layer the FFN subgraph (entry -> up-side linears and their elem
 - the visual rows run through a copy of the glue whose linears use weights sliced to the K kept
   channels, per sample (gate, up and down all shrink: that is the saved work);
 - both halves go back into one [B, S, D] tensor.
-The glue is copied, not recognised, so any activation (SiLU, GELU, gated or not) works.
+The glue is copied, not recognised, so any activation (SiLU, GELU, gated or not) works. A fused
+gate-up linear (one [2F, D] weight whose output the graph splits into gate and up) is sliced at the
+same K channels in each of its F-wide row blocks, and the copied split cuts K-wide blocks.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..capture.annotate import META_KEY, annotation
 from ..ops import dynamic_ffn as ops
 from ..ops.rows import flatten_rows, gather_padded, merge_rows
 from .infra import RedLensPass
-from .selectors import FFNMatch, attr_value, call_like, ffn_of_layer, layout_nodes
+from .selectors import FFNMatch, attr_value, call_like, ffn_of_layer, layout_nodes, split_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class DynamicFFNPass(RedLensPass):
             probe_valid = call_like(graph, first, operator.getitem, (probes, 1), token_kind="visual")
             stacked = call_like(graph, first, ops.stack_rows, (text_rows, probe_x))
         # The original nodes now serve the text rows and, up to the down projection, the probes.
+        for split in match.splits:  # the stacked rows are [N, ...]: cut the last dim by its negative index
+            split.args = _split_args(split, width, width)
         for node in match.inner:
             node.replace_input_with(entry, stacked)
             if node in match.up_linears:
@@ -97,7 +101,7 @@ class DynamicFFNPass(RedLensPass):
 
         with graph.inserting_before(down.next):
             channels = call_like(graph, down, ops.top_channels, (probe_hidden, probe_valid, kept), token_kind="visual")
-            sliced = _copy_inner(graph, match, stacked, hidden, visual_rows, channels)
+            sliced = _copy_inner(graph, match, stacked, hidden, visual_rows, channels, width, kept)
             weight, bias = _weight_and_bias(down)
             down_w = call_like(graph, down, ops.slice_in_features, (weight, channels), token_kind="visual")
             visual_out = call_like(graph, down, ops.batched_matmul, (sliced, down_w, bias), token_kind="visual")
@@ -136,19 +140,42 @@ def _weight_and_bias(linear: fx.Node) -> tuple[fx.Node, fx.Node | None]:
     return weight, bias
 
 
+def _split_args(split: fx.Node, width: int, kept: int, source: fx.Node | None = None) -> tuple:
+    """The args of a split/chunk/slice of a fused linear's F-wide blocks, cutting K-wide blocks of
+    the last dim instead (blocks of `width` = F become blocks of `kept` = K), reading `source`."""
+    args = list(split.args)
+    args[0] = split.args[0] if source is None else source
+    if split.target == aten.chunk.default:  # chunk(x, n): n equal blocks whatever their width
+        return (args[0], args[1], -1)
+    if split.target == aten.split.Tensor:
+        return (args[0], args[1] // width * kept, -1)
+    if split.target == aten.split_with_sizes.default:
+        return (args[0], [size // width * kept for size in args[1]], -1)
+    (start, end), = split_blocks(split, width)
+    return (args[0], -1, start // width * kept, end // width * kept)
+
+
 def _copy_inner(graph: fx.Graph, match: FFNMatch, stacked: fx.Node, hidden: fx.Node, rows: fx.Node,
-                channels: fx.Node) -> fx.Node:
+                channels: fx.Node, width: int, kept: int) -> fx.Node:
     """Copy the FFN glue from its (stacked) input to `hidden`, the down projection's input, for the
-    visual `rows` [B, N, D]; every up-side linear becomes a per-sample matmul sliced to `channels`."""
+    visual `rows` [B, N, D]; every up-side linear becomes a per-sample matmul sliced to `channels`
+    (a fused one at those channels in each of its blocks, its splits cutting K-wide blocks)."""
     env: dict[fx.Node, fx.Node] = {stacked: rows}
     for node in match.inner:
         if node in match.up_linears:
             weight, bias = node.args[1], node.args[2]
-            w = call_like(graph, node, ops.slice_out_features, (weight, channels), token_kind="visual")
-            b = call_like(graph, node, ops.slice_out_features, (bias, channels), token_kind="visual") if bias else None
+            if node in match.fused:
+                channels_of = call_like(graph, node, ops.fused_channels, (channels, width, match.fused[node]),
+                                        token_kind="visual")
+            else:
+                channels_of = channels
+            w = call_like(graph, node, ops.slice_out_features, (weight, channels_of), token_kind="visual")
+            b = call_like(graph, node, ops.slice_out_features, (bias, channels_of), token_kind="visual") if bias else None
             env[node] = call_like(graph, node, ops.batched_matmul, (env[node.args[0]], w, b), token_kind="visual")
             continue
         new = graph.node_copy(node, lambda n: env.get(n, n))
+        if node in match.splits:
+            new.args = _split_args(node, width, kept, source=new.args[0])
         new.meta[META_KEY] = annotation(node).with_token_kind("visual")
         env[node] = new
     return env[hidden]

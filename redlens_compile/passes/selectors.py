@@ -8,7 +8,7 @@ call under it. Also the graph inputs passes read (`visual_mask`) and the shared 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils._pytree as pytree
@@ -56,9 +56,69 @@ class FFNMatch:
 
     layer: int
     entry: fx.Node  # the FFN input [B, S, D] (the post-attention norm's output)
-    up_linears: list[fx.Node]  # gate and up (SwiGLU) or fc1 (two-matrix)
+    up_linears: list[fx.Node]  # gate and up (SwiGLU), fc1 (two-matrix) or one fused gate-up linear
     inner: list[fx.Node]  # every node from entry to the down linear's input, in graph order
     down: fx.Node
+    # A fused up-side linear (gate and up in one weight) -> how many F-wide blocks its output holds;
+    # `splits` are the nodes that cut its output into those blocks (their sizes are in units of F).
+    fused: dict[fx.Node, int] = field(default_factory=dict)
+    splits: list[fx.Node] = field(default_factory=list)
+
+
+SPLIT_TARGETS = (aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor)
+
+
+def _last_dim(node: fx.Node, dim: int) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and dim in (-1, val.dim() - 1)
+
+
+def split_blocks(split: fx.Node, width: int) -> list[tuple[int, int]] | None:
+    """The [start, end) column ranges a split/chunk/slice node takes from its input's last dim, when
+    each is whole F-wide blocks (`width` = F); None for any other cut."""
+    source = split.args[0]
+    val = source.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    total = int(val.shape[-1])
+    args = list(split.args) + [None] * 4
+    if split.target == aten.slice.Tensor:
+        dim, start, end, step = (args[1] if args[1] is not None else 0), args[2] or 0, args[3], args[4] or 1
+        end = total if end is None or end > total else end
+        start, end = (x + total if isinstance(x, int) and x < 0 else x for x in (start, end))
+        ranges = [(start, end)] if step == 1 else None
+    else:
+        dim = split.kwargs.get("dim", args[2] if args[2] is not None else 0)
+        if split.target == aten.chunk.default:
+            parts = args[1]
+            sizes = [total // parts] * parts if total % parts == 0 else None
+        elif split.target == aten.split.Tensor:
+            sizes = [args[1]] * (total // args[1]) if total % args[1] == 0 else None
+        else:
+            sizes = list(args[1])
+        if sizes is None:
+            return None
+        ranges = [(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
+    if ranges is None or not _last_dim(source, dim):
+        return None
+    if any(not isinstance(x, int) or x % width for r in ranges for x in r):
+        return None
+    return ranges
+
+
+def fused_up_linear(linear: fx.Node, width: int) -> tuple[int, list[fx.Node]] | None:
+    """(blocks, split nodes) when `linear`'s output is F-wide blocks (gate and up in one weight, as
+    GLM-4V's and Phi-3's gate_up_proj) that its users cut apart; None otherwise. Read from the
+    graph: the split/chunk/slice nodes after the linear, never the module's name."""
+    val = linear.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.shape[-1] % width or val.shape[-1] // width < 2:
+        return None
+    users = list(linear.users)
+    if not users or any(u.op != "call_function" or u.target not in SPLIT_TARGETS for u in users):
+        return None
+    if any(split_blocks(u, width) is None for u in users):
+        return None
+    return int(val.shape[-1]) // width, users
 
 
 def ffn_of_layer(gm: fx.GraphModule, layer: int) -> tuple[FFNMatch | None, str]:
@@ -66,6 +126,22 @@ def ffn_of_layer(gm: fx.GraphModule, layer: int) -> tuple[FFNMatch | None, str]:
     nodes = [n for n in gm.graph.nodes if in_layer(n, layer) and has_role(n, *FFN_ROLES)]
     downs = [n for n in nodes if has_role(n, "ffn_down") and is_linear(n)]
     ups = [n for n in nodes if has_role(n, "ffn_gate", "ffn_up") and is_linear(n)]
+    fused: dict[fx.Node, int] = {}
+    splits: list[fx.Node] = []
+    if len(downs) == 1 and not ups:
+        # One linear whose output is cut into F-wide gate and up blocks (F: the down projection's input).
+        hidden = downs[0].args[0].meta.get("val") if isinstance(downs[0].args[0], fx.Node) else None
+        width = int(hidden.shape[-1]) if isinstance(hidden, torch.Tensor) else 0
+        for node in nodes:
+            found = fused_up_linear(node, width) if width and is_linear(node) and node is not downs[0] else None
+            if found is not None:
+                ups.append(node)
+                fused[node] = found[0]
+                splits += found[1]
+        if not ups:
+            return None, (f"layer {layer}: no FFN of linear up/down projections found (its up-side linears are "
+                          "neither gate/up projections nor one fused linear whose output the graph splits into "
+                          "F-wide gate and up blocks)")
     if len(downs) != 1 or not ups:
         return None, f"layer {layer}: no FFN of linear up/down projections found"
     entries = {n.args[0] for n in ups}
@@ -82,7 +158,7 @@ def ffn_of_layer(gm: fx.GraphModule, layer: int) -> tuple[FFNMatch | None, str]:
             return None, f"layer {layer}: FFN node {node.name} is used outside the FFN"
     if any(arg not in inner for arg in down.all_input_nodes if arg.op != "get_attr"):
         return None, f"layer {layer}: the down projection reads from outside the FFN"
-    return FFNMatch(layer, entry, ups, inner, down), ""
+    return FFNMatch(layer, entry, ups, inner, down, fused, splits), ""
 
 
 def unrepeated_kv(node: fx.Node) -> fx.Node | None:

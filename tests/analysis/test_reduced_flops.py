@@ -32,7 +32,8 @@ def closed_form_reduced(cfg, visual: torch.Tensor, keep: float, probes: float, w
     behind = min(math.ceil((window - 1) / c), blocks - 1)
     first_visual = int(visual.nonzero()[0])
     hollow_keys = blocks * c * (first_visual + (behind + 1) * c)
-    text_keys = n_t * seq  # text queries against every key (the mask is applied, not skipped)
+    # text queries as the family's SDPA counts them: the query at position i sees i + 1 keys
+    text_keys = int(((~visual).nonzero().reshape(-1) + 1).sum())
     return {
         "visual": {"proj": n_v * d * (2 * q_dim + 2 * kv_dim), "attn": 2 * q_dim * hollow_keys,
                    "ffn": 3 * n_v * d * k + 2 * m * d * f},  # sliced gate/up/down + full-width probe up to down
