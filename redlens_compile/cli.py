@@ -94,7 +94,7 @@ def _onnx_check(opt, model, inputs, onnx_dir: Path, max_new_tokens: int) -> dict
     ids = opt.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     ort_ids = runner.generate(inputs, max_new_tokens=max_new_tokens)
     return {"onnx_provider": runner.provider, "onnx_vision_runs_in": runner.manifest["front"]["runs_in"],
-            "onnx_max_abs_logit_diff": float(abs(got - want.numpy()).max()),
+            "onnx_max_abs_logit_diff": float(abs(got.astype("float32") - want.float().cpu().numpy()).max()),
             "onnx_generated_tokens_equal": bool(torch.equal(ids, ort_ids))}
 
 

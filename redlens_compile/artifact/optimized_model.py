@@ -138,15 +138,16 @@ class OptimizedModel(nn.Module):
         prefill = self.run_decoder(decoder_inputs)
         return self.output_cls(logits=prefill.logits, cache=kv_to_cache(prefill.kv, self.text_config))
 
-    def export_onnx(self, directory, example_inputs: dict[str, Any] | None = None):
+    def export_onnx(self, directory, example_inputs: dict[str, Any] | None = None, dtype: str | None = None):
         """ONNX files of this model (rewritten prefill, decode step, embedding) + redlens.json; see
-        exporters/onnx.py. `directory` must be new or empty."""
+        exporters/onnx.py. `directory` must be new or empty. `dtype` ("float32" or "float16"): what
+        the files hold (default: the model's dtype; float32 for a bfloat16 model)."""
         from ..exporters.onnx import export_onnx
 
         example = example_inputs if example_inputs is not None else self.example_inputs
         if example is None:
             raise ValueError("export_onnx needs example_inputs (the processor's output for one prompt)")
-        return export_onnx(self, directory, example)
+        return export_onnx(self, directory, example, dtype=dtype)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any):

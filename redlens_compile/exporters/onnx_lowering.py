@@ -65,7 +65,8 @@ class LowerForOnnxPass(RedLensPass):
                 # The lowest finite score instead of -inf for blocked keys: a padded query row with no
                 # key to attend stays finite (onnxruntime's softmax makes an all -inf row NaN, which
                 # the next layer's values carry into real rows); real rows weigh them exp(-3e38) = 0.
-                node.kwargs = dict(node.kwargs, blocked=torch.finfo(torch.float32).min)
+                # None: the lowest finite value of the graph's own dtype (float32's is -inf in float16).
+                node.kwargs = dict(node.kwargs, blocked=None)
                 self.record.finite_key_bias += 1
                 modified = True
                 continue
