@@ -25,7 +25,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops.causal_attention import is_causal_mask, sdpa_causal_fast_path
-from ..ops.hollow_attention import hollow_attention
+from ..ops.hollow_attention import hollow_attention, mask_looks_ahead
 from ..ops.token_pruning import key_biased_mask
 from ..passes.infra import RedLensPass
 from ..passes.selectors import call_like
@@ -82,7 +82,8 @@ class LowerForOnnxPass(RedLensPass):
             graph.erase_node(node)
             modified = True
         for node in list(graph.nodes):  # the causal checks and layouts nothing reads any more
-            if node.op == "call_function" and node.target in (is_causal_mask, operator.getitem) and not node.users:
+            if (node.op == "call_function" and node.target in (is_causal_mask, mask_looks_ahead, operator.getitem)
+                    and not node.users):
                 graph.erase_node(node)
         if modified:
             graph.eliminate_dead_code()

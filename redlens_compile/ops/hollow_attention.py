@@ -60,6 +60,13 @@ def _looks_ahead(allowed: torch.Tensor, visual_mask: torch.Tensor) -> bool:
     return bool((diag & nxt).any())
 
 
+def mask_looks_ahead(attn_mask: torch.Tensor, visual_mask: torch.Tensor) -> bool:
+    """_looks_ahead of an SDPA mask [B or 1, 1, S, S], as a graph node once per forward and mask
+    (passes/hollow_attention.py): one host sync per forward, not one per layer."""
+    batch, seq = visual_mask.shape
+    return _looks_ahead(_allowed(attn_mask).expand(batch, 1, seq, seq), visual_mask.to(torch.bool))
+
+
 def _size_min(a, b):
     """min of two sizes; symbolic (no guard on a size read from data) while exporting."""
     if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
