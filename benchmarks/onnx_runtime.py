@@ -108,6 +108,7 @@ def main() -> None:
         ran_on = runner.decoder_inputs(inputs)
         feeds = prefill_feeds(runner, ran_on)
         _, kv = runner.prefill(ran_on)
+        kv = [value.numpy() for value in kv]  # OrtValues where the provider keeps them: host arrays for run()
         step = step_feeds(runner, ran_on, kv)
         timed = {
             "eager_prefill": lambda: original(decoder_inputs),

@@ -11,6 +11,9 @@ them the token-pruning rows: `codebook-0.125`, `fastv-0.25`, `random-0.125`, `vt
 `codebook-0.25+budget-0.2`, ... with the codebook shipped beside the proof model), JSON text or
 JSON files. With --onnx each config is also exported and answered by onnxruntime
 (`OnnxRunner.generate`): its row says how many answers equal the torch module's.
+`--dtype bfloat16|float16` loads the model in that dtype (every row, the original's included,
+runs in it) to compare the accuracy with float32's; `--onnx-dtype` is what the ONNX files hold
+(default: the model's; float32 for bfloat16, which onnxruntime's CPU provider cannot run).
 """
 
 from __future__ import annotations
@@ -93,13 +96,17 @@ def main() -> None:
     parser.add_argument("--model-dir", default=None, help="default: the bundled proof model")
     parser.add_argument("--plot", default="benchmarks/results/quality.png")
     parser.add_argument("--onnx", action="store_true", help="also answer with the ONNX export of each config")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the dtype the model is loaded in (every row runs in it)")
+    parser.add_argument("--onnx-dtype", choices=["float32", "float16"], default=None,
+                        help="what the ONNX files hold (default: the model's dtype; float32 for bfloat16)")
     parser.add_argument("--calibration", type=int, default=10,
                         help="training-split questions (balanced over types, one batch) the layer ranking runs on; "
                              "0: the example alone")
     args = parser.parse_args()
     torch.manual_seed(0)
     model_dir = Path(args.model_dir) if args.model_dir else ensure_default_model()
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     items = heldout_questions(args.questions)
     example = encode_questions(processor, [items[0][0]], [items[0][1].question])
@@ -127,12 +134,13 @@ def main() -> None:
 
             with tempfile.TemporaryDirectory() as tmp:
                 # the model serves only what the files run in torch (the proof model: nothing)
-                runner = OnnxRunner(opt.export_onnx(Path(tmp) / "onnx"), model)
+                runner = OnnxRunner(opt.export_onnx(Path(tmp) / "onnx", dtype=args.onnx_dtype), model)
                 ort_answers = answer_questions(onnx_generate(runner), processor, items)
             rows.append({"name": f"{row_name(spec, config)} (onnxruntime)", "config": config.to_dict(),
                          "flops_ratio": opt.report.flops_ratio, "accuracy": accuracy_by_type(items, ort_answers),
                          "answers_equal_to_torch": sum(a == b for a, b in zip(answers, ort_answers))})
-    result = {"model_dir": str(model_dir), "questions": len(items), "calibration_questions": args.calibration,
+    result = {"model_dir": str(model_dir), "dtype": args.dtype, "questions": len(items),
+              "calibration_questions": args.calibration,
               "seconds": time.time() - start, "rows": rows}
     plot(rows, Path(args.plot))
     print(json.dumps(result, indent=2))

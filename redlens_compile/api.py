@@ -183,6 +183,7 @@ def optimize(
     opt = OptimizedModel(model, adapter, result.graph_module, report, config, output_cls=type(reference),
                          pruning=pruning)
     opt.example_inputs = example_inputs  # what export_onnx traces by default
+    opt.rebuild = dict(plan=plan, key_bias=key_bias, thin_linear=reduces)  # export_onnx in another dtype reapplies it
     return opt
 
 

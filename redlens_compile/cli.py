@@ -129,13 +129,13 @@ def _optimize_or_load(model, inputs, config, saved, progress=None, engine="local
     return optimize(model, inputs, config=config, progress=progress, engine=engine)
 
 
-def _onnx_check(opt, model, inputs, onnx_dir: Path, max_new_tokens: int) -> dict:
+def _onnx_check(opt, model, inputs, onnx_dir: Path, max_new_tokens: int, dtype: str | None = None) -> dict:
     """Export the ONNX files and check onnxruntime against the torch module on the same prompt."""
     import torch
 
     from .exporters.ort_runner import OnnxRunner
 
-    opt.export_onnx(onnx_dir, inputs)
+    opt.export_onnx(onnx_dir, inputs, dtype=dtype)
     runner = OnnxRunner(onnx_dir, model)  # the model serves only what the files run in torch
     with torch.no_grad():
         want = opt(**inputs).logits[:, -1]
@@ -143,7 +143,7 @@ def _onnx_check(opt, model, inputs, onnx_dir: Path, max_new_tokens: int) -> dict
     ids = opt.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     ort_ids = runner.generate(inputs, max_new_tokens=max_new_tokens)
     return {"onnx_provider": runner.provider, "onnx_vision_runs_in": runner.manifest["front"]["runs_in"],
-            "onnx_max_abs_logit_diff": float(abs(got - want.numpy()).max()),
+            "onnx_max_abs_logit_diff": float(abs(got.astype("float32") - want.float().cpu().numpy()).max()),
             "onnx_generated_tokens_equal": bool(torch.equal(ids, ort_ids))}
 
 
@@ -377,9 +377,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = _check_out(args.out, "export")
     model, processor, inputs = _load_checked(args.model_dir, lambda p: _build_inputs(p, args.image, args.prompt),
                                              config)
+    from .exporters.onnx import export_dtype
+
+    # what the files hold, said before the work (a bfloat16 model: float32 unless --dtype float16)
+    dtype = str(export_dtype(model.get_input_embeddings().weight.dtype, args.dtype)).removeprefix("torch.")
+    print(f"onnx dtype       {dtype}", file=sys.stderr)
     saved = _saved_from_args(args) if args.from_dir is not None else None
     opt = _optimize_or_load(model, inputs, config, saved, engine=engine)
-    check = _onnx_check(opt, model, inputs, out, args.max_new_tokens)
+    check = _onnx_check(opt, model, inputs, out, args.max_new_tokens, dtype=dtype)
     files = ", ".join(sorted(p.name for p in out.glob("*.onnx")))
     print(f"onnx             {out}: {files}, redlens.json (vision in {check['onnx_vision_runs_in']})")
     print(f"decoder FLOPs    ratio {opt.report.flops_ratio:.3f} (fvcore, the torch graph)")
@@ -533,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
                               parents=[verbose])
     common(p_export)
     reductions(p_export)
+    p_export.add_argument("--dtype", choices=["float32", "float16"], default=None,
+                          help="what the ONNX files hold (default: the model's dtype; float32 for a bfloat16 model: "
+                               "onnxruntime's CPU provider has no bfloat16 kernels)")
     p_export.set_defaults(func=cmd_export)
 
     p_cb = sub.add_parser("codebook", help="build a redundancy codebook from a folder of calibration images",

@@ -211,14 +211,14 @@ def restricted_jsd(reference: torch.Tensor, other: torch.Tensor, k: int) -> torc
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
-def neighbourhoods(grid: tuple[int, int], radius: int) -> list[torch.Tensor]:
+def neighbourhoods(grid: tuple[int, int], radius: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """For each token (row-major), the indices of the tokens within `radius` (Chebyshev) of it."""
     rows, cols = grid
     out = []
     for r in range(rows):
         for c in range(cols):
-            rr = torch.arange(max(0, r - radius), min(rows, r + radius + 1))
-            cc = torch.arange(max(0, c - radius), min(cols, c + radius + 1))
+            rr = torch.arange(max(0, r - radius), min(rows, r + radius + 1), device=device)
+            cc = torch.arange(max(0, c - radius), min(cols, c + radius + 1), device=device)
             out.append((rr[:, None] * cols + cc[None, :]).flatten())
     return out
 
@@ -237,7 +237,7 @@ def token_statistics(ctx: ProbeContext, settings: CodebookSettings) -> dict[str,
     tokens = base[vis]  # [N, D]
     n = tokens.shape[0]
     pad = ctx.pad_embedding.to(base.dtype)
-    regions = neighbourhoods(ctx.grid, settings.region_radius)
+    regions = neighbourhoods(ctx.grid, settings.region_radius, vis.device)
     batch = settings.batch_size
 
     def alone(i: int) -> torch.Tensor:
@@ -280,12 +280,12 @@ def dpc_knn(points: torch.Tensor, clusters: int, knn: int) -> torch.Tensor:
     """
     n = points.shape[0]
     if n <= clusters:
-        return torch.arange(n)
+        return torch.arange(n, device=points.device)
     dist = torch.cdist(points.double(), points.double())
     k = min(knn, n - 1)
     near = dist.topk(k + 1, dim=1, largest=False).values[:, 1:]
     # A tiny index-ordered tie-break keeps equal densities from depending on sort internals.
-    density = torch.exp(-(near ** 2).mean(dim=1)) - torch.arange(n, dtype=torch.float64) * 1e-12
+    density = torch.exp(-(near ** 2).mean(dim=1)) - torch.arange(n, dtype=torch.float64, device=dist.device) * 1e-12
     denser = density[None, :] > density[:, None]
     delta = torch.where(denser, dist, torch.full_like(dist, float("inf"))).amin(dim=1)
     top = int(density.argmax())
@@ -333,9 +333,9 @@ def probe_context(model: nn.Module, processor: Any, image: Image.Image, settings
     adapter = adapter_for(model)
     image_token = getattr(processor, "image_token", "<image>")
     inputs = dict(processor(images=[image], text=[settings.prompt.format(image=image_token)], return_tensors="pt"))
-    # The processor's tensors on the model's device, pixels in its dtype (a GPU or half-precision replica).
-    weight = next(model.parameters())
-    inputs = {k: v.to(weight.device, weight.dtype if v.is_floating_point() else v.dtype)
+    # the processor's tensors are on the host, in float32: onto the model's device, pixels in its dtype
+    weight = model.get_input_embeddings().weight
+    inputs = {k: (v.to(weight.device, weight.dtype) if v.is_floating_point() else v.to(weight.device))
               if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     decoder_inputs = capture_decoder_inputs(model, adapter, inputs)
     positions = decoder_inputs.visual_mask[0].nonzero().flatten()
@@ -353,9 +353,11 @@ def image_shard(model: nn.Module, processor: Any, key: str, image: Image.Image,
     stats = {k: v.cpu() for k, v in token_statistics(ctx, settings).items()}  # clustering and shards on the CPU
     score = stats["jsd_region"] + settings.global_weight * stats["jsd_global"]
     candidate = (stats["top1"] < settings.top1_threshold) & (score < settings.jsd_threshold)
+    # clustering and the shard run on the host (float64 distances; some accelerators lack float64)
     tokens = ctx.inputs.inputs_embeds[0][ctx.visual_positions].float().cpu()
+    candidate, score, stats = candidate.cpu(), score.cpu(), {k: v.cpu() for k, v in stats.items()}
     centres = cluster_centres(tokens[candidate], settings.clusters_per_image, settings.min_cluster_size, settings.knn)
-    quantiles = lambda t: [round(float(v), 6) for v in torch.quantile(t.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))]  # noqa: E731,E501
+    quantiles = lambda t: [round(float(v), 6) for v in torch.quantile(t.double(), t.new_tensor([0.1, 0.5, 0.9], dtype=torch.float64))]  # noqa: E731,E501
     metadata = {
         "format": SHARD_FORMAT,
         "model_type": model.config.model_type,
@@ -441,7 +443,7 @@ def merge_shards(folders: Iterable[str | os.PathLike], settings: CodebookSetting
             raise CodebookError(f"shard {shard.key} was made for another model or other settings than shard "
                                 f"{shards[0].key}: merge only shards of one build configuration")
     centres = [s.centres for s in shards]
-    owners = torch.cat([torch.full((c.shape[0],), i) for i, c in enumerate(centres)])
+    owners = torch.cat([torch.full((c.shape[0],), i, device=c.device) for i, c in enumerate(centres)])
     points = torch.cat(centres)
     images = len(shards)
     min_images = max(1, math.ceil(settings.min_image_share * images))
@@ -452,7 +454,7 @@ def merge_shards(folders: Iterable[str | os.PathLike], settings: CodebookSetting
                             "(the shards hold the quantiles to choose from)")
     labels = dpc_knn(F.normalize(points, dim=-1), settings.global_clusters, settings.knn)
     recurring = [c for c in range(int(labels.max()) + 1) if owners[labels == c].unique().numel() >= min_images]
-    keep = torch.isin(labels, torch.tensor(recurring, dtype=labels.dtype))
+    keep = torch.isin(labels, torch.tensor(recurring, dtype=labels.dtype, device=labels.device))
     if not bool(keep.any()):
         raise CodebookError(f"no cluster recurs in >= {min_images} of the {images} images (min_image_share "
                             f"{settings.min_image_share:.3f}): lower min_image_share or give more images")

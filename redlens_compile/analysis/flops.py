@@ -153,11 +153,13 @@ class TokenSplit:
 
     @classmethod
     def from_inputs(cls, inputs: DecoderInputs) -> "TokenSplit":
-        visual = inputs.visual_mask.to(torch.float64)
+        # integer sums on the mask's own device (exact; no float64, which some accelerators lack)
+        visual = inputs.visual_mask.to(torch.int64)
         batch, seq = visual.shape
-        linear = float(visual.sum()) / (batch * seq)
-        keys = torch.arange(1, seq + 1, dtype=torch.float64)  # query i sees i + 1 keys
-        attention = float((visual * keys).sum()) / (batch * float(keys.sum()))
+        keys = torch.arange(1, seq + 1, device=visual.device)  # query i sees i + 1 keys
+        visual_rows, visual_pairs = torch.stack([visual.sum(), (visual * keys).sum()]).tolist()  # one host sync
+        linear = visual_rows / (batch * seq)
+        attention = visual_pairs / (batch * (seq * (seq + 1) // 2))
         return cls(linear_visual_share=linear, attention_visual_share=attention)
 
     def visual_share(self, ann: NodeAnnotation) -> float:

@@ -13,6 +13,7 @@ Metrics (lower score = less critical = reduced first):
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -49,14 +50,15 @@ class LayerRanking:
 def next_token_log_probs(graph_module: fx.GraphModule, inputs: DecoderInputs) -> torch.Tensor:
     with torch.no_grad():
         logits = graph_module(*inputs.as_args())[0]
-    return torch.log_softmax(logits[:, -1, :].to(torch.float64), dim=-1)
+    # float64 on the host: small ([B, V]), exact enough for tiny divergences, and some accelerators lack it
+    return torch.log_softmax(logits[:, -1, :].detach().cpu().to(torch.float64), dim=-1)
 
 
 def divergence(ref: torch.Tensor, other: torch.Tensor, metric: str) -> float:
     """Mean over rows of JSD or KL(ref || other), from log-probabilities."""
     if metric == "kl":
         return float((ref.exp() * (ref - other)).sum(-1).mean())
-    mix = torch.logaddexp(ref, other) - torch.log(torch.tensor(2.0, dtype=ref.dtype))
+    mix = torch.logaddexp(ref, other) - math.log(2.0)
     jsd = 0.5 * (ref.exp() * (ref - mix)).sum(-1) + 0.5 * (other.exp() * (other - mix)).sum(-1)
     return float(jsd.clamp_min(0).mean())
 

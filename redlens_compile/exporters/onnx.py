@@ -55,6 +55,58 @@ FORMAT = "redlens-onnx/1"
 PREFILL, STEP, EMBED = "decoder_prefill.onnx", "decoder_step.onnx", "embed_tokens.onnx"
 MAX_BATCH = 256
 EXPORT_COMMAND = "export"  # the outputs manifest's command: a later export replaces the folder whole
+# what the files may hold: onnxruntime's CPU provider has no bfloat16 kernels for common ops (Mul)
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def export_dtype(model_dtype: torch.dtype, dtype: str | torch.dtype | None) -> torch.dtype:
+    """The element type the exported files hold, decided before any work: `dtype` where given
+    ("float32" or "float16"), else the model's own, except bfloat16, which exports as float32."""
+    if dtype is None:
+        if model_dtype == torch.bfloat16:
+            logger.warning("a bfloat16 model: the ONNX files hold float32 (onnxruntime's CPU provider has no bfloat16 "
+                           "kernels); pass dtype='float16' (CLI: --dtype float16) for half-precision files")
+            return torch.float32
+        if model_dtype in EXPORT_DTYPES.values():
+            return model_dtype
+        raise ExportError(f"the model's dtype {model_dtype} has no ONNX export here: pass dtype='float32' or 'float16'")
+    name = str(dtype).removeprefix("torch.")
+    if name not in EXPORT_DTYPES:
+        raise ExportError(f"dtype={dtype!r}: the ONNX files can hold {' or '.join(EXPORT_DTYPES)} "
+                          "(onnxruntime's CPU provider has no bfloat16 kernels); choose one of them")
+    return EXPORT_DTYPES[name]
+
+
+def _model_dtype(opt: "OptimizedModel") -> torch.dtype:
+    return opt.model.get_input_embeddings().weight.dtype
+
+
+def at_dtype(opt: "OptimizedModel", dtype: torch.dtype, example_inputs: Mapping[str, Any]) -> "OptimizedModel":
+    """`opt` rebuilt on a copy of its model in `dtype`: the decoder captured again (a graph traced in
+    one dtype keeps that dtype's casts) and the same plan applied, with no ranking."""
+    import copy
+
+    from ..artifact.optimized_model import OptimizedModel
+    from ..capture.pipeline import capture
+    from ..passes.pipeline import apply_plan
+
+    rebuild = getattr(opt, "rebuild", None)
+    if rebuild is None:
+        raise ExportError(f"this optimized model does not hold the plan it was built from: export it in "
+                          f"{_model_dtype(opt)} or optimize the model in the dtype the files should hold")
+    model = copy.deepcopy(opt.model).to(dtype)
+    captured = capture(model, cast_inputs(example_inputs, dtype))
+    result = apply_plan(captured.graph_module, rebuild["plan"], opt.config.probe_tokens, key_bias=rebuild["key_bias"],
+                        thin_linear=rebuild["thin_linear"])
+    new = OptimizedModel(model, opt.adapter, result.graph_module, opt.report, opt.config, output_cls=opt.output_cls,
+                         pruning=opt.pruning)
+    new.rebuild, new.example_inputs = rebuild, opt.example_inputs
+    return new
+
+
+def cast_inputs(inputs: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The processor's floating tensors (pixel values) in `dtype`; the rest as given."""
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def kv_names(prefix: str, layers: int) -> list[str]:
@@ -155,10 +207,17 @@ def _examples(opt: "OptimizedModel", example_inputs: Mapping[str, Any]) -> tuple
     return decoder_inputs, opt.pruning(decoder_inputs).inputs if opt.pruning is not None else decoder_inputs
 
 
-def export_onnx(opt: "OptimizedModel", directory: str | os.PathLike, example_inputs: Mapping[str, Any]) -> Path:
+def export_onnx(opt: "OptimizedModel", directory: str | os.PathLike, example_inputs: Mapping[str, Any],
+                dtype: str | torch.dtype | None = None) -> Path:
     """Write the ONNX files and the manifest into `directory` (new, empty or an earlier export, which
-    is replaced whole); returns its path."""
+    is replaced whole); returns its path.
+
+    `dtype` ("float32" or "float16") is what the files hold; by default the model's own, and
+    float32 for a bfloat16 model (onnxruntime's CPU provider has no bfloat16 kernels). Another
+    dtype than the model's rebuilds the optimized model on a copy in that dtype (at_dtype).
+    """
     out = Path(directory)
+    target = export_dtype(_model_dtype(opt), dtype)
     check_export_dir(out)
     sliding = opt.adapter.sliding_layer_types(opt.model)
     if sliding:
@@ -168,6 +227,10 @@ def export_onnx(opt: "OptimizedModel", directory: str | os.PathLike, example_inp
     if opt.tail_graph_module is not None:
         raise ExportError(f"prune={opt.pruning.method!r} cuts the decoder in two graphs with a layer-by-layer decode: "
                           "its ONNX export is not built yet; export a config that prunes before the first layer")
+    if target != _model_dtype(opt):
+        logger.info("exporting in %s: rebuilding the %s model in that dtype", target, _model_dtype(opt))
+        opt = at_dtype(opt, target, example_inputs)
+    example_inputs = cast_inputs(example_inputs, target)
     try:
         with staged_folder(out, EXPORT_COMMAND, error=ExportError) as staging:  # checked above
             manifest = _write_graphs(opt, staging, example_inputs)
@@ -211,9 +274,10 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
         _, *past = lowered(*example.as_args())
     rows = example.batch_size
     step_positions = example.position_ids[..., -1:] + 1
-    step_args = (torch.ones(rows, 1, dtype=torch.long), step_positions,
-                 torch.ones(rows, example.seq_len + 1, dtype=torch.long), torch.zeros(rows, example.seq_len + 1),
-                 *past)
+    device = example.inputs_embeds.device  # the step's example beside the prefill's (any device)
+    step_args = (torch.ones(rows, 1, dtype=torch.long, device=device), step_positions,
+                 torch.ones(rows, example.seq_len + 1, dtype=torch.long, device=device),
+                 torch.zeros(rows, example.seq_len + 1, dtype=example.inputs_embeds.dtype, device=device), *past)
     step_names = ["input_ids", "position_ids", "attention_mask", "key_bias", *kv_names("past_key_values", layers)]
     auto = Dim.AUTO
     step_shapes = {"input_ids": {0: auto}, "position_ids": {pos_axis: auto}, "attention_mask": {0: auto, 1: auto},
@@ -222,7 +286,7 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
 
     # token embedding
     embed = opt.model.get_input_embeddings()
-    _export(embed, (torch.ones(2, 3, dtype=torch.long),), staging / EMBED, ["input_ids"], ["inputs_embeds"],
+    _export(embed, (torch.ones(2, 3, dtype=torch.long, device=embed.weight.device),), staging / EMBED, ["input_ids"], ["inputs_embeds"],
             {"input": {0: Dim("batch", min=1, max=MAX_BATCH), 1: Dim("seq", min=1, max=8192)}})
 
     front = export_front(opt.model, opt.adapter, example_inputs, staging, _export, _staged_sessions)
@@ -247,6 +311,7 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
     text_config = opt.text_config
     return {
         "format": FORMAT,
+        "dtype": str(example.inputs_embeds.dtype).removeprefix("torch."),  # what the graphs compute in
         "model": {"class": type(opt.model).__name__, "model_type": opt.model.config.model_type,
                   "layers": layers, "hidden_size": text_config.hidden_size, "vocab_size": text_config.vocab_size,
                   # OnnxRunner(directory, model) refuses a model whose weights are not these

@@ -25,7 +25,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops.causal_attention import is_causal_mask, sdpa_causal_fast_path
-from ..ops.hollow_attention import hollow_attention
+from ..ops.hollow_attention import hollow_attention, mask_looks_ahead
 from ..ops.token_pruning import key_biased_mask
 from ..passes.infra import RedLensPass
 from ..passes.selectors import call_like
@@ -65,7 +65,8 @@ class LowerForOnnxPass(RedLensPass):
                 # The lowest finite score instead of -inf for blocked keys: a padded query row with no
                 # key to attend stays finite (onnxruntime's softmax makes an all -inf row NaN, which
                 # the next layer's values carry into real rows); real rows weigh them exp(-3e38) = 0.
-                node.kwargs = dict(node.kwargs, blocked=torch.finfo(torch.float32).min)
+                # None: the lowest finite value of the graph's own dtype (float32's is -inf in float16).
+                node.kwargs = dict(node.kwargs, blocked=None)
                 self.record.finite_key_bias += 1
                 modified = True
                 continue
@@ -81,7 +82,8 @@ class LowerForOnnxPass(RedLensPass):
             graph.erase_node(node)
             modified = True
         for node in list(graph.nodes):  # the causal checks and layouts nothing reads any more
-            if node.op == "call_function" and node.target in (is_causal_mask, operator.getitem) and not node.users:
+            if (node.op == "call_function" and node.target in (is_causal_mask, mask_looks_ahead, operator.getitem)
+                    and not node.users):
                 graph.erase_node(node)
         if modified:
             graph.eliminate_dead_code()

@@ -105,7 +105,9 @@ class OnnxFront:
         return np.concatenate(rows)
 
     def __call__(self, inputs: Mapping[str, Any]) -> DecoderInputs:
-        arrays = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        # host arrays (numpy reads host memory only; it has no bfloat16): the graphs' feeds are cast to their types
+        arrays = {k: (v.detach().cpu().float() if v.dtype == torch.bfloat16 else v.detach().cpu()).numpy()
+                  if isinstance(v, torch.Tensor) else np.asarray(v)
                   for k, v in inputs.items() if v is not None}
         ids = arrays["input_ids"].astype(np.int64)
         visual = np.isin(ids, self.visual_ids)
@@ -165,7 +167,8 @@ def export_front(model: nn.Module, adapter: FamilyAdapter, example_inputs: Mappi
     padded[:, : ids.shape[1] // 2] = 0
     family_rule = getattr(model, "_prepare_position_ids_for_generation", None)  # transformers' generate
     rule = family_rule(ids, {"input_ids": ids, "attention_mask": padded}) if family_rule is not None else None
-    if rule is None or not torch.equal(rule.expand_as(ids), torch.from_numpy(generation_positions(padded.numpy()))):
+    numpy_rule = torch.from_numpy(generation_positions(padded.cpu().numpy())).to(ids.device)
+    if rule is None or not torch.equal(rule.expand_as(ids), numpy_rule):
         section["why"] = "the family computes generate's position ids by its own rule, which runs in torch"
         return section
     one = tuple(example_inputs[name][:1] for name in names)

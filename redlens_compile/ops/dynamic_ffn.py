@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .rows import counted, data_size, gather_padded
+from .rows import counted, data_size, fraction_of, gather_padded
 from .thin_linear import thin_linear
 
 
@@ -21,9 +21,10 @@ def probe_rows(visual_rows: torch.Tensor, vis_count: torch.Tensor, probes: int |
     `probes` is a count M or a fraction of each sample's visual rows. A sample with fewer
     visual rows than M uses each of its rows once (M is clamped to the visual count).
     """
-    count = vis_count.to(torch.float64)
-    wanted = torch.ceil(probes * count) if isinstance(probes, float) else torch.full_like(count, probes)
-    per_sample = torch.clamp(torch.minimum(wanted, count), min=1).to(torch.int64)
+    count = vis_count.to(torch.int64)
+    # integer arithmetic (exact, on any device: no float64)
+    wanted = fraction_of(count, probes, "ceil") if isinstance(probes, float) else torch.full_like(count, probes)
+    per_sample = torch.clamp(torch.minimum(wanted, count), min=1)
     m = data_size(per_sample.max(), visual_rows.shape[1])  # >= 1: per_sample is clamped to 1
     j = torch.arange(m, device=visual_rows.device)[None, :]
     index = (j * vis_count[:, None]) // per_sample[:, None]

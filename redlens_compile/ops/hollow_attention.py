@@ -65,6 +65,13 @@ def _looks_ahead(allowed: torch.Tensor, visual_mask: torch.Tensor) -> bool:
     return bool((diag & nxt).any())
 
 
+def mask_looks_ahead(attn_mask: torch.Tensor, visual_mask: torch.Tensor) -> bool:
+    """_looks_ahead of an SDPA mask [B or 1, 1, S, S], as a graph node once per forward and mask
+    (passes/hollow_attention.py): one host sync per forward, not one per layer."""
+    batch, seq = visual_mask.shape
+    return _looks_ahead(_allowed(attn_mask).expand(batch, 1, seq, seq), visual_mask.to(torch.bool))
+
+
 def _size_min(a, b):
     """min of two sizes; symbolic (no guard on a size read from data) while exporting."""
     if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
@@ -268,8 +275,9 @@ def _block_attention(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor
     local_scores = torch.matmul(by_block, local_k.transpose(-1, -2))  # [B, H_kv, nb, G * c, w]
     local_scores = local_scores.view(batch, kv_heads, blocks, group, block, width).permute(0, 1, 3, 2, 4, 5)
     scores = torch.cat([text_scores.view(batch, kv_heads, group, blocks, block, n_text), local_scores], dim=-1)
-    scores = scores * (dim ** -0.5 if scale is None else scale)
-    probs = scores.masked_fill(~allowed[:, None, None], float("-inf")).softmax(dim=-1)
+    # the softmax in float32 (as the fused SDPA kernels accumulate it), back in the values' dtype
+    scores = scores.float() * (dim ** -0.5 if scale is None else scale)
+    probs = scores.masked_fill(~allowed[:, None, None], float("-inf")).softmax(dim=-1).to(text_v.dtype)
     text_out = torch.matmul(probs[..., :n_text].reshape(batch, kv_heads, group * rows, n_text), text_v)
     local_probs = probs[..., n_text:].permute(0, 1, 3, 2, 4, 5).reshape(batch, kv_heads, blocks, group * block, width)
     local_out = torch.matmul(local_probs, local_v).view(batch, kv_heads, blocks, group, block, -1)

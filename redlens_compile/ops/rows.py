@@ -8,6 +8,8 @@ to the longest sample, with a validity mask beside them.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 
 
@@ -36,6 +38,24 @@ def data_size(value: torch.Tensor, bound: int, low: int = 0) -> int:
         torch._check(size <= bound)
         return size
     return int(size)
+
+
+def fraction_of(counts: torch.Tensor, fraction: float, rounding: str) -> torch.Tensor:
+    """counts [B] (ints) times `fraction`, rounded up ("ceil") or half to even ("round", as ONNX's
+    Round), in int64 arithmetic on the counts' device: exact, and no float64 (which some
+    accelerators lack). The fraction is taken as the nearest ratio with a denominator up to 2**16
+    (0.1 is 1/10); for the fractions configs use this equals Python's float rounding of count * fraction."""
+    ratio = Fraction(fraction).limit_denominator(1 << 16)
+    num, den = ratio.numerator, ratio.denominator
+    scaled = counts.to(torch.int64) * num
+    if rounding == "ceil":
+        return (scaled + (den - 1)) // den  # non-negative: floor division is ONNX's truncating Div
+    if rounding != "round":
+        raise ValueError(f"rounding={rounding!r}: 'ceil' or 'round'")
+    quotient = scaled // den
+    twice_rest = 2 * (scaled - quotient * den)
+    up = (twice_rest > den) | ((twice_rest == den) & (quotient % 2 == 1))
+    return quotient + up.to(torch.int64)
 
 
 def _padded_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

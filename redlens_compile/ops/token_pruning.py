@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .rows import _padded_positions, counted, data_size, gather_padded
+from .rows import _padded_positions, counted, data_size, fraction_of, gather_padded
 
 
 @dataclass
@@ -34,7 +34,7 @@ def keep_counts(counts: torch.Tensor, keep: int | float) -> torch.Tensor:
     of the count, rounded half to even (as ONNX's Round), at least 1 where the sample has any."""
     if isinstance(keep, int):
         return torch.clamp(counts, max=keep)
-    kept = torch.round(counts.to(torch.float64) * keep).to(counts.dtype)
+    kept = fraction_of(counts, keep, "round").to(counts.dtype)  # integer arithmetic: no float64
     return torch.where(counts > 0, kept.clamp(min=1), counts)
 
 
@@ -230,10 +230,13 @@ def proportional_flops(rows: int, kept: int, dim: int) -> int:
     return rows * kept * dim
 
 
-def key_biased_mask(attn_mask: torch.Tensor, key_bias: torch.Tensor, blocked: float = float("-inf")) -> torch.Tensor:
+def key_biased_mask(attn_mask: torch.Tensor, key_bias: torch.Tensor, blocked: float | None = float("-inf")
+                    ) -> torch.Tensor:
     """An additive SDPA mask: the family's mask (bool: True = attend, or additive float) plus a
-    per-key bias [B, S] on every query's scores."""
+    per-key bias [B, S] on every query's scores. `blocked` None: the lowest finite value of the
+    bias's own dtype (float32's would be -inf in float16)."""
     bias = key_bias[:, None, None, :]
     if attn_mask.dtype == torch.bool:
-        return torch.where(attn_mask, bias, torch.full_like(bias, blocked))
+        fill = torch.finfo(bias.dtype).min if blocked is None else blocked
+        return torch.where(attn_mask, bias, torch.full_like(bias, fill))
     return attn_mask + bias.to(attn_mask.dtype)

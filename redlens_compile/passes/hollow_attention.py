@@ -16,7 +16,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..ops.hollow_attention import hollow_attention, hollow_attention_masked
+from ..ops.hollow_attention import hollow_attention, hollow_attention_masked, mask_looks_ahead
 from .infra import RedLensPass
 from .selectors import (
     VISUAL_MASK_INPUT,
@@ -89,9 +89,11 @@ class HollowAttentionPass(RedLensPass):
                     layout = layout_nodes(graph_module)
                     mask = placeholder(graph_module, VISUAL_MASK_INPUT)
                     causal = causal_check(graph, args["attn_mask"])
+                    ahead = looks_ahead_check(graph, args["attn_mask"], mask)
                     new = call_like(graph, node, hollow_attention,
                                     (q, k, v, args["attn_mask"], mask, layout["vis_pos"], layout["vis_valid"],
-                                     layout["txt_pos"], layout["txt_valid"], window), dict(common, mask_is_causal=causal))
+                                     layout["txt_pos"], layout["txt_valid"], window),
+                                    dict(common, mask_is_causal=causal, looks_ahead=ahead))
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             modified = True
@@ -103,6 +105,20 @@ class HollowAttentionPass(RedLensPass):
         if modified:
             graph_module.recompile()
         return PassResult(graph_module, modified)
+
+
+def looks_ahead_check(graph: fx.Graph, attn_mask: fx.Node, visual_mask: fx.Node) -> fx.Node:
+    """The node that tells, once per forward, whether `attn_mask` lets image tokens see later image
+    tokens (inserted on first use, shared by every layer reading that mask)."""
+    for user in attn_mask.users:
+        if user.target is mask_looks_ahead:
+            return user
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    after = max((attn_mask, visual_mask), key=order.__getitem__)
+    if after.op == "placeholder":  # computed nodes go after every input
+        after = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(after):
+        return call_like(graph, attn_mask, mask_looks_ahead, (attn_mask, visual_mask))
 
 
 def _rewritten(gm: fx.GraphModule, layer: int) -> bool:

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from device_guard import factories_without_device
 
 import redlens_compile as rc
 from redlens_compile.analysis.codebook import (
@@ -46,7 +47,9 @@ def write_images(folder, indices):
 def test_build_save_load_and_prune_with_it(small_model, tmp_path):
     path, model, processor = small_model
     images = write_images(tmp_path / "images", range(6))
-    codebook = build_codebook(model, processor, images, tmp_path / "shards", SETTINGS, progress=False)
+    with factories_without_device() as sites:  # the ablations' tensors beside the model's (any device)
+        codebook = build_codebook(model, processor, images, tmp_path / "shards", SETTINGS, progress=False)
+    assert sites == []
     saved = codebook.save(tmp_path / "cb.safetensors")
     loaded = Codebook.load(saved)
     assert torch.equal(loaded.prototypes, codebook.prototypes)

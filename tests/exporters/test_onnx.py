@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from device_guard import factories_without_device
 from tiny_families import make_inputs
 
 import redlens_compile as rc
@@ -29,8 +30,11 @@ def exported(tmp_path_factory, family_models):
         if (family, config) not in cache:
             model = family_models(family)
             opt = rc.optimize(model, make_inputs(family, model), config=CONFIGS[config])
-            out = opt.export_onnx(tmp_path_factory.mktemp("onnx") / "files")
-            cache[family, config] = (model, opt, OnnxRunner(out, model))
+            with factories_without_device() as sites:  # the export's examples beside the model (any device)
+                out = opt.export_onnx(tmp_path_factory.mktemp("onnx") / "files")
+                runner = OnnxRunner(out, model)
+            assert sites == []
+            cache[family, config] = (model, opt, runner)
         return cache[family, config]
 
     return get
