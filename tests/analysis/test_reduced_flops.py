@@ -26,7 +26,6 @@ def closed_form_reduced(cfg, visual: torch.Tensor, keep: float, probes: float, w
     # Hollow attention as computed (DESIGN.md: O(N_v (P + 2w))): the visual span is cut into blocks
     # of c = ceil(w / 2) queries; a block computes its text keys (those before the image: P) and a
     # run of visual keys reaching w - 1 back, ceil((w - 1) / c) blocks plus its own.
-    seq = len(visual)
     c = min(n_v, math.ceil(window / 2))
     blocks = math.ceil(n_v / c)
     behind = min(math.ceil((window - 1) / c), blocks - 1)
