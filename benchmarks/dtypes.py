@@ -61,7 +61,7 @@ def config_for(name: str, label: str, model, example, scratch: Path) -> rc.RedLe
         # a tiny family: its own rows as prototypes (the shipped codebook is the proof model's)
         inputs = capture_decoder_inputs(model, adapter_for(model), example)
         rows = inputs.inputs_embeds[0][inputs.visual_mask[0]].float()
-        path = Codebook(rows[::7].clone(), {"model_type": model.config.model_type}).save(scratch / "cb.safetensors")
+        path = Codebook(rows[::7].clone(), {"model_type": model.config.model_type}).save(scratch / f"cb-{label}-{model.dtype}.safetensors".replace(" ", "_"))
         config = rc.RedLensConfig.from_dict(dict(config.to_dict(), codebook=str(path)))
     return config
 
