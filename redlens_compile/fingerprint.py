@@ -28,7 +28,7 @@ def weights_fingerprint(model: nn.Module) -> str:
         for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
             flat = param.detach().reshape(-1)
             stride = max(1, flat.numel() // SAMPLES)
-            sample = flat[::stride][:SAMPLES].to(device="cpu", dtype=torch.float32).contiguous()
+            sample = flat[::stride][:SAMPLES].float().contiguous()
             digest.update(f"{name}:{tuple(param.shape)}".encode())
-            digest.update(sample.numpy().tobytes())
+            digest.update(sample.cpu().numpy().tobytes())
     return digest.hexdigest()

@@ -263,7 +263,7 @@ def test_optimize_cli_with_a_budget_reports_layers_and_ratios(demo_dir, tmp_path
 
     exported = []
 
-    def onnx_check(opt, *args):
+    def onnx_check(opt, *args, **kwargs):
         exported.append(opt)
         return {"onnx_vision_runs_in": "onnx", "onnx_provider": "CPUExecutionProvider",
                 "onnx_max_abs_logit_diff": 0.0, "onnx_generated_tokens_equal": True}

@@ -162,8 +162,13 @@ def drop_unpaying(plan: ReductionPlan, costs: PlanCosts, unreduced: Mapping[int,
             settings[i] = kept
     if not dropped:
         return plan, []
-    steps = [*plan.steps, f"reductions that save no FLOPs taken off layers {dropped}"]
-    return ReductionPlan(settings=settings, order=plan.order, steps=steps, predicted_ratio=plan.predicted_ratio), notes
+    # one step and one move per layer changed, so the report groups them with the planner's own
+    steps = [*plan.steps, *(f"take off layer {i} the reductions that save no FLOPs: "
+                             f"{settings[i].to_dict() if i in settings else 'unreduced'}" for i in dropped)]
+    moves = [*plan.moves, *({"action": "take off", "layer": i, "to": settings[i].to_dict() if i in settings else None,
+                             "ratio": plan.predicted_ratio} for i in dropped)]
+    return ReductionPlan(settings=settings, order=plan.order, steps=steps, predicted_ratio=plan.predicted_ratio,
+                         moves=moves), notes
 
 
 def validate_layers(config: RedLensConfig, num_layers: int) -> None:

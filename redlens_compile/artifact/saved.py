@@ -86,7 +86,7 @@ def _sampled_hash(tensor: torch.Tensor) -> str:
         index = torch.arange(SAMPLED_ELEMENTS, device=flat.device) * step
         index[-1] = n - 1
         flat = flat[index]
-    data = flat.contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    data = flat.contiguous().view(torch.uint8).cpu().numpy().tobytes()
     return hashlib.sha256(data).hexdigest()
 
 

@@ -227,6 +227,8 @@ def export_onnx(opt: "OptimizedModel", directory: str | os.PathLike, example_inp
     if opt.tail_graph_module is not None:
         raise ExportError(f"prune={opt.pruning.method!r} cuts the decoder in two graphs with a layer-by-layer decode: "
                           "its ONNX export is not built yet; export a config that prunes before the first layer")
+    # the runner checks the model the user holds (before a rebuild in another dtype changes its bytes)
+    fingerprint = weights_fingerprint(opt.model)
     if target != _model_dtype(opt):
         logger.info("exporting in %s: rebuilding the %s model in that dtype", target, _model_dtype(opt))
         opt = at_dtype(opt, target, example_inputs)
@@ -234,6 +236,8 @@ def export_onnx(opt: "OptimizedModel", directory: str | os.PathLike, example_inp
     try:
         with staged_folder(out, EXPORT_COMMAND, error=ExportError) as staging:  # checked above
             manifest = _write_graphs(opt, staging, example_inputs)
+            # OnnxRunner(directory, model) refuses a model whose weights are not these
+            manifest["model"]["weights_fingerprint"] = fingerprint
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
             for graph in manifest["graphs"].values():
                 _check(staging / graph["file"])
@@ -313,9 +317,7 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
         "format": FORMAT,
         "dtype": str(example.inputs_embeds.dtype).removeprefix("torch."),  # what the graphs compute in
         "model": {"class": type(opt.model).__name__, "model_type": opt.model.config.model_type,
-                  "layers": layers, "hidden_size": text_config.hidden_size, "vocab_size": text_config.vocab_size,
-                  # OnnxRunner(directory, model) refuses a model whose weights are not these
-                  "weights_fingerprint": weights_fingerprint(opt.model)},
+                  "layers": layers, "hidden_size": text_config.hidden_size, "vocab_size": text_config.vocab_size},
         "graphs": graphs,
         "front": {k: v for k, v in front.items() if k != "vision"},
         "position_rows": opt.adapter.position_rows,

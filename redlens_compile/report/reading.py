@@ -95,9 +95,11 @@ def planner_steps_by_layer(plan: Mapping[str, Any]) -> list[str]:
         per_layer.setdefault(int(move["layer"]), []).append(move)
     lines = []
     for layer, steps in per_layer.items():
-        counts = {action: sum(1 for m in steps if m["action"] == action) for action in ("reduce", "tighten", "relax")}
+        counts = {action: sum(1 for m in steps if m["action"] == action)
+                  for action in ("reduce", "tighten", "relax", "take off")}
         detail = ", ".join(f"{n} {word}" for word, n in (("tighter", counts["reduce"] + counts["tighten"]),
-                                                         ("relaxed", counts["relax"])) if n)
+                                                         ("relaxed", counts["relax"]),
+                                                         ("taken off: saved no FLOPs", counts["take off"])) if n)
         final = steps[-1]["to"]
         lines.append(f"layer {layer}: unreduced -> {layer_settings_text(final)}, via {len(steps)} "
                      f"step{'s' if len(steps) != 1 else ''} ({detail}); ratio after its last step "

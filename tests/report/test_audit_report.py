@@ -8,6 +8,14 @@ import redlens_compile as rc
 from redlens_compile.report.reading import fmt
 
 
+def _settings(settings: dict) -> str:
+    """A reduced layer's settings as the report writes them, built here from report.json's values
+    (a window of None, taken off or never set, is not written)."""
+    parts = [f"ffn_keep {settings['ffn_keep']:.3g}"] if settings["ffn_keep"] < 1.0 else []
+    parts += [f"window {settings['window']}"] if settings["window"] is not None else []
+    return ", ".join(parts)
+
+
 def test_report_saves_json_markdown_png(tmp_path, identity_optimized):
     _, _, opt = identity_optimized("llava")
     out = opt.report.save(tmp_path / "out")
@@ -134,7 +142,7 @@ def test_the_summary_block_of_a_budget_run_gives_report_json_rounded(budget_save
     reduced = [row for row in data["layers"] if row["reduced"]]
     assert reduced
     assert line_starting(lines, "reduced:") == f"reduced: {len(reduced)} of 3 decoder layers: " + "; ".join(
-        f"layer {row['layer']} ffn_keep {row['settings']['ffn_keep']:.3g}, window {row['settings']['window']}"
+        f"layer {row['layer']} {_settings(row['settings'])}"
         for row in reduced)
     assert line_starting(lines, "pruned:") == "pruned: nothing (no token pruning)"
     lat = m["prefill_latency_s"]
@@ -159,7 +167,7 @@ def test_settings_and_tables_are_rounded_to_three_digits(budget_saved):
     for row in data["layers"]:
         if row["reduced"]:
             keep = row["settings"]["ffn_keep"]
-            label = f"ffn_keep {keep:.3g}, window {row['settings']['window']}"
+            label = _settings(row['settings'])
             assert f"| {label} |" in md  # the layer table's settings column
     # the full-precision numbers stay in report.json
     assert data["totals"]["decoder_prefill_ratio"] == report.flops_ratio
@@ -196,7 +204,7 @@ def test_the_planner_steps_are_grouped_per_layer(budget_saved):
         assert steps == sum(1 for m in moves if m["layer"] == layer)
         total += steps
         settings = plan["settings"].get(str(layer))
-        final = (f"ffn_keep {settings['ffn_keep']:.3g}, window {settings['window']}" if settings else "unreduced")
+        final = _settings(settings) if settings else "unreduced"
         assert line.startswith(f"layer {layer}: unreduced -> {final}, via {steps} step")
         last_ratio = [m["ratio"] for m in moves if m["layer"] == layer][-1]
         assert line.endswith(f"ratio after its last step {last_ratio:.3g}")
@@ -217,7 +225,7 @@ def test_the_figure_draws_totals_settings_and_measurements(budget_saved):
     assert "flops_budget 0.6" in svg and f"after/before {report.flops_ratio:.3g}" in svg
     for row in data["layers"]:
         if row["reduced"]:
-            assert f"ffn_keep {row['settings']['ffn_keep']:.3g}" in svg and f"window {row['settings']['window']}" in svg
+            assert all(part in svg for part in _settings(row["settings"]).split(", "))  # one line each
     assert "measured prefill latency: ratio 0.53" in svg and "12.3 ms" in svg and "6.54 ms" in svg
     assert "accuracy on 7 held-out questions" in svg and "85.7%" in svg
 
