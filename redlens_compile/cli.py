@@ -253,9 +253,11 @@ def _print_summary(summary: dict) -> None:
           f"of {summary['seq_len']}")
     print(f"decoder FLOPs    {summary['decoder_prefill_flops_before']:.4g} -> "
           f"{summary['decoder_prefill_flops_after']:.4g} (ratio {summary['decoder_prefill_flops_ratio']:.3f}, fvcore)")
+    from .report.reading import layer_settings_text
+
     layers = summary["reduced_layers"]
     print("reduced layers   " + ("none" if not layers else ", ".join(
-        f"{i} (ffn_keep {s['ffn_keep']:.3g}, window {s['window']})" for i, s in layers.items())))
+        f"{i} ({layer_settings_text(s)})" for i, s in layers.items())))
     pruning = summary.get("token_pruning")
     if pruning:
         print(f"token pruning    {pruning['method']} {pruning['where']}: visual tokens {pruning['visual_before']} -> "
