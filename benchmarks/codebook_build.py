@@ -32,7 +32,7 @@ from redlens_compile.analysis.codebook import CodebookSettings, build_codebook, 
 from redlens_compile.files import atomic_write  # noqa: E402
 from redlens_compile.loading import load_model_dir  # noqa: E402
 from redlens_compile.models.demo import SHIPPED_MODEL_DIR  # noqa: E402
-from redlens_compile.models.shapes_task import prompt, sample  # noqa: E402
+from redlens_compile.models.shapes_task import prompt, write_codebook_scenes  # noqa: E402
 
 # scripts/build_proof_codebook.py's settings (why they differ from the paper's: its docstring)
 SETTINGS = CodebookSettings(prompt=prompt("what colour is the object ?", "{image}"), top1_threshold=1.0,
@@ -59,9 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
-        for index in range(args.images):
-            item, seed = sample("train", 500_000 + index)
-            item.image(seed).save(folder / f"train_{index:04d}.png")
+        write_codebook_scenes(folder, args.images)
 
         torch.set_num_threads(args.local_threads)
         model, processor = load_model_dir(SHIPPED_MODEL_DIR)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from redlens_compile.models.demo import SHIPPED_MODEL_DIR  # noqa: E402
-from redlens_compile.models.shapes_task import prompt, sample  # noqa: E402
+from redlens_compile.models.shapes_task import prompt, write_codebook_scenes  # noqa: E402
 
 SETTINGS = ["--prompt", prompt("what colour is the object ?", "{image}"), "--top1-threshold", "1.0",
             "--jsd-threshold", "1e-3", "--top-k", "10"]
@@ -46,9 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
-        for index in range(args.images):
-            item, seed = sample("train", 500_000 + index)
-            item.image(seed).save(folder / f"train_{index:04d}.png")
+        write_codebook_scenes(folder, args.images)
         staged = Path(tmp) / "codebook.safetensors"
         command = [sys.executable, "-m", "redlens_compile.cli", "codebook", args.model_dir, "--images", str(folder),
                    "--out", str(staged), *SETTINGS]

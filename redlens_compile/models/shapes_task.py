@@ -194,3 +194,17 @@ def prompt(question: str, image_token: str = "<image>") -> str:
     again after it (the answer position reads what is asked from its neighbours, not from 256
     tokens back)."""
     return f"USER: {question}\n{image_token}\n{question} ASSISTANT:"
+
+
+# Training-split scenes the shipped codebook is calibrated on (far from the training loop's indices).
+CODEBOOK_SCENES_START = 500_000
+
+
+def write_codebook_scenes(folder, count: int) -> None:
+    """The first `count` codebook calibration scenes as PNG files in `folder` (the images
+    scripts/build_proof_codebook.py builds the shipped codebook from)."""
+    from pathlib import Path
+
+    for index in range(count):
+        item, seed = sample("train", CODEBOOK_SCENES_START + index)
+        item.image(seed).save(Path(folder) / f"train_{index:04d}.png")
