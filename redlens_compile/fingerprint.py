@@ -18,6 +18,18 @@ from torch import nn
 SAMPLES = 64
 
 
+def sampled_elements(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` evenly spaced elements of the flattened tensor, the first and the last included
+    (integer indices: the same elements on any device); the whole tensor when it holds fewer."""
+    flat = tensor.detach().reshape(-1)
+    n = flat.numel()
+    if n <= count:
+        return flat
+    index = torch.arange(count, device=flat.device) * ((n - 1) // (count - 1))
+    index[-1] = n - 1
+    return flat[index]
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """A hex digest of the model's class, decoder config sizes and a strided sample of every parameter."""
     digest = hashlib.sha256()
@@ -26,9 +38,7 @@ def weights_fingerprint(model: nn.Module) -> str:
     digest.update(json.dumps(head, sort_keys=True).encode())
     with torch.no_grad():
         for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            flat = param.detach().reshape(-1)
-            stride = max(1, flat.numel() // SAMPLES)
-            sample = flat[::stride][:SAMPLES].float().contiguous()
+            sample = sampled_elements(param, SAMPLES).float().contiguous()
             digest.update(f"{name}:{tuple(param.shape)}".encode())
             digest.update(sample.cpu().numpy().tobytes())
     return digest.hexdigest()

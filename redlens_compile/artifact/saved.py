@@ -79,14 +79,9 @@ def _sampled_hash(tensor: torch.Tensor) -> str:
     """sha256 of SAMPLED_ELEMENTS evenly spaced elements' bytes (integer indices: the same on any device)."""
     import torch
 
-    flat = tensor.detach().reshape(-1)
-    n = flat.numel()
-    if n > SAMPLED_ELEMENTS:
-        step = (n - 1) // (SAMPLED_ELEMENTS - 1)
-        index = torch.arange(SAMPLED_ELEMENTS, device=flat.device) * step
-        index[-1] = n - 1
-        flat = flat[index]
-    data = flat.contiguous().view(torch.uint8).cpu().numpy().tobytes()
+    from ..fingerprint import sampled_elements  # imports torch: not at module level (the CLI's early checks)
+
+    data = sampled_elements(tensor, SAMPLED_ELEMENTS).contiguous().view(torch.uint8).cpu().numpy().tobytes()
     return hashlib.sha256(data).hexdigest()
 
 
