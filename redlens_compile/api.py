@@ -50,14 +50,14 @@ def _rank(captured: CapturedDecoder, model: nn.Module, calibration: list[Decoder
         ladder, base = settings_ladder(config)
         levels = [ladder[base]] + ([ladder[-1]] if len(ladder) > base + 1 else [])
         scores = sensitivity_scores_ray(engine, model, example_inputs, reference, calibration, layers, levels,
-                                        config.probe_tokens, key_bias, config.ranking)
+                                        config.probe_tokens, key_bias, config.ranking, config.probe_rule)
         return LayerRanking(config.ranking, scores[0], scores[1] if len(scores) > 1 else None)
     if config.ranking in SENSITIVITY_METRICS:
         def at(settings):
             def reduce_one(layer: int):
                 plan = ReductionPlan(settings={layer: settings})
                 return apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True,
-                                  key_bias=key_bias).graph_module
+                                  key_bias=key_bias, probe_rule=config.probe_rule).graph_module
             return sensitivity_scores(reference, calibration, layers, reduce_one, config.ranking)
 
         ladder, base = settings_ladder(config)
@@ -123,7 +123,8 @@ def optimize(
     not_reduced: dict[int, str] = {}  # layer -> why a pass could not rewrite it, from the trials
 
     def plan_costs(plan: ReductionPlan) -> dict[int, float]:
-        trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True, key_bias=key_bias)
+        trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True, key_bias=key_bias,
+                           probe_rule=config.probe_rule)
         not_reduced.update(trial.skipped)
         counted = count_graph_flops(trial.graph_module, example)
         return {i: counted.layer_total(i) for i in before.layers}
@@ -153,17 +154,14 @@ def optimize(
     progress("running passes")
     # Reduced work runs in thinner GEMMs than the original's: lower them (identity stays the family's ops).
     reduces = bool(plan.settings) or pruned is not None
-    result = apply_plan(captured.graph_module, plan, config.probe_tokens, key_bias=key_bias, thin_linear=reduces)
+    result = apply_plan(captured.graph_module, plan, config.probe_tokens, key_bias=key_bias, thin_linear=reduces,
+                        probe_rule=config.probe_rule)
     progress("counting FLOPs after the rewrite")
     after = count_graph_flops(result.graph_module, example)
     notes = _probe_note(config, example, plan) + unpaid
     notes += [f"layer {i}: hollow attention used the masked fallback ({why}); it saves no work there"
               for i, why in sorted(result.fallback.items())]
     notes += [f"layer {i}: not reduced: {why}" for i, why in sorted(result.skipped.items())]
-    hollow = [i for i, s in sorted(plan.settings.items()) if s.hollow]
-    if key_bias and hollow:
-        notes.append(f"layers {hollow}: hollow attention reads the family's mask without the proportional-attention "
-                     "key bias of token pruning")
     if isinstance(config.layers, dict):
         notes.append(f"per-layer settings given by the config (a saved plan): layers {sorted(plan.settings)} applied "
                      "with no ranking and no planning")

@@ -97,7 +97,7 @@ def at_dtype(opt: "OptimizedModel", dtype: torch.dtype, example_inputs: Mapping[
     model = copy.deepcopy(opt.model).to(dtype)
     captured = capture(model, cast_inputs(example_inputs, dtype))
     result = apply_plan(captured.graph_module, rebuild["plan"], opt.config.probe_tokens, key_bias=rebuild["key_bias"],
-                        thin_linear=rebuild["thin_linear"])
+                        thin_linear=rebuild["thin_linear"], probe_rule=opt.config.probe_rule)
     new = OptimizedModel(model, opt.adapter, result.graph_module, opt.report, opt.config, output_cls=opt.output_cls,
                          pruning=opt.pruning)
     new.rebuild, new.example_inputs = rebuild, opt.example_inputs

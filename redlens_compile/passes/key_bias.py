@@ -4,8 +4,9 @@ Token pruning with proportional attention sets it: a kept visual row that stands
 gets log(m) on its scores in every layer, so the dropped rows' softmax mass is not lost (see
 ops.token_pruning.proportional_key_bias). The pass wraps each distinct mask that feeds an aten
 SDPA call in ops.token_pruning.key_biased_mask (the family's mask, now additive, plus the bias).
-Run it after the reduction passes: hollow attention layers read the family's bool mask and do
-not see the bias (the report says so). A mask-free SDPA (is_causal) is left as it is.
+Run it after the reduction passes: a hollow attention call (ops/hollow_attention.py) gets the bias
+as its `key_bias` argument and adds it to the text and window keys it keeps, so hollow layers see
+what full layers see. A mask-free SDPA (is_causal) is left as it is.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..capture.annotate import ATTENTION_CORE_TARGETS, annotation
+from ..ops.hollow_attention import hollow_attention, hollow_attention_masked
 from ..ops.token_pruning import key_biased_mask
 from .hollow_attention import sdpa_arguments
 from .infra import RedLensPass
@@ -30,10 +32,14 @@ class KeyBiasPass(RedLensPass):
             return PassResult(graph_module, False)
         cores = [n for n in graph.nodes if n.op == "call_function" and n.target in ATTENTION_CORE_TARGETS
                  and isinstance(sdpa_arguments(n).get("attn_mask"), fx.Node)]
+        hollow = [n for n in graph.nodes if n.op == "call_function"
+                  and n.target in (hollow_attention, hollow_attention_masked)]
         bias = add_input(graph_module, KEY_BIAS_INPUT)
         # Decode steps apply the same bias in the same layers (artifact/optimized_model.py).
-        graph_module.meta[KEY_BIAS_LAYERS] = sorted({a.layer for c in cores if (a := annotation(c)) is not None
-                                                     and a.layer is not None})
+        graph_module.meta[KEY_BIAS_LAYERS] = sorted({a.layer for c in (*cores, *hollow)
+                                                     if (a := annotation(c)) is not None and a.layer is not None})
+        for node in hollow:
+            node.kwargs = dict(node.kwargs, key_bias=bias)
         biased: dict[fx.Node, fx.Node] = {}
         for core in cores:
             mask = sdpa_arguments(core)["attn_mask"]
