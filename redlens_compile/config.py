@@ -17,7 +17,7 @@ PRUNE_METHODS = ("codebook", "fastv", "vtw", "random")
 # "norm" (largest rows), "outlier" (farthest from the image's mean row); "+route" also gives the
 # probe rows the full FFN's output. Measured on the proof task: benchmarks/probe_rules.py.
 PROBE_RULES = tuple(f"{base}{route}" for route in ("", "+route") for base in ("stride", "norm", "outlier"))
-DEFAULT_PROBE_RULE = "stride"
+DEFAULT_PROBE_RULE = "outlier+route"
 # A hollow window this wide is larger than any visual span a model can hold.
 UNBOUNDED_WINDOW = 2**31 - 1
 # The codebook shipped beside the bundled proof model (the pruning presets' default).
