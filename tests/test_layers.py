@@ -35,3 +35,14 @@ def test_a_back_edge_breaks_the_contract(tmp_path):
     assert run.returncode != 0
     assert "redlens_compile.exporters is not allowed to import redlens_compile.artifact" in run.stdout
     assert "redlens_compile.exporters.onnx -> redlens_compile.artifact.optimized_model" in run.stdout
+
+
+def test_no_stage_writes_a_graph_module_meta_key():
+    """Contracts between stages travel as fields (CapturedDecoder.seq_range, CompiledDecoder.key_bias_layers),
+    not as graph_module.meta keys; node annotations (capture/annotate.py) are the one node-level channel."""
+    import re
+
+    pattern = re.compile(r"\b(graph_module|gm|head_gm|tail_gm|\w+_graph)\.meta\[")
+    found = [f"{path.relative_to(ROOT)}:{i}" for path in sorted((ROOT / "redlens_compile").rglob("*.py"))
+             for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == []

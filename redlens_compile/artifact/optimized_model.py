@@ -60,7 +60,7 @@ class OptimizedModel(nn.Module):
         config: RedLensConfig,
         output_cls: type,
         example_inputs: dict[str, Any] | None = None,
-        rebuild: Callable[["OptimizedModel", torch.dtype], "OptimizedModel"] | None = None,
+        rebuild: Callable[["OptimizedModel", torch.dtype, dict], "OptimizedModel"] | None = None,
     ):
         super().__init__()
         self.model = model
@@ -76,7 +76,8 @@ class OptimizedModel(nn.Module):
         self.config = config
         self.output_cls = output_cls  # the original model's output type
         self.example_inputs = example_inputs  # set by optimize: export_onnx's default example
-        # (opt, dtype) -> opt rebuilt on a copy of the model in dtype (set by optimize: api.at_dtype)
+        # (opt, dtype, example) -> opt rebuilt on a copy of the model in dtype, captured on example
+        # (set by optimize: api.at_dtype; re-optimizing sits above the artifact)
         self.rebuild = rebuild
 
     @property
@@ -210,7 +211,7 @@ class OptimizedModel(nn.Module):
                 raise ExportError(f"this optimized model does not hold the plan it was built from: export it in "
                                   f"{own} or optimize the model in the dtype the files should hold")
             logger.info("exporting in %s: rebuilding the %s model in that dtype", target, own)
-            opt = self.rebuild(self, target)
+            opt = self.rebuild(self, target, example)
         return export_onnx(opt.compiled, opt.model, opt.adapter, directory, example, config=opt.config,
                            fingerprint=fingerprint)
 
