@@ -16,6 +16,7 @@ from torch import fx
 
 from ..analysis.budget import ReductionPlan
 from ..capture.pipeline import CapturedDecoder, SplitDecoder
+from ..errors import ReductionUnavailableError
 from ..runtime.token_pruning import TokenPruning
 from .infra import PassRecord, run_passes
 from .last_position_logits import LastPositionLogitsPass
@@ -65,8 +66,10 @@ def compile_decoder(captured: CapturedDecoder, plan: ReductionPlan, probe_tokens
         notes = []
     else:
         if plan.settings:
-            raise ValueError("the per-layer reductions do not combine with pruning after layer K (api.check_inputs "
-                             "refuses the config)")
+            raise ReductionUnavailableError(
+                f"per-layer reductions on layers {sorted(plan.settings)} with pruning after layer {split.layer}: "
+                "combining them is not part of this build (api.check_inputs refuses such a config); prune before the "
+                "first layer or drop the per-layer settings")
         fastv = pruning is not None and pruning.method == "fastv"
         head = apply_plan(split.head, plan, probe_tokens, thin_linear=True,
                           last_query_layer=split.layer if fastv else None)
