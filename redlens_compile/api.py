@@ -8,6 +8,8 @@ passes, passes/compile.py) -> count again -> report; one path for every pruning 
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from typing import Any, Callable, Mapping
 
@@ -49,14 +51,15 @@ def _rank(captured: CapturedDecoder, model: nn.Module, calibration: list[Decoder
         ladder, base = settings_ladder(config)
         levels = [ladder[base]] + ([ladder[-1]] if len(ladder) > base + 1 else [])
         scores = sensitivity_scores_ray(engine, model, example_inputs, reference, calibration, layers, levels,
-                                        config.probe_tokens, key_bias, config.ranking, apply_plan)
+                                        config.probe_tokens, key_bias, config.ranking,
+                                        functools.partial(apply_plan, probe_rule=config.probe_rule))
         return LayerRanking(config.ranking, scores[0], scores[1] if len(scores) > 1 else None)
     if config.ranking in SENSITIVITY_METRICS:
         def at(settings):
             def reduce_one(layer: int):
                 plan = ReductionPlan(settings={layer: settings})
                 return apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True,
-                                  key_bias=key_bias).graph_module
+                                  key_bias=key_bias, probe_rule=config.probe_rule).graph_module
             return sensitivity_scores(reference, calibration, layers, reduce_one, config.ranking)
 
         ladder, base = settings_ladder(config)
@@ -114,7 +117,7 @@ def optimize(
                                           example_inputs, progress)
 
     progress("running passes")
-    compiled = compile_decoder(captured, plan, config.probe_tokens, pruning, split)
+    compiled = compile_decoder(captured, plan, config.probe_tokens, pruning, split, probe_rule=config.probe_rule)
     opt = OptimizedModel(model, captured.adapter, compiled, None, config, output_cls=type(reference),
                          example_inputs=example_inputs, rebuild=at_dtype)
     progress("counting FLOPs after the rewrite")
@@ -158,7 +161,8 @@ def _rank_and_plan(model: nn.Module, captured: CapturedDecoder, before, config: 
     not_reduced: dict[int, str] = {}  # layer -> why a pass could not rewrite it, from the trials
 
     def plan_costs(plan: ReductionPlan) -> dict[int, float]:
-        trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True, key_bias=key_bias)
+        trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True, key_bias=key_bias,
+                           probe_rule=config.probe_rule)
         not_reduced.update(trial.skipped)
         counted = count_graph_flops(trial.graph_module, example)
         return {i: counted.layer_total(i) for i in before.layers}
@@ -217,10 +221,6 @@ def _config_notes(config: RedLensConfig, plan: ReductionPlan, pruning: TokenPrun
     if split is not None:
         return []
     notes = []
-    hollow = [i for i, s in sorted(plan.settings.items()) if s.hollow]
-    if pruning is not None and pruning.key_bias and hollow:
-        notes.append(f"layers {hollow}: hollow attention reads the family's mask without the proportional-attention "
-                     "key bias of token pruning")
     if isinstance(config.layers, dict):
         notes.append(f"per-layer settings given by the config (a saved plan): layers {sorted(plan.settings)} applied "
                      "with no ranking and no planning")
@@ -242,7 +242,8 @@ def at_dtype(opt: OptimizedModel, dtype: torch.dtype, example_inputs: Mapping[st
     captured = capture(model, cast_inputs(example_inputs, dtype))
     compiled = opt.compiled
     split = capture_split(captured, model, compiled.split_layer) if compiled.split_layer is not None else None
-    again = compile_decoder(captured, compiled.plan, compiled.probe_tokens, compiled.pruning, split)
+    again = compile_decoder(captured, compiled.plan, compiled.probe_tokens, compiled.pruning, split,
+                            probe_rule=compiled.probe_rule)
     return OptimizedModel(model, opt.adapter, again, opt.report, opt.config, output_cls=opt.output_cls,
                           example_inputs=opt.example_inputs, rebuild=at_dtype)
 

@@ -13,6 +13,11 @@ from .errors import ConfigError
 
 RANKING_METRICS = ("jsd", "kl", "activation", "variance", "gradient")
 PRUNE_METHODS = ("codebook", "fastv", "vtw", "random")
+# How the dynamic FFN picks each sample's probe rows (ops/dynamic_ffn.py): "stride" (evenly spaced),
+# "norm" (largest rows), "outlier" (farthest from the image's mean row); "+route" also gives the
+# probe rows the full FFN's output. Measured on the proof task: benchmarks/probe_rules.py.
+PROBE_RULES = tuple(f"{base}{route}" for route in ("", "+route") for base in ("stride", "norm", "outlier"))
+DEFAULT_PROBE_RULE = "outlier+route"
 # A hollow window this wide is larger than any visual span a model can hold.
 UNBOUNDED_WINDOW = 2**31 - 1
 # The codebook shipped beside the bundled proof model (the pruning presets' default).
@@ -49,6 +54,7 @@ class RedLensConfig:
     flops_budget: decoder prefill FLOPs after/before, 0 < b <= 1.
     ffn_keep: fraction of FFN channels kept for visual tokens in reduced layers.
     probe_tokens: M probe rows of the dynamic FFN (int, or fraction of the visual tokens).
+    probe_rule: how each sample's probe rows are chosen, one of PROBE_RULES.
     hollow_window: w, the visual-to-visual attention window of reduced layers.
     layers: "auto" (ranking + budget), "all", explicit layer indices ([] reduces none), or explicit
         per-layer settings {index: {"ffn_keep": f, "hollow_window": w}} (w None: hollow attention
@@ -68,6 +74,7 @@ class RedLensConfig:
     flops_budget: float = 0.5
     ffn_keep: float = 0.5
     probe_tokens: int | float = 0.1
+    probe_rule: str = DEFAULT_PROBE_RULE
     hollow_window: int = 64
     layers: str | list[int] | dict[int, dict[str, Any]] = "auto"
     ranking: str = "jsd"
@@ -84,6 +91,9 @@ class RedLensConfig:
         if not _is_number(self.ffn_keep) or not 0.0 < self.ffn_keep <= 1.0:
             raise ConfigError(f"ffn_keep={self.ffn_keep!r}: must be a fraction with 0 < ffn_keep <= 1")
         _count_or_fraction("probe_tokens", self.probe_tokens)
+        if self.probe_rule not in PROBE_RULES:
+            raise ConfigError(f"probe_rule={self.probe_rule!r}: must be one of {', '.join(PROBE_RULES)} "
+                              "(how the dynamic FFN picks each sample's probe rows)")
         if not _is_int(self.hollow_window) or self.hollow_window < 1:
             raise ConfigError(f"hollow_window={self.hollow_window!r}: must be an int >= 1")
         self._validate_layers()

@@ -1,7 +1,7 @@
 """Runtime ops of the probe-activated dynamic FFN (inserted by passes/dynamic_ffn.py).
 
-Per sample: M probe rows, evenly spaced over the sample's visual rows, run the full FFN up to
-its down projection; each channel's score is the mean |activation| over the probes; the top
+Per sample: M probe rows, chosen by a probe rule from the sample's own visual rows (PROBE_RULES),
+run the full FFN up to its down projection; each channel's score is the mean |activation| over the probes; the top
 K channels are kept, and that sample's visual rows run through weights sliced to those K
 channels (gate, up and down alike), as one batched matmul per weight.
 """
@@ -10,27 +10,107 @@ from __future__ import annotations
 
 import torch
 
+from ..config import DEFAULT_PROBE_RULE, PROBE_RULES
 from .rows import counted, data_size, fraction_of, gather_padded
 from .thin_linear import thin_linear
 
 
-def probe_rows(visual_rows: torch.Tensor, vis_count: torch.Tensor, probes: int | float
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probe rows of each sample at a fixed stride -> ([B, M, D], valid [B, M]).
+# How the probe rows of a sample are chosen (RedLensConfig.probe_rule, PROBE_RULES in config.py):
+# - "stride": evenly spaced over the sample's visual rows (the first rule; blind to content);
+# - "norm": the rows of largest L2 norm;
+# - "outlier": the rows farthest (L2) from the sample's mean visual row: a few object patches on a
+#   uniform or textured background are exactly the rows unlike the rest.
+# A "+route" suffix also gives the probe rows the full FFN's output (they ran the full width up to
+# the down projection anyway): the rows the rule singled out are served exactly, not by the K
+# channels the whole image shares.
+SCORED_RULES = ("norm", "outlier")
 
-    `probes` is a count M or a fraction of each sample's visual rows. A sample with fewer
-    visual rows than M uses each of its rows once (M is clamped to the visual count).
-    """
+
+def split_rule(rule: str) -> tuple[str, bool]:
+    """'outlier+route' -> ('outlier', True)."""
+    if rule not in PROBE_RULES:
+        raise ValueError(f"probe rule {rule!r}: one of {', '.join(PROBE_RULES)}")
+    base, _, route = rule.partition("+")
+    return base, bool(route)
+
+
+def _probe_count(visual_rows: torch.Tensor, vis_count: torch.Tensor, probes: int | float
+                 ) -> tuple[int, torch.Tensor]:
+    """(M, the padded probe count, and each sample's own count [B])."""
     count = vis_count.to(torch.int64)
     # integer arithmetic (exact, on any device: no float64)
     wanted = fraction_of(count, probes, "ceil") if isinstance(probes, float) else torch.full_like(count, probes)
     per_sample = torch.clamp(torch.minimum(wanted, count), min=1)
-    m = data_size(per_sample.max(), visual_rows.shape[1])  # >= 1: per_sample is clamped to 1
+    return data_size(per_sample.max(), visual_rows.shape[1]), per_sample  # >= 1: per_sample is clamped to 1
+
+
+def row_scores(visual_rows: torch.Tensor, vis_count: torch.Tensor, rule: str) -> torch.Tensor:
+    """Each visual row's score under a scored rule [B, V], in float32; padded rows -inf."""
+    x = visual_rows.float()
+    real = torch.arange(x.shape[1], device=x.device)[None, :] < vis_count[:, None]
+    if rule == "norm":
+        score = (x * x).sum(-1)
+    elif rule == "outlier":
+        mean = (x * real[..., None]).sum(1) / vis_count.clamp(min=1)[:, None].to(x.dtype)
+        centred = x - mean[:, None, :]
+        score = (centred * centred).sum(-1)
+    else:
+        raise ValueError(f"probe rule {rule!r} has no row score; scored rules: {', '.join(SCORED_RULES)}")
+    return torch.where(real, score, torch.full_like(score, float("-inf")))
+
+
+def probe_index(visual_rows: torch.Tensor, vis_count: torch.Tensor, probes: int | float, rule: str = "stride"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of each sample's visual rows are its probes -> (index [B, M], valid [B, M]).
+
+    `probes` is a count M or a fraction of each sample's visual rows. A sample with fewer
+    visual rows than M uses each of its rows once (M is clamped to the visual count). Valid
+    indices of a sample are distinct; each sample's probes depend on its own rows only.
+    """
+    base, _ = split_rule(rule)
+    m, per_sample = _probe_count(visual_rows, vis_count, probes)
     j = torch.arange(m, device=visual_rows.device)[None, :]
-    index = (j * vis_count[:, None]) // per_sample[:, None]
     valid = (j < per_sample[:, None]) & (vis_count[:, None] > 0)
-    index = torch.where(valid, index, torch.zeros_like(index))
-    return gather_padded(visual_rows, index), valid
+    if base == "stride":
+        index = (j * vis_count[:, None]) // per_sample[:, None]
+    else:
+        # the M best-scored rows, best first: a sample's first per_sample entries are its probes
+        index = torch.topk(row_scores(visual_rows, vis_count, base), m, dim=1, largest=True, sorted=True).indices
+    return torch.where(valid, index, torch.zeros_like(index)), valid
+
+
+def _probe_rows_flops(visual_rows, vis_count, probes, rule="stride"):
+    # Scoring reads every padded row once (one multiply-add per element; the outlier rule's mean
+    # is a second pass): the selection's cost, counted against the FFN it saves.
+    base, _ = split_rule(rule)
+    elements = visual_rows.shape[0] * visual_rows.shape[1] * visual_rows.shape[2]
+    return float({"stride": 0, "norm": 1, "outlier": 2}[base] * elements), 0.0
+
+
+@counted(_probe_rows_flops)
+def probe_rows(visual_rows: torch.Tensor, vis_count: torch.Tensor, probes: int | float, rule: str = "stride"
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probe rows of each sample under `rule` -> ([B, M, D], valid [B, M], index [B, M])."""
+    index, valid = probe_index(visual_rows, vis_count, probes, rule)
+    return gather_padded(visual_rows, index), valid, index
+
+
+def _full_down_flops(visual_out, probe_hidden, weight, bias, index, valid):
+    return float(probe_hidden.shape[0] * probe_hidden.shape[1] * weight.shape[0] * weight.shape[1]), 0.0
+
+
+@counted(_full_down_flops)
+def route_probes(visual_out: torch.Tensor, probe_hidden: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The visual FFN output [B, V, D] with each valid probe row replaced by the full FFN's output:
+    its full-width hidden [B, M, F] through the whole down weight [D, F]."""
+    full = torch.nn.functional.linear(probe_hidden, weight, bias).to(visual_out.dtype)
+    # invalid probes write to a spare row past the end (so they never clash with a real one), dropped after
+    spare = visual_out.shape[1]
+    target = torch.where(valid, index, torch.full_like(index, spare))
+    padded = torch.cat([visual_out, visual_out.new_zeros(visual_out.shape[0], 1, visual_out.shape[2])], dim=1)
+    padded = padded.scatter(1, target[..., None].expand(-1, -1, visual_out.shape[2]), full)
+    return padded[:, :spare]
 
 
 def stack_rows(text_rows: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
@@ -110,4 +190,4 @@ def batched_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out + (bias[:, None, :] if bias.dim() == 2 else bias)
 
 
-__all__ = ["batched_matmul", "fused_channels", "gather_padded", "probe_rows", "slice_in_features", "slice_out_features", "top_channels"]
+__all__ = ["DEFAULT_PROBE_RULE", "PROBE_RULES", "batched_matmul", "fused_channels", "gather_padded", "probe_index", "probe_rows", "route_probes", "slice_in_features", "slice_out_features", "top_channels"]

@@ -140,7 +140,7 @@ def text_query_pairs(txt_pos: torch.Tensor, txt_valid: torch.Tensor, seq: int) -
 
 
 def _hollow_flops(q, k, v, attn_mask, visual_mask, vis_pos, vis_valid, txt_pos, txt_valid, window, scale=None,
-                  enable_gqa=False, mask_is_causal=False, looks_ahead=None):
+                  enable_gqa=False, mask_is_causal=False, looks_ahead=None, key_bias=None):
     """Text queries at the pairs they see (as the unreduced SDPA is counted), each visual block
     against its text candidates and its local run (padded rows included: they are computed)."""
     batch, heads, seq, head_dim = q.shape
@@ -168,11 +168,14 @@ def hollow_attention(
     enable_gqa: bool = False,
     mask_is_causal: bool = False,
     looks_ahead: bool | None = None,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SDPA with the hollow pattern. q [B, H, S, d]; k, v [B, H_kv, S, d]; attn_mask [B or 1, 1, S, S].
 
     mask_is_causal (checked once per forward by the graph): the mask is exactly causal, so its
     entries are computed from positions instead of gathered from the S x S tensor.
+    key_bias [B, S] (token pruning's proportional attention, passes/key_bias.py): added to every
+    score of its key, for the text and the window keys a query keeps, as a full layer adds it.
     """
     batch, heads, seq, _ = q.shape
     allowed = _allowed(attn_mask).expand(batch, 1, seq, seq)
@@ -184,6 +187,13 @@ def hollow_attention(
     out = q.new_empty(batch * seq, heads, v.shape[-1])
     sdpa = dict(scale=scale, enable_gqa=enable_gqa)
 
+    def biased(allowed_keys: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """A bool mask as SDPA takes it; with a key bias (broadcast to the mask), additive."""
+        if bias is None:
+            return allowed_keys
+        bias = bias.to(q.dtype)
+        return torch.where(allowed_keys, bias, torch.full_like(bias, torch.finfo(q.dtype).min))
+
     def put(rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Write rows [B, H, N, d] at positions [B, N] (valid ones only) into `out`."""
         rows = masked_rows(rows.transpose(1, 2), valid)
@@ -194,15 +204,23 @@ def hollow_attention(
     query_pos, query_valid = txt_pos, txt_valid
     if mask_is_causal and txt_pos.shape[1]:
         prefix = _size_min(text_prefix(vis_pos, vis_valid, seq), txt_pos.shape[1])
-        if prefix:
+        if prefix and key_bias is None:
             lead = F.scaled_dot_product_attention(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix],
                                                   is_causal=True, **sdpa)
+        elif prefix:  # the same causal rows, the bias on their keys
+            pos = torch.arange(prefix, device=q.device)
+            causal = (pos[None, :] <= pos[:, None])[None, None]
+            lead = F.scaled_dot_product_attention(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix],
+                                                  attn_mask=biased(causal, key_bias[:, None, None, :prefix]), **sdpa)
+        if prefix:
             out.view(batch, seq, heads, -1)[:, :prefix] = lead.transpose(1, 2)
             query_pos, query_valid = txt_pos[:, prefix:], txt_valid[:, prefix:]
     if query_pos.shape[1]:
         rows = family_mask(query_pos, torch.arange(seq, device=q.device).expand(batch, query_pos.shape[1], seq))
         rows = rows | ~query_valid[:, :, None]  # padded rows: any finite result, discarded below
-        text_out = F.scaled_dot_product_attention(_gather_heads(q, query_pos), k, v, attn_mask=rows[:, None], **sdpa)
+        text_bias = None if key_bias is None else key_bias[:, None, None, :]
+        text_out = F.scaled_dot_product_attention(_gather_heads(q, query_pos), k, v,
+                                                  attn_mask=biased(rows[:, None], text_bias), **sdpa)
         put(text_out, query_pos, query_valid)
 
     result = out.view(batch, seq, heads, -1).transpose(1, 2)
@@ -228,6 +246,8 @@ def hollow_attention(
     near = (query_pos[..., None] - key_pos[:, :, None, :]).abs() < window
     mask = family & key_valid[:, :, None, :] & (~key_visual[:, :, None, :] | near)
     mask = mask | ~query_valid[..., None]  # padded query rows: any finite result, discarded
+    # the key bias at each block's keys [B, nb, T' + width] (text keys and the window's visual keys)
+    key_bias_at = None if key_bias is None else key_bias.gather(1, key_pos.reshape(batch, -1)).view(key_pos.shape)
 
     if (window + 1) // 2 <= SMALL_BLOCK:
         # Small blocks: the text keys are scored once for all visual queries (measured ~35% faster
@@ -238,7 +258,7 @@ def hollow_attention(
         local_k, local_v = (_gather_heads(x, local_pos).view(batch, x.shape[1], blocks, blk.width, -1) for x in (k, v))
         if not enable_gqa and k.shape[1] != heads:
             raise ValueError(f"{heads} query heads over {k.shape[1]} key heads need enable_gqa=True")
-        vis_out = _block_attention(q_rows, text_k, text_v, local_k, local_v, mask, scale)
+        vis_out = _block_attention(q_rows, text_k, text_v, local_k, local_v, mask, scale, key_bias_at)
     else:
         n_keys = key_pos.shape[-1]
         flat_keys = key_pos.reshape(batch, -1)
@@ -249,7 +269,8 @@ def hollow_attention(
             q_blk.reshape(batch * blocks, heads, block, -1),
             k_blk.reshape(batch * blocks, k.shape[1], n_keys, -1),
             v_blk.reshape(batch * blocks, v.shape[1], n_keys, -1),
-            attn_mask=mask.reshape(batch * blocks, 1, block, n_keys),
+            attn_mask=biased(mask, None if key_bias_at is None else key_bias_at[:, :, None, :]
+                             ).reshape(batch * blocks, 1, block, n_keys),
             **sdpa,
         )
         vis_out = vis_out.view(batch, blocks, heads, block, -1).transpose(1, 2).reshape(batch, heads, blocks * block, -1)
@@ -258,11 +279,13 @@ def hollow_attention(
 
 
 def _block_attention(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor, local_k: torch.Tensor,
-                     local_v: torch.Tensor, allowed: torch.Tensor, scale: float | None) -> torch.Tensor:
+                     local_v: torch.Tensor, allowed: torch.Tensor, scale: float | None,
+                     key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of small query blocks over shared text keys and their block's local keys.
 
     q [B, H, nb * c, d]; text_k/v [B, H_kv, T', d]; local_k/v [B, H_kv, nb, w, d]; allowed [B, nb, c, T' + w].
-    One softmax over both key sets (exactly SDPA over the concatenated keys). The query heads of a
+    One softmax over both key sets (exactly SDPA over the concatenated keys); key_bias [B, nb, T' + w]
+    is added to each block's scores at its keys. The query heads of a
     key head are stacked into the rows of one matmul (GQA without repeating keys), and the text
     scores are one matmul for all blocks instead of one gather of the text keys per block.
     """
@@ -277,6 +300,8 @@ def _block_attention(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor
     scores = torch.cat([text_scores.view(batch, kv_heads, group, blocks, block, n_text), local_scores], dim=-1)
     # the softmax in float32 (as the fused SDPA kernels accumulate it), back in the values' dtype
     scores = scores.float() * (dim ** -0.5 if scale is None else scale)
+    if key_bias is not None:  # [B, nb, keys] onto [B, H_kv, G, nb, c, keys]
+        scores = scores + key_bias.float()[:, None, None, :, None, :]
     probs = scores.masked_fill(~allowed[:, None, None], float("-inf")).softmax(dim=-1).to(text_v.dtype)
     text_out = torch.matmul(probs[..., :n_text].reshape(batch, kv_heads, group * rows, n_text), text_v)
     local_probs = probs[..., n_text:].permute(0, 1, 3, 2, 4, 5).reshape(batch, kv_heads, blocks, group * block, width)
@@ -285,7 +310,7 @@ def _block_attention(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor
     return out.reshape(batch, heads, rows, -1).to(q.dtype)
 
 
-def _masked_flops(q, k, v, attn_mask, visual_mask, window, scale=None, enable_gqa=False):
+def _masked_flops(q, k, v, attn_mask, visual_mask, window, scale=None, enable_gqa=False, key_bias=None):
     # The fallback computes every (query, key) score: count it as full causal attention.
     batch, heads, seq, head_dim = q.shape
     pairs = torch.arange(1, seq + 1, device=q.device).expand(batch, seq)
@@ -295,7 +320,7 @@ def _masked_flops(q, k, v, attn_mask, visual_mask, window, scale=None, enable_gq
 
 
 @counted(_masked_flops)
-def hollow_attention_masked(q, k, v, attn_mask, visual_mask, window: int, scale=None, enable_gqa=False):
+def hollow_attention_masked(q, k, v, attn_mask, visual_mask, window: int, scale=None, enable_gqa=False, key_bias=None):
     """The fallback: full SDPA over a mask with the hollow pattern cut out. Correct, saves nothing."""
     seq = q.shape[2]
     vis = visual_mask.to(torch.bool)
@@ -303,4 +328,7 @@ def hollow_attention_masked(q, k, v, attn_mask, visual_mask, window: int, scale=
     far = (pos[:, None] - pos[None, :]).abs() >= window
     cut = vis[:, None, :, None] & vis[:, None, None, :] & far
     allowed = _allowed(attn_mask) & ~cut
+    if key_bias is not None:
+        bias = key_bias[:, None, None, :].to(q.dtype)
+        allowed = torch.where(allowed, bias, torch.full_like(bias, torch.finfo(q.dtype).min))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=enable_gqa)

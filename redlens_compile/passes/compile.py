@@ -16,6 +16,7 @@ from torch import fx
 
 from ..analysis.budget import ReductionPlan
 from ..capture.pipeline import CapturedDecoder, SplitDecoder
+from ..config import DEFAULT_PROBE_RULE
 from ..errors import ReductionUnavailableError
 from ..runtime.token_pruning import TokenPruning
 from .infra import PassRecord, run_passes
@@ -40,6 +41,7 @@ class CompiledDecoder:
     fallback: dict[int, str] = field(default_factory=dict)  # layer -> why hollow attention used the masked fallback
     skipped: dict[int, str] = field(default_factory=dict)  # layer -> why a pass could not reduce it
     notes: list[str] = field(default_factory=list)  # the report's notes on the compiled structure
+    probe_rule: str = DEFAULT_PROBE_RULE  # how the dynamic FFN picks its probe rows (re-applied on rebuild)
 
     @property
     def split_layer(self) -> int | None:
@@ -53,7 +55,8 @@ class CompiledDecoder:
 
 
 def compile_decoder(captured: CapturedDecoder, plan: ReductionPlan, probe_tokens: int | float,
-                    pruning: TokenPruning | None = None, split: SplitDecoder | None = None) -> CompiledDecoder:
+                    pruning: TokenPruning | None = None, split: SplitDecoder | None = None,
+                    probe_rule: str = DEFAULT_PROBE_RULE) -> CompiledDecoder:
     """Run `plan`'s passes on the captured decoder (or, pruning after layer K, the cleanups on the two
     graphs of `split`, the head returning layer K's last-query attention for fastv) and return
     the CompiledDecoder. The rewrite is in place: the captured graphs are consumed."""
@@ -61,7 +64,8 @@ def compile_decoder(captured: CapturedDecoder, plan: ReductionPlan, probe_tokens
     if split is None:
         # Reduced work runs in thinner GEMMs than the original's: lower them (identity stays the family's ops).
         reduces = bool(plan.settings) or pruning is not None
-        result = apply_plan(captured.graph_module, plan, probe_tokens, key_bias=key_bias, thin_linear=reduces)
+        result = apply_plan(captured.graph_module, plan, probe_tokens, key_bias=key_bias, thin_linear=reduces,
+                            probe_rule=probe_rule)
         graph, tail, seq_range, records = result.graph_module, None, captured.seq_range, result.records
         notes = []
     else:
@@ -84,4 +88,4 @@ def compile_decoder(captured: CapturedDecoder, plan: ReductionPlan, probe_tokens
     # generate's prefill: the same graph (same weights) with logits for the last position only.
     prefill_graph, _ = run_passes(clone_graph_module(tail if tail is not None else graph), [LastPositionLogitsPass()])
     return CompiledDecoder(graph, prefill_graph, tail, pruning, tuple(result.key_bias_layers), seq_range, records,
-                           plan, probe_tokens, dict(result.fallback), dict(result.skipped), notes)
+                           plan, probe_tokens, dict(result.fallback), dict(result.skipped), notes, probe_rule)

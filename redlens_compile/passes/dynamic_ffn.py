@@ -6,7 +6,9 @@ For each reduced layer the FFN subgraph (entry -> up-side linears and their elem
   rows per sample are stacked under them up to the down projection (one full-width GEMM),
   and their activations score the channels (ops.dynamic_ffn.top_channels);
 - the visual rows run through a copy of the glue whose linears use weights sliced to the K kept
-  channels, per sample (gate, up and down all shrink: that is the saved work);
+  channels, per sample (gate, up and down all shrink: that is the saved work); with a "+route"
+  probe rule the probe rows' full-width hidden also runs the whole down weight, and those rows
+  take the full FFN's output;
 - both halves go back into one [B, S, D] tensor.
 The glue is copied, not recognised, so any activation (SiLU, GELU, gated or not) works. A fused
 gate-up linear (one [2F, D] weight whose output the graph splits into gate and up) is sliced at the
@@ -41,10 +43,13 @@ class DynamicFFNPass(RedLensPass):
     """Rewrite the FFN of each layer in `keep` (layer -> fraction of channels kept for visual rows).
 
     probe_tokens: M, an int count or a fraction of each sample's visual rows (resolved at run time).
+    probe_rule: how each sample's probe rows are chosen (ops.dynamic_ffn.PROBE_RULES); with "+route"
+        the probe rows also take the full FFN's output.
     """
 
     keep: dict[int, float]
     probe_tokens: int | float = 0.1
+    probe_rule: str = ops.DEFAULT_PROBE_RULE
     runs_after: ClassVar[tuple[str, ...]] = ("StripAssertsPass",)
 
     def call(self, graph_module: fx.GraphModule) -> RedLensPassResult:
@@ -78,10 +83,11 @@ class DynamicFFNPass(RedLensPass):
                                   (call_like(graph, first, flatten_rows, (entry,), token_kind="text"), 0,
                                    layout["txt_flat"]), token_kind="text")
             visual_rows = call_like(graph, first, gather_padded, (entry, layout["vis_pos"]), token_kind="visual")
-            probes = call_like(graph, first, ops.probe_rows, (visual_rows, layout["vis_count"], self.probe_tokens),
-                               token_kind="visual")
+            probes = call_like(graph, first, ops.probe_rows,
+                               (visual_rows, layout["vis_count"], self.probe_tokens, self.probe_rule), token_kind="visual")
             probe_x = call_like(graph, first, operator.getitem, (probes, 0), token_kind="visual")
             probe_valid = call_like(graph, first, operator.getitem, (probes, 1), token_kind="visual")
+            probe_index = call_like(graph, first, operator.getitem, (probes, 2), token_kind="visual")
             stacked = call_like(graph, first, ops.stack_rows, (text_rows, probe_x))
         # The original nodes now serve the text rows and, up to the down projection, the probes.
         for split in match.splits:  # the stacked rows are [N, ...]: cut the last dim by its negative index
@@ -106,6 +112,10 @@ class DynamicFFNPass(RedLensPass):
             weight, bias = _weight_and_bias(down)
             down_w = call_like(graph, down, ops.slice_in_features, (weight, channels), token_kind="visual")
             visual_out = call_like(graph, down, ops.batched_matmul, (sliced, down_w, bias), token_kind="visual")
+            if ops.split_rule(self.probe_rule)[1]:
+                visual_out = call_like(graph, down, ops.route_probes,
+                                       (visual_out, probe_hidden, weight, bias, probe_index, probe_valid),
+                                       token_kind="visual")
             merged = call_like(graph, down, merge_rows, (entry, down, layout["txt_flat"], visual_out,
                                                          layout["vis_valid"], layout["vis_flat"]))
         for user in users:

@@ -4,9 +4,10 @@ Token pruning with proportional attention sets it: a kept visual row that stands
 gets log(m) on its scores in every layer, so the dropped rows' softmax mass is not lost (see
 ops.token_pruning.proportional_key_bias). The pass wraps each distinct mask that feeds an aten
 SDPA call in ops.token_pruning.key_biased_mask (the family's mask, now additive, plus the bias).
-Run after the reduction passes (declared: runs_after): hollow attention layers read the family's
-bool mask and do not see the bias (the report says so). A mask-free SDPA (is_causal) is left as
-it is. The layers whose attention takes the bias come back in the result's findings
+Run after the reduction passes (declared: runs_after): a hollow attention call
+(ops/hollow_attention.py) gets the bias as its `key_bias` argument and adds it to the text and
+window keys it keeps, so hollow layers see what full layers see. A mask-free SDPA (is_causal) is
+left as it is. The layers whose attention takes the bias come back in the result's findings
 ("key_bias_layers"): decode steps apply the same bias in the same layers.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from torch import fx
 
 from ..capture.annotate import ATTENTION_CORE_TARGETS, annotation
+from ..ops.hollow_attention import hollow_attention, hollow_attention_masked
 from ..ops.token_pruning import key_biased_mask
 from .hollow_attention import sdpa_arguments
 from .infra import RedLensPass, RedLensPassResult
@@ -24,10 +26,14 @@ KEY_BIAS_INPUT = "key_bias"
 
 
 def biased_layers(graph_module: fx.GraphModule) -> list[int]:
-    """The layers whose attention reads the key bias (their SDPA mask is a key_biased_mask)."""
+    """The layers whose attention reads the key bias (their SDPA mask is a key_biased_mask, or their
+    hollow attention takes it)."""
     return sorted({a.layer for n in graph_module.graph.nodes
-                   if n.op == "call_function" and n.target in ATTENTION_CORE_TARGETS
-                   and isinstance(mask := sdpa_arguments(n).get("attn_mask"), fx.Node) and mask.target is key_biased_mask
+                   if n.op == "call_function"
+                   and ((n.target in ATTENTION_CORE_TARGETS and isinstance(mask := sdpa_arguments(n).get("attn_mask"),
+                                                                          fx.Node) and mask.target is key_biased_mask)
+                        or (n.target in (hollow_attention, hollow_attention_masked)
+                            and n.kwargs.get("key_bias") is not None))
                    and (a := annotation(n)) is not None and a.layer is not None})
 
 
@@ -40,8 +46,13 @@ class KeyBiasPass(RedLensPass):
             return RedLensPassResult(graph_module, False, {"key_bias_layers": biased_layers(graph_module)})
         cores = [n for n in graph.nodes if n.op == "call_function" and n.target in ATTENTION_CORE_TARGETS
                  and isinstance(sdpa_arguments(n).get("attn_mask"), fx.Node)]
+        hollow = [n for n in graph.nodes if n.op == "call_function"
+                  and n.target in (hollow_attention, hollow_attention_masked)]
         bias = add_input(graph_module, KEY_BIAS_INPUT)
-        layers = sorted({a.layer for c in cores if (a := annotation(c)) is not None and a.layer is not None})
+        layers = sorted({a.layer for c in (*cores, *hollow) if (a := annotation(c)) is not None
+                         and a.layer is not None})
+        for node in hollow:
+            node.kwargs = dict(node.kwargs, key_bias=bias)
         biased: dict[fx.Node, fx.Node] = {}
         for core in cores:
             mask = sdpa_arguments(core)["attn_mask"]

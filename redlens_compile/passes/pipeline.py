@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from ..analysis.budget import ReductionPlan
+from ..config import DEFAULT_PROBE_RULE
 from .causal_fast_path import CausalFastPathPass
 from .dead_code import DeadCodeEliminationPass
 from .dynamic_ffn import DynamicFFNPass
@@ -35,7 +36,8 @@ class PipelineResult:
 
 
 def build_passes(plan: ReductionPlan, probe_tokens: int | float, key_bias: bool = False,
-                 thin_linear: bool = False, last_query_layer: int | None = None) -> list[RedLensPass]:
+                 thin_linear: bool = False, last_query_layer: int | None = None,
+                 probe_rule: str = DEFAULT_PROBE_RULE) -> list[RedLensPass]:
     """Strip asserts, the reductions the plan asks for, layer K's last-query attention as an extra
     output (FastV's signal, `last_query_layer`), the key-bias input (proportional attention after
     pruning), the causal fast path, the thin-linear lowering (where the graph runs reduced work),
@@ -46,7 +48,7 @@ def build_passes(plan: ReductionPlan, probe_tokens: int | float, key_bias: bool 
     if last_query_layer is not None:
         passes.append(LastQueryAttentionPass(last_query_layer))
     if keep:
-        passes.append(DynamicFFNPass(keep=keep, probe_tokens=probe_tokens))
+        passes.append(DynamicFFNPass(keep=keep, probe_tokens=probe_tokens, probe_rule=probe_rule))
     if window:
         passes.append(HollowAttentionPass(window=window))
     if key_bias:
@@ -60,10 +62,10 @@ def build_passes(plan: ReductionPlan, probe_tokens: int | float, key_bias: bool 
 
 def apply_plan(graph_module: fx.GraphModule, plan: ReductionPlan, probe_tokens: int | float,
                copy: bool = False, key_bias: bool = False, thin_linear: bool = False,
-               last_query_layer: int | None = None) -> PipelineResult:
+               last_query_layer: int | None = None, probe_rule: str = DEFAULT_PROBE_RULE) -> PipelineResult:
     """Run the plan's passes (on a copy sharing the weights when `copy`, e.g. for ranking trials)."""
     if copy:
         graph_module = clone_graph_module(graph_module)
-    passes = build_passes(plan, probe_tokens, key_bias, thin_linear, last_query_layer)
+    passes = build_passes(plan, probe_tokens, key_bias, thin_linear, last_query_layer, probe_rule)
     graph_module, records = run_passes(graph_module, passes)
     return PipelineResult.of(graph_module, records)

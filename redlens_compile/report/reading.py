@@ -47,7 +47,7 @@ def _relevant(config: Mapping[str, Any]) -> set[str]:
     fields = set(config) - {"prune_keep", "prune_layer", "codebook", "prune_seed", "prune_proportional"}
     if config.get("layers") == [] or (config.get("layers") == "auto" and config.get("flops_budget", 1.0) >= 1.0):
         # no layer is reduced: the per-layer settings do not act
-        fields -= {"ffn_keep", "hollow_window", "probe_tokens", "ranking"}
+        fields -= {"ffn_keep", "hollow_window", "probe_tokens", "probe_rule", "ranking"}
     method = config.get("prune")
     if method is None:
         return fields

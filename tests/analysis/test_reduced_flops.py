@@ -14,7 +14,7 @@ def text_config(model):
     return model.get_decoder().config if hasattr(model, "get_decoder") else model.config.text_config
 
 
-def closed_form_reduced(cfg, visual: torch.Tensor, keep: float, probes: float, window: int) -> dict:
+def closed_form_reduced(cfg, visual: torch.Tensor, keep: float, probes: float, window: int, rule: str = "stride") -> dict:
     """Multiply-adds of one reduced layer for one sequence, by group and token kind (DESIGN.md)."""
     d, f = cfg.hidden_size, cfg.intermediate_size
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -23,6 +23,10 @@ def closed_form_reduced(cfg, visual: torch.Tensor, keep: float, probes: float, w
     n_v, n_t = int(visual.sum()), int((~visual).sum())
     k = math.ceil(keep * f)
     m = min(n_v, math.ceil(probes * n_v))
+    # choosing the probes: one multiply-add per visual element to score a row ("norm"), two with the
+    # image's mean ("outlier"); "+route": the probes' full-width hidden through the whole down weight
+    base, _, route = rule.partition("+")
+    selection = {"stride": 0, "norm": 1, "outlier": 2}[base] * n_v * d + (m * d * f if route else 0)
     # Hollow attention as computed (DESIGN.md: O(N_v (P + 2w))): the visual span is cut into blocks
     # of c = ceil(w / 2) queries; a block computes its text keys (those before the image: P) and a
     # run of visual keys reaching w - 1 back, ceil((w - 1) / c) blocks plus its own.
@@ -35,21 +39,23 @@ def closed_form_reduced(cfg, visual: torch.Tensor, keep: float, probes: float, w
     text_keys = int(((~visual).nonzero().reshape(-1) + 1).sum())
     return {
         "visual": {"proj": n_v * d * (2 * q_dim + 2 * kv_dim), "attn": 2 * q_dim * hollow_keys,
-                   "ffn": 3 * n_v * d * k + 2 * m * d * f},  # sliced gate/up/down + full-width probe up to down
+                   # sliced gate/up/down + full-width probe up to down
+                   "ffn": 3 * n_v * d * k + 2 * m * d * f + selection},
         "text": {"proj": n_t * d * (2 * q_dim + 2 * kv_dim), "attn": 2 * q_dim * text_keys, "ffn": 3 * n_t * d * f},
     }
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_reduced_audit_matches_closed_form_within_two_percent(family_models, family):
+@pytest.mark.parametrize("family, rule", [(f, rc.RedLensConfig().probe_rule) for f in ALL_FAMILIES]
+                         + [("llava", "stride"), ("llava", "norm"), ("llava", "outlier+route")])
+def test_reduced_audit_matches_closed_form_within_two_percent(family_models, family, rule):
     model = family_models(family)
     inputs = make_inputs(family, model, text_before=5, text_after=6)
     keep, probes, window = 0.375, 0.25, 5
-    config = rc.RedLensConfig(layers=[0, 2], ffn_keep=keep, probe_tokens=probes, hollow_window=window)
+    config = rc.RedLensConfig(layers=[0, 2], ffn_keep=keep, probe_tokens=probes, hollow_window=window, probe_rule=rule)
     report = rc.optimize(model, inputs, config=config).report
     cfg = text_config(model)
     visual = torch.isin(inputs["input_ids"][0], torch.tensor([IMAGE_TOKEN, VIDEO_TOKEN]))
-    expected = closed_form_reduced(cfg, visual, keep, probes, window)
+    expected = closed_form_reduced(cfg, visual, keep, probes, window, rule)
     for row in report.layers:
         for kind in ("visual", "text"):
             for group in ("proj", "attn", "ffn"):
