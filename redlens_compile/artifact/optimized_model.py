@@ -182,16 +182,18 @@ class OptimizedModel(nn.Module):
 
         return load_optimized(directory, model, example_inputs, progress=progress, check_versions=check_versions)
 
-    def export_onnx(self, directory, example_inputs: dict[str, Any] | None = None, dtype: str | None = None):
+    def export_onnx(self, directory, example_inputs: dict[str, Any] | None = None, dtype: str | None = None,
+                    ort_optimized: bool = False):
         """ONNX files of this model (rewritten prefill, decode step, embedding) + redlens.json; see
         exporters/onnx.py. `directory` must be new, empty or an earlier export (replaced whole). `dtype` ("float32" or "float16"): what
-        the files hold (default: the model's dtype; float32 for a bfloat16 model)."""
+        the files hold (default: the model's dtype; float32 for a bfloat16 model). `ort_optimized`: also
+        onnxruntime's offline-optimized CPU files of the decoder graphs (*.ort-cpu.onnx)."""
         from ..exporters.onnx import export_onnx
 
         example = example_inputs if example_inputs is not None else self.example_inputs
         if example is None:
             raise ValueError("export_onnx needs example_inputs (the processor's output for one prompt)")
-        return export_onnx(self, directory, example, dtype=dtype)
+        return export_onnx(self, directory, example, dtype=dtype, ort_optimized=ort_optimized)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any):
