@@ -187,10 +187,12 @@ class OptimizedModel(nn.Module):
 
         return redlens_compile.load(directory, model, example_inputs, progress=progress, check_versions=check_versions)
 
-    def export_onnx(self, directory, example_inputs: dict[str, Any] | None = None, dtype: str | None = None):
+    def export_onnx(self, directory, example_inputs: dict[str, Any] | None = None, dtype: str | None = None,
+                    ort_optimized: bool = False):
         """ONNX files of this model (rewritten prefill, decode step, embedding) + redlens.json; see
         exporters/onnx.py. `directory` must be new, empty or an earlier export (replaced whole). `dtype` ("float32" or "float16"): what
-        the files hold (default: the model's dtype; float32 for a bfloat16 model)."""
+        the files hold (default: the model's dtype; float32 for a bfloat16 model). `ort_optimized`: also
+        onnxruntime's offline-optimized CPU files of the decoder graphs (*.ort-cpu.onnx)."""
         from ..exporters.onnx import check_export_dir, check_exportable, export_dtype, export_onnx
         from ..fingerprint import weights_fingerprint
 
@@ -213,7 +215,7 @@ class OptimizedModel(nn.Module):
             logger.info("exporting in %s: rebuilding the %s model in that dtype", target, own)
             opt = self.rebuild(self, target, example)
         return export_onnx(opt.compiled, opt.model, opt.adapter, directory, example, config=opt.config,
-                           fingerprint=fingerprint)
+                           fingerprint=fingerprint, ort_optimized=ort_optimized)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any):

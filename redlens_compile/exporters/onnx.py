@@ -16,6 +16,13 @@ Files (weights as external data beside each graph):
 - `prune.onnx` when the config prunes before the first layer (exporters/prune_graph.py): the
   stage that picks the kept rows, between the front and the prefill.
 
+- `decoder_prefill.ort-cpu.onnx`, `decoder_step.ort-cpu.onnx` with `ort_optimized=True`:
+  onnxruntime's own offline graph optimization (ORT_ENABLE_EXTENDED, CPU provider) of the two
+  decoder graphs, weights as external data beside them. They may hold onnxruntime's CPU-only
+  contrib ops (FusedMatMul, QuickGelu...), so they are for that provider only and are not
+  onnx.checker-clean; the standard files stay beside them, and the manifest names both
+  (`graphs.<name>.optimized.CPUExecutionProvider`). `OnnxRunner(..., optimized=True)` runs them.
+
 The manifest says what runs where. Everything is written into a scratch folder
 beside the target and renamed into place once every file passed the ONNX checker: a failed
 export leaves nothing behind.
@@ -56,6 +63,9 @@ FORMAT = "redlens-onnx/1"
 PREFILL, STEP, EMBED = "decoder_prefill.onnx", "decoder_step.onnx", "embed_tokens.onnx"
 MAX_BATCH = 256
 EXPORT_COMMAND = "export"  # the outputs manifest's command: a later export replaces the folder whole
+# onnxruntime's offline optimization: the files it writes per provider (CPU-only fused ops inside)
+ORT_OPTIMIZED = {"CPUExecutionProvider": "ort-cpu"}
+ORT_OPTIMIZED_GRAPHS = ("decoder_prefill", "decoder_step")
 # what the files may hold: onnxruntime's CPU provider has no bfloat16 kernels for common ops (Mul)
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -196,13 +206,16 @@ def check_exportable(compiled: CompiledDecoder, model: nn.Module, adapter: Famil
 
 
 def export_onnx(compiled: CompiledDecoder, model: nn.Module, adapter: FamilyAdapter, directory: str | os.PathLike,
-                example_inputs: Mapping[str, Any], config: RedLensConfig, fingerprint: str | None = None) -> Path:
+                example_inputs: Mapping[str, Any], config: RedLensConfig, fingerprint: str | None = None,
+                ort_optimized: bool = False) -> Path:
     """Write the ONNX files of `compiled` (compiled from `model`) and the manifest into `directory`
     (new, empty or an earlier export, which is replaced whole); returns its path.
 
     The files hold the model's dtype (a bfloat16 model is refused: onnxruntime's CPU provider has
     no bfloat16 kernels; OptimizedModel.export_onnx rebuilds it in float32 or float16 first).
     `fingerprint`: the weights the runner later checks (default: `model`'s).
+    `ort_optimized`: also write onnxruntime's offline-optimized CPU files of the decoder graphs
+    (write_ort_optimized), beside the standard ones.
     """
     out = Path(directory)
     own = model.get_input_embeddings().weight.dtype
@@ -222,10 +235,42 @@ def export_onnx(compiled: CompiledDecoder, model: nn.Module, adapter: FamilyAdap
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
             for graph in manifest["graphs"].values():
                 _check(staging / graph["file"])
+            if ort_optimized:  # from the checked files; the manifest again, naming them
+                for name in ORT_OPTIMIZED_GRAPHS:
+                    graph = manifest["graphs"][name]
+                    graph["optimized"] = {"CPUExecutionProvider": write_ort_optimized(staging, graph["file"])}
+                (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     except OSError as exc:
         raise ExportError(f"{out}: the folder cannot be written ({exc.strerror or exc})") from exc
     logger.info("ONNX files written to %s", out)
     return out
+
+
+def optimized_name(file: str, provider: str = "CPUExecutionProvider") -> str:
+    """decoder_prefill.onnx -> decoder_prefill.ort-cpu.onnx (the provider it was optimized for)."""
+    return f"{Path(file).stem}.{ORT_OPTIMIZED[provider]}.onnx"
+
+
+def write_ort_optimized(folder: Path, file: str) -> dict:
+    """onnxruntime's offline optimization of `file` (ORT_ENABLE_EXTENDED on the CPU provider: the
+    fusions every machine's CPU provider runs; ORT_ENABLE_ALL would add layout changes for this
+    machine's instruction set) written beside it, weights as external data; its manifest entry."""
+    import onnxruntime as ort
+
+    target = optimized_name(file)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(folder / target)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{target}.data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        ort.InferenceSession(str(folder / file), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"{file}: onnxruntime could not optimize it offline ({type(exc).__name__}: {exc})"[:600]
+                          + "; export without ort_optimized") from exc
+    return {"file": target, "graph_optimization_level": "ORT_ENABLE_EXTENDED", "onnxruntime": ort.__version__,
+            "note": "onnxruntime's CPU-only fused ops inside: for the CPU provider of this onnxruntime version, "
+                    "not onnx.checker-clean; the standard file beside it is"}
 
 
 def _write_graphs(compiled: CompiledDecoder, model: nn.Module, adapter: FamilyAdapter, config: RedLensConfig,
@@ -322,6 +367,7 @@ def _write_graphs(compiled: CompiledDecoder, model: nn.Module, adapter: FamilyAd
             "sdpa_causal_fast_path -> masked SDPA": lowering.causal_fast_path,
             "hollow_attention, blockwise (looks-ahead decided by the family's masks)": lowering.hollow_blockwise,
             "key bias masks with the lowest finite score for blocked keys": lowering.finite_key_bias,
+            "dynamic FFN down weights stored transposed (row gathers, plain MatMul)": lowering.transposed_down_weights,
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},

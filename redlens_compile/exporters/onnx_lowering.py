@@ -11,7 +11,14 @@ computation in exportable ops, and records what it did for the manifest:
   the mask is read entry by entry (no causal shortcut), and whether an image's tokens look
   ahead is what the family's masks say (image blocks attending both ways, or causal), not a
   check of the data. Block sizes stay sizes read from data (ops/rows.py `data_size`), which
-  the ONNX graph computes at run time.
+  the ONNX graph computes at run time. Its visual blocks stack the query heads of each key head
+  as rows (`stack_heads`): torch.onnx lowers enable_gqa to an Expand of the blocks' keys and
+  values to every query head and a transpose of that copy, which cost the layer's attention
+  several times its FLOPs in onnxruntime's profile.
+- The dynamic FFN's down weight [D, F] is stored transposed ([F, D], once, at export): the
+  per-call channel slice becomes a gather of whole rows (a Gather along the columns of [D, F]
+  cost as much as a third of the sliced matmul it feeds), and the text rows' projection reads
+  the same [F, D] weight as a plain MatMul, so the file holds that weight once.
 """
 
 from __future__ import annotations
@@ -23,11 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ..ops import dynamic_ffn as ffn_ops
 from ..ops.causal_attention import is_causal_mask, sdpa_causal_fast_path
 from ..ops.hollow_attention import hollow_attention, mask_looks_ahead
 from ..ops.token_pruning import key_biased_mask
 from ..passes.infra import RedLensPass, RedLensPassResult
-from ..passes.selectors import call_like
+from ..passes.selectors import attr_value, call_like
+from ..ops.thin_linear import thin_linear
+
+_LINEARS = (torch.ops.aten.linear.default, F.linear, thin_linear, ffn_ops.split_linear)
 
 
 def sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
@@ -35,11 +46,25 @@ def sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: to
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
 
 
+def rows_of_transposed(weight_t: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """slice_in_features(weight, channels) of weight = weight_t.T [D, F]: rows of weight_t [F, D]
+    at channels [B, K] -> [B, K, D], one Gather of whole rows."""
+    return weight_t.index_select(0, channels.reshape(-1)).view(*channels.shape, weight_t.shape[1])
+
+
+def linear_transposed(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
+                      *_text_rows) -> torch.Tensor:
+    """F.linear(x, weight_t.T, bias) as x @ weight_t (weight_t [in, out])."""
+    out = torch.matmul(x, weight_t)
+    return out if bias is None else out + bias
+
+
 @dataclass
 class LoweringRecord:
     causal_fast_path: int = 0
     hollow_blockwise: int = 0
     finite_key_bias: int = 0
+    transposed_down_weights: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -71,8 +96,9 @@ class LowerForOnnxPass(RedLensPass):
                 modified = True
                 continue
             elif node.target is hollow_attention and (node.kwargs.get("mask_is_causal") is not False
-                                                      or node.kwargs.get("looks_ahead") != self.looks_ahead):
-                node.kwargs = dict(node.kwargs, mask_is_causal=False, looks_ahead=self.looks_ahead)
+                                                      or node.kwargs.get("looks_ahead") != self.looks_ahead
+                                                      or not node.kwargs.get("stack_heads")):
+                node.kwargs = dict(node.kwargs, mask_is_causal=False, looks_ahead=self.looks_ahead, stack_heads=True)
                 record.hollow_blockwise += 1
                 modified = True
                 continue
@@ -81,6 +107,7 @@ class LowerForOnnxPass(RedLensPass):
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             modified = True
+        modified |= self._transpose_down_weights(graph_module, record)
         for node in list(graph.nodes):  # the causal checks and layouts nothing reads any more
             if (node.op == "call_function" and node.target in (is_causal_mask, mask_looks_ahead, operator.getitem)
                     and not node.users):
@@ -89,3 +116,34 @@ class LowerForOnnxPass(RedLensPass):
             graph.eliminate_dead_code()
             graph_module.recompile()
         return RedLensPassResult(graph_module, modified, {"lowering": record})
+
+    def _transpose_down_weights(self, graph_module: fx.GraphModule, record: LoweringRecord) -> bool:
+        """Each weight the dynamic FFN slices by input features, as a transposed copy (a buffer of
+        the lowered module, not of the model) read by row gathers and plain matmuls."""
+        graph = graph_module.graph
+        done = False
+        for weight in [n for n in graph.nodes if n.op == "get_attr"]:
+            users = list(weight.users)
+            if not any(u.op == "call_function" and u.target is ffn_ops.slice_in_features for u in users):
+                continue
+            if not all(u.op == "call_function" and (u.target is ffn_ops.slice_in_features or
+                                                    (u.target in _LINEARS and len(u.args) > 1 and u.args[1] is weight
+                                                     and u.args[0] is not weight)) for u in users):
+                continue  # another reader of the [D, F] layout: leave it (the numbers are the same)
+            name = f"redlens_onnx_transposed_{len([b for b, _ in graph_module.named_buffers()])}"
+            graph_module.register_buffer(name, attr_value(graph_module, weight).detach().t().contiguous())
+            with graph.inserting_after(weight):
+                transposed = graph.get_attr(name)
+            for user in users:
+                with graph.inserting_before(user):
+                    if user.target is ffn_ops.slice_in_features:
+                        new = call_like(graph, user, rows_of_transposed, (transposed, user.args[1]))
+                    else:
+                        bias = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
+                        new = call_like(graph, user, linear_transposed, (user.args[0], transposed, bias))
+                user.replace_all_uses_with(new)
+                graph.erase_node(user)
+            graph.erase_node(weight)
+            record.transposed_down_weights += 1
+            done = True
+        return done

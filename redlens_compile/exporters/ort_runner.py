@@ -11,6 +11,8 @@ IOBinding on either provider: their KV cache outputs stay where the provider put
 GPU with CUDA) and are bound as the next step's inputs, and only the last position's logits and
 the small per-step inputs cross to and from the host. Feeds are cast to the element type each
 graph input declares (float16 graphs take float16 embeddings and key bias).
+`optimized=True` runs the decoder graphs from onnxruntime's offline-optimized files
+(`*.ort-cpu.onnx`, written by export_onnx(..., ort_optimized=True)) for the CPU provider.
 """
 
 from __future__ import annotations
@@ -63,8 +65,26 @@ def pick_providers(providers: list[str] | None = None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def graph_files(manifest: dict, provider: str, optimized: bool, directory: Path) -> dict[str, str]:
+    """The file each graph runs from: with `optimized`, the offline-optimized one written for
+    `provider` where the manifest names one (the decoder graphs), else the standard file."""
+    graphs = manifest["graphs"]
+    files = {name: g["file"] for name, g in graphs.items()}
+    if not optimized:
+        return files
+    found = {name: g["optimized"][provider]["file"] for name, g in graphs.items()
+             if provider in g.get("optimized", {})}
+    if not found:
+        written = sorted({p for g in graphs.values() for p in g.get("optimized", {})})
+        raise ExportError(f"{directory}: optimized=True, but the files hold no onnxruntime-optimized graph for "
+                          f"{provider} (written for: {written or 'none'}); export with ort_optimized=True, or run "
+                          "the standard files (optimized=False)")
+    return files | found
+
+
 class OnnxRunner:
-    def __init__(self, directory: str | Path, model: nn.Module | None = None, providers: list[str] | None = None):
+    def __init__(self, directory: str | Path, model: nn.Module | None = None, providers: list[str] | None = None,
+                 optimized: bool = False):
         import onnxruntime as ort
 
         self.directory = Path(directory)
@@ -94,8 +114,10 @@ class OnnxRunner:
         self.providers = pick_providers(providers)
         options = ort.SessionOptions()
         graphs = self.manifest["graphs"]
-        self.sessions = {name: ort.InferenceSession(str(self.directory / g["file"]), options, providers=self.providers)
-                         for name, g in graphs.items()}
+        self.files = graph_files(self.manifest, self.providers[0], optimized, self.directory)
+        self.sessions = {name: ort.InferenceSession(str(self.directory / self.files[name]), options,
+                                                    providers=self.providers)
+                         for name in graphs}
         self.provider = self.sessions["decoder_prefill"].get_providers()[0]
         # where IOBinding leaves the outputs it keeps (the KV cache): the provider's device
         self.output_device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"

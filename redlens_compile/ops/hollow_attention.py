@@ -140,7 +140,7 @@ def text_query_pairs(txt_pos: torch.Tensor, txt_valid: torch.Tensor, seq: int) -
 
 
 def _hollow_flops(q, k, v, attn_mask, visual_mask, vis_pos, vis_valid, txt_pos, txt_valid, window, scale=None,
-                  enable_gqa=False, mask_is_causal=False, looks_ahead=None, key_bias=None):
+                  enable_gqa=False, mask_is_causal=False, looks_ahead=None, key_bias=None, stack_heads=False):
     """Text queries at the pairs they see (as the unreduced SDPA is counted), each visual block
     against its text candidates and its local run (padded rows included: they are computed)."""
     batch, heads, seq, head_dim = q.shape
@@ -169,6 +169,7 @@ def hollow_attention(
     mask_is_causal: bool = False,
     looks_ahead: bool | None = None,
     key_bias: torch.Tensor | None = None,
+    stack_heads: bool = False,
 ) -> torch.Tensor:
     """SDPA with the hollow pattern. q [B, H, S, d]; k, v [B, H_kv, S, d]; attn_mask [B or 1, 1, S, S].
 
@@ -176,6 +177,9 @@ def hollow_attention(
     entries are computed from positions instead of gathered from the S x S tensor.
     key_bias [B, S] (token pruning's proportional attention, passes/key_bias.py): added to every
     score of its key, for the text and the window keys a query keeps, as a full layer adds it.
+    stack_heads (the ONNX lowering sets it): the visual blocks' SDPA stacks the query heads of each
+    key head as rows (GQA without repeating keys) instead of enable_gqa, which torch.onnx lowers
+    to an Expand of the blocks' keys and values to every query head and a transpose of the copy.
     """
     batch, heads, seq, _ = q.shape
     allowed = _allowed(attn_mask).expand(batch, 1, seq, seq)
@@ -265,14 +269,28 @@ def hollow_attention(
         k_blk = _gather_heads(k, flat_keys).view(batch, k.shape[1], blocks, n_keys, -1).transpose(1, 2)
         v_blk = _gather_heads(v, flat_keys).view(batch, v.shape[1], blocks, n_keys, -1).transpose(1, 2)
         q_blk = _gather_heads(q, query_pos.reshape(batch, -1)).view(batch, heads, blocks, block, -1).transpose(1, 2)
-        vis_out = F.scaled_dot_product_attention(
-            q_blk.reshape(batch * blocks, heads, block, -1),
-            k_blk.reshape(batch * blocks, k.shape[1], n_keys, -1),
-            v_blk.reshape(batch * blocks, v.shape[1], n_keys, -1),
-            attn_mask=biased(mask, None if key_bias_at is None else key_bias_at[:, :, None, :]
-                             ).reshape(batch * blocks, 1, block, n_keys),
-            **sdpa,
-        )
+        kv_heads = k.shape[1]
+        mask = biased(mask, None if key_bias_at is None else key_bias_at[:, :, None, :])
+        if stack_heads and kv_heads != heads:
+            # query head h reads key head h // G: the G heads of a key head as G * block rows
+            group = heads // kv_heads
+            stacked = F.scaled_dot_product_attention(
+                q_blk.reshape(batch * blocks, kv_heads, group * block, -1),
+                k_blk.reshape(batch * blocks, kv_heads, n_keys, -1),
+                v_blk.reshape(batch * blocks, kv_heads, n_keys, -1),
+                attn_mask=mask.reshape(batch * blocks, 1, 1, block, n_keys).expand(-1, -1, group, -1, -1)
+                .reshape(batch * blocks, 1, group * block, n_keys),
+                scale=scale,
+            )
+            vis_out = stacked.reshape(batch * blocks, heads, block, -1)
+        else:
+            vis_out = F.scaled_dot_product_attention(
+                q_blk.reshape(batch * blocks, heads, block, -1),
+                k_blk.reshape(batch * blocks, kv_heads, n_keys, -1),
+                v_blk.reshape(batch * blocks, kv_heads, n_keys, -1),
+                attn_mask=mask.reshape(batch * blocks, 1, block, n_keys),
+                **sdpa,
+            )
         vis_out = vis_out.view(batch, blocks, heads, block, -1).transpose(1, 2).reshape(batch, heads, blocks * block, -1)
     put(vis_out[:, :, :vis_pos.shape[1]], vis_pos, vis_valid)
     return result

@@ -58,3 +58,27 @@ def test_key_bias_masks_get_a_finite_floor(family_models):
                       config=rc.RedLensConfig(prune="random", prune_keep=0.25, flops_budget=1.0))
     _, record = lower_and_compare(model, opt)
     assert record.finite_key_bias == 1
+
+
+def test_reduced_layers_lower_to_onnx_friendly_forms(family_models):
+    """Window 12 (blocks of 6: the SDPA path) over 4 query heads and 2 key heads, and the dynamic FFN:
+    the blocks stack the heads of a key head, each down weight is stored once, transposed, and
+    read by row gathers and matmuls; the real rows' numbers stay."""
+    from redlens_compile.exporters.onnx_lowering import linear_transposed, rows_of_transposed
+    from redlens_compile.ops.dynamic_ffn import slice_in_features
+
+    model = family_models("llava")
+    opt = rc.optimize(model, make_inputs("llava", model),
+                      config=rc.RedLensConfig(layers="all", hollow_window=12, ffn_keep=0.5))
+    layers = opt.num_layers
+    assert len(targets(opt.graph_module, slice_in_features)) == layers
+    lowered, record = lower_and_compare(model, opt)
+    assert record.transposed_down_weights == layers
+    assert targets(lowered, slice_in_features) == []
+    assert len(targets(lowered, rows_of_transposed)) == layers and len(targets(lowered, linear_transposed)) == layers
+    assert all(n.kwargs["stack_heads"] is True for n in targets(lowered, hollow_attention))
+    down = [n.args[0] for n in targets(lowered, rows_of_transposed)]
+    for node in down:  # [F, D]: the model's [D, F] down weight, transposed
+        weight = getattr(lowered, node.target)
+        assert weight.shape == (model.config.text_config.intermediate_size, model.config.text_config.hidden_size)
+    assert len({n.target for n in down}) == layers

@@ -48,3 +48,38 @@ def test_runner_checks_the_folder_and_the_model(identity_optimized, family_model
     assert stopped[0, -2:].tolist() == [0, 0] or eos in stopped[0, -4:-2].tolist()
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         runner.generate(batch, max_new_tokens=0)
+
+
+def test_onnxruntime_optimized_files_beside_the_standard_ones(family_models, tmp_path):
+    """ort_optimized=True: the decoder graphs also as onnxruntime's offline-optimized CPU files, named
+    in both manifests; the runner runs them on request, with the standard files' logits (1e-4)."""
+    import numpy as np
+
+    from redlens_compile.files import OUTPUTS_MANIFEST
+
+    model = family_models("llava")
+    opt = rc.optimize(model, make_inputs("llava", model),
+                      config=rc.RedLensConfig(layers="all", hollow_window=12, ffn_keep=0.5))
+    out = opt.export_onnx(tmp_path / "onnx", ort_optimized=True)
+    manifest = json.loads((out / "redlens.json").read_text())
+    graphs = manifest["graphs"]
+    # the same folder as a standard export's manifest would describe it: optimized=True is refused
+    (out / "redlens.json").write_text(json.dumps(dict(manifest, graphs={
+        name: {k: v for k, v in g.items() if k != "optimized"} for name, g in graphs.items()})))
+    with pytest.raises(rc.ExportError, match="no onnxruntime-optimized graph for CPUExecutionProvider"):
+        OnnxRunner(out, model, optimized=True)
+    (out / "redlens.json").write_text(json.dumps(manifest))
+    listed = json.dumps(json.loads((out / OUTPUTS_MANIFEST).read_text())["files"])
+    for name, file in (("decoder_prefill", "decoder_prefill.ort-cpu.onnx"), ("decoder_step", "decoder_step.ort-cpu.onnx")):
+        assert graphs[name]["optimized"]["CPUExecutionProvider"]["file"] == file and (out / file).is_file()
+        assert file in listed and graphs[name]["file"] in listed
+    assert "optimized" not in graphs["embed_tokens"]
+    standard, fused = OnnxRunner(out, model), OnnxRunner(out, model, optimized=True)
+    assert fused.files["decoder_prefill"] == "decoder_prefill.ort-cpu.onnx"
+    assert standard.files["decoder_prefill"] == "decoder_prefill.onnx"
+    batch = make_inputs("llava", model, batch=2, pad_left=(2,), seed=5)
+    real = batch["attention_mask"].bool().numpy()
+    want, got = standard(**batch), fused(**batch)
+    assert np.abs(got - want)[real].max() <= 1e-4
+    assert torch.equal(fused.generate(batch, max_new_tokens=3, eos_token_id=[]),
+                       standard.generate(batch, max_new_tokens=3, eos_token_id=[]))

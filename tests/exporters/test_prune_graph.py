@@ -72,3 +72,25 @@ def test_onnxruntime_keeps_the_rows_the_eager_stage_keeps(name, position_rows, t
 def test_stages_after_a_layer_are_not_a_prune_graph():
     with pytest.raises(ValueError, match="after layer 1"):
         prune_graph.PruneGraph(TokenPruning("vtw", 0, layer=1))
+
+
+def test_tied_scores_keep_the_earliest_rows_as_the_torch_stage(tmp_path):
+    """keep_score with three levels only (most rows tied at the threshold): onnxruntime keeps exactly
+    the rows the torch stage keeps, the earliest of the tied ones, per sample."""
+    pruning = TokenPruning("random", 0.4, seed=0)
+    session = export(pruning, decoder_inputs(30, [range(3, 23), range(4, 24)], 1, seed=0), tmp_path / "prune.onnx")
+    inputs = decoder_inputs(40, [range(2, 32), range(6, 26)], 1, seed=2)
+    levels = torch.tensor([0.25, 0.5, 0.75])
+    scores = levels[torch.arange(40).repeat(2, 1) * 7 % 3] * inputs.visual_mask
+    want = pruning.prune(inputs, scores)
+    feeds = [a.numpy() for a in (*inputs.as_args()[:4], scores)]
+    got = session.run(None, dict(zip(prune_graph.input_names(pruning), feeds)))
+    assert np.array_equal(got[0], want.inputs.inputs_embeds.numpy())
+    assert np.array_equal(got[2], want.inputs.position_ids.numpy())
+    # the closed form of the tie rule: each sample keeps round(0.4 * count) visual rows, the best
+    # level first, then the earliest rows of the threshold level
+    for b, count in enumerate((30, 20)):
+        visual = inputs.visual_mask[b].nonzero().reshape(-1)
+        order = sorted(visual.tolist(), key=lambda i: (-float(scores[b, i]), i))[:round(0.4 * count)]
+        kept_positions = want.inputs.position_ids[b][want.inputs.visual_mask[b]]
+        assert kept_positions.tolist() == [int(inputs.position_ids[b, i]) for i in sorted(order)]
