@@ -70,14 +70,14 @@ def main() -> None:
     model_dir = resolve_model_dir(args.model)
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    result = {"model_dir": str(model_dir),
-              "runs": [ranking_result(model, processor, b, args.ranking, args.calibration) for b in args.budget]}
     out = Path(args.out or f"benchmarks/results/layer_ranking_{Path(model_dir).name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
-    for run in result["runs"]:
+    result = {"model_dir": str(model_dir), "runs": []}
+    for budget in args.budget:  # the file is rewritten after each budget: a long run keeps what it finished
+        run = ranking_result(model, processor, budget, args.ranking, args.calibration)
+        result["runs"].append(run)
+        atomic_write(out, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
         print(f"budget {run['budget']}: FLOPs ratio {run['flops_ratio']:.3f}, reduced {run['chosen_layers']}")
-        print("  " + ", ".join(f"{r['layer']}:{r['score']:.2e}" for r in run["per_layer"]))
+        print("  " + ", ".join(f"{r['layer']}:{r['score']:.2e}" for r in run["per_layer"]), flush=True)
     print(f"wrote {out}")
 
 
