@@ -30,7 +30,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redlens_compile as rc  # noqa: E402
-from redlens_compile.models.demo import ensure_default_model  # noqa: E402
+from redlens_compile.config import PROOF_CODEBOOK  # noqa: E402
+from redlens_compile.models.demo import resolve_model_dir  # noqa: E402
 from redlens_compile.models.evaluate import (  # noqa: E402
     accuracy_by_type, answer_questions, blank_like, encode_questions,
 )
@@ -93,7 +94,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", nargs="*", default=["identity"])
     parser.add_argument("--questions", type=int, default=1000)
-    parser.add_argument("--model-dir", default=None, help="default: the bundled proof model")
+    parser.add_argument("--model", "--model-dir", dest="model", default=None,
+                        help="a bundled model's name (proof_llava, proof_llava_12) or a model folder; default: the "
+                        "bundled 4-layer proof model. The codebook presets use the codebook beside it when it has one")
     parser.add_argument("--plot", default="benchmarks/results/quality.png")
     parser.add_argument("--onnx", action="store_true", help="also answer with the ONNX export of each config")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -105,7 +108,8 @@ def main() -> None:
                              "0: the example alone")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model_dir = Path(args.model_dir) if args.model_dir else ensure_default_model()
+    model_dir = resolve_model_dir(args.model)
+    own_codebook = model_dir / "codebook.safetensors"
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     items = heldout_questions(args.questions)
@@ -123,6 +127,9 @@ def main() -> None:
                  "accuracy": accuracy_by_type(items, answer_questions(model.generate, processor, blank_like(items)))})
     for spec in args.configs:
         config = rc.RedLensConfig.parse(spec)
+        if config.codebook == str(PROOF_CODEBOOK) and own_codebook.is_file():
+            # a preset names the default model's codebook; another model is scored by its own
+            config = rc.RedLensConfig.from_dict(dict(config.to_dict(), codebook=str(own_codebook)))
         opt = rc.optimize(model, example, config=config, calibration=calibration)
         answers = answer_questions(opt.generate, processor, items)
         rows.append({"name": row_name(spec, config), "config": config.to_dict(),

@@ -198,6 +198,38 @@ class AuxHeads(nn.Module):
             + nn.functional.mse_loss(self.coords(feats), coords) * 10
 
 
+def grow_decoder(model, layers: int):
+    """A copy of `model` whose decoder has `layers` layers, each original layer repeated in place
+    (0,0,0,1,1,1,... for 4 -> 12), with the projections that write into the residual stream
+    (attention o_proj, FFN down_proj) scaled by old/new: k copies each adding 1/k of the original
+    update approximate the original step (a smaller step of the same flow), so the grown model
+    starts near the original's function and fine-tuning adapts the copies apart."""
+    from transformers import LlavaForConditionalGeneration
+
+    old = model.config.text_config.num_hidden_layers
+    if layers % old:
+        raise SystemExit(f"--layers {layers} must be a multiple of the source's {old} decoder layers")
+    repeat = layers // old
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.text_config.num_hidden_layers = layers
+    if getattr(config.text_config, "layer_types", None) is not None:
+        config.text_config.layer_types = [t for t in config.text_config.layer_types for _ in range(repeat)]
+    grown = LlavaForConditionalGeneration(config)
+    grown.generation_config = model.generation_config
+    prefix = "model.language_model.layers."
+    state = model.state_dict()
+    new_state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        index, rest = key[len(prefix):].split(".", 1)
+        scale = 1.0 / repeat if rest.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+        for copy in range(repeat):
+            new_state[f"{prefix}{int(index) * repeat + copy}.{rest}"] = value.clone() * scale
+    grown.load_state_dict(new_state, strict=True)
+    return grown
+
+
 def evaluate(model, processor, items) -> dict[str, float]:
     model.eval()
     acc = accuracy_by_type(items, answer_questions(model.generate, processor, items))
@@ -230,6 +262,16 @@ def main() -> None:
     parser.add_argument("--projector-coords-weight", type=float, default=0.0,
                         help="weight of a loss regressing each patch's (row, col) from the projector's output "
                         "(a probe dropped at save): the LM loss alone lets the projector squash positions away")
+    parser.add_argument("--grow-from", default=None,
+                        help="start from this model dir with its decoder grown to --layers (each layer repeated in "
+                        "place, see grow_decoder); the vision tower is frozen as with --init-from")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers of the grown model (--grow-from)")
+    parser.add_argument("--attention-layers", type=int, nargs="+", default=None,
+                        help="decoder layers whose heads 0 and 1 get the attention loss (default: 1-3, or for a grown "
+                        "model the copies of the source's layers 1-3)")
+    parser.add_argument("--stop-at", type=float, default=None,
+                        help="stop after the first held-out eval whose overall accuracy reaches this")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop after the first eval past this")
     parser.add_argument("--data-offset", type=int, default=0, help="first train-split batch index")
     parser.add_argument("--out", default="redlens_compile/models/proof_llava")
     parser.add_argument("--log", default="benchmarks/results/train_log.jsonl")
@@ -239,12 +281,23 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     base_meta = None
-    if args.init_from:
+    if args.grow_from and args.init_from:
+        raise SystemExit("--grow-from and --init-from are exclusive: grow from a model, or continue one")
+    if args.grow_from and not args.layers:
+        raise SystemExit("--grow-from needs --layers (the grown decoder's depth)")
+    source = args.init_from or args.grow_from
+    attention_layers = tuple(args.attention_layers or (1, 2, 3))
+    if source:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        model = LlavaForConditionalGeneration.from_pretrained(args.init_from)
-        processor = AutoProcessor.from_pretrained(args.init_from)
-        base_meta = json.loads((Path(args.init_from) / "redlens_model.json").read_text())
+        model = LlavaForConditionalGeneration.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(source)
+        base_meta = json.loads((Path(source) / "redlens_model.json").read_text())
+        if args.grow_from:
+            old_layers = model.config.text_config.num_hidden_layers
+            model = grow_decoder(model, args.layers)
+            if not args.attention_layers:  # the copies of the source's supervised layers
+                attention_layers = tuple(i for i in range(args.layers) if i * old_layers // args.layers in (1, 2, 3))
         model.model.vision_tower.requires_grad_(False)  # its features are done; no auxiliary loss
     else:
         model, processor = build_llava(make_tokenizer(vocabulary()), seed=args.seed)
@@ -280,9 +333,14 @@ def main() -> None:
     eval_items = heldout_questions(args.eval_questions)
     log_path = Path(args.log)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = log_path.open("a" if args.init_from else "w")  # a second phase continues the first's log
+    log_file = log_path.open("a" if args.init_from else "w")  # a second phase continues the first's log; a grown model starts its own
     phase = 1 + len(base_meta["phases"]) if base_meta else 1
     start = time.time()
+    if args.grow_from:  # what growing alone keeps, before any fine-tuning
+        record = {"phase": phase, "step": 0, "minutes": 0.0, "heldout_accuracy": evaluate(model, processor, eval_items)}
+        log.info("eval %s", json.dumps(record))
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
     for step in range(args.steps):
         enc, aux_target, items = make_batch(processor, args.data_offset + step, args.batch_size,
                                             args.curriculum_steps, args.focus, args.focus_share)
@@ -290,8 +348,8 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = lr_at(step) * group["lr_scale"]
         out = model(**enc, output_attentions=True, output_hidden_states=bool(probe_layers))
-        aux_loss = torch.zeros(()) if args.init_from else heads.loss(captured["feats"], aux_target)
-        attn_loss = attention_loss(out.attentions, targets.rows, targets.queries, targets.masks)
+        aux_loss = torch.zeros(()) if source else heads.loss(captured["feats"], aux_target)
+        attn_loss = attention_loss(out.attentions, targets.rows, targets.queries, targets.masks, attention_layers)
         loss = out.loss + 0.5 * aux_loss + args.attention_weight * attn_loss
         if args.projector_coords_weight:
             predicted = projector_coords(captured["projected"])  # [B, 256, 2]
@@ -315,7 +373,7 @@ def main() -> None:
             rate = (step + 1) * args.batch_size / (time.time() - start)
             pos = targets.is_position
             attn_position = attention_loss(out.attentions, targets.rows[pos], targets.queries[pos],
-                                           targets.masks[pos]) if bool(pos.any()) else torch.zeros(())
+                                           targets.masks[pos], attention_layers) if bool(pos.any()) else torch.zeros(())
             log.info("step %d loss %.4f (qa %.4f aux %.4f attn %.4f [position %.4f] offset row %.4f col %.4f) "
                      "lr %.2e %.1f seq/s", step, loss.item(), out.loss.item(), aux_loss.item(), attn_loss.item(),
                      attn_position.item(), offset_error[0].item(), offset_error[1].item(), lr_at(step), rate)
@@ -326,6 +384,15 @@ def main() -> None:
             log.info("eval %s", json.dumps(record))
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+            if args.stop_at is not None and acc["overall"] >= args.stop_at:
+                log.info("held-out accuracy %.3f >= --stop-at %.3f: stopping at step %d", acc["overall"], args.stop_at,
+                         step + 1)
+                break
+            if args.max_minutes is not None and record["minutes"] >= args.max_minutes:
+                log.info("past --max-minutes %.1f: stopping at step %d", args.max_minutes, step + 1)
+                break
+    steps_run = step + 1
+    train_minutes = (time.time() - start) / 60
 
     model.set_attn_implementation("sdpa")
     model.eval()
@@ -339,10 +406,12 @@ def main() -> None:
         "task": "redlens_compile.models.shapes_task",
         "phases": (base_meta["phases"] if base_meta else []) + [{
             **{k: getattr(args, k) for k in ("steps", "batch_size", "lr", "curriculum_steps", "attention_weight",
-                                           "seed", "threads", "init_from", "focus", "focus_share",
+                                           "seed", "threads", "init_from", "grow_from", "layers", "focus", "focus_share",
                                            "offset_probe_layer", "offset_weight", "probe_lr", "projector_coords_weight",
-                                           "data_offset")},
-            "minutes": (time.time() - start) / 60,
+                                           "data_offset", "stop_at", "max_minutes")},
+            "attention_layers": list(attention_layers),
+            "steps_run": steps_run,  # fewer than --steps when --stop-at or --max-minutes stopped it
+            "minutes": train_minutes,  # the training loop, evals included; not the final 1000-question eval
             "heldout_accuracy": final,  # after this phase: what each phase bought
         }],
         "heldout_questions": args.final_questions,

@@ -26,6 +26,36 @@ DEMO_MODEL_VERSION = "random-llava-v2"
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 # The trained proof model ships here (weights, tokenizer, processor); see scripts/train_proof_model.py.
 SHIPPED_MODEL_DIR = Path(__file__).parent / "proof_llava"
+# The bundled models by name. `proof_llava` (4 decoder layers) is the default: CI runs on it.
+# `proof_llava_12` is the same task, tokenizer and vision tower with a 12-layer decoder, grown from
+# it (scripts/train_proof_model.py --grow-from): the per-layer ranking needs depth to choose from.
+BUNDLED_MODELS = {
+    "proof_llava": SHIPPED_MODEL_DIR,
+    "proof_llava_12": Path(__file__).parent / "proof_llava_12",
+}
+
+
+def bundled_model_dir(name: str) -> Path:
+    """The folder of the bundled model `name` (a key of BUNDLED_MODELS)."""
+    from ..errors import ConfigError, ModelFilesError
+
+    if name not in BUNDLED_MODELS:
+        raise ConfigError(f"no bundled model {name!r}; bundled models: {', '.join(BUNDLED_MODELS)} "
+                          "(or give the path of a model folder)")
+    directory = BUNDLED_MODELS[name]
+    if not (directory / "model.safetensors").is_file():
+        raise ModelFilesError(f"bundled model {name!r}: {directory / 'model.safetensors'} is missing; reinstall the "
+                              "package or retrain it (scripts/train_proof_model.py)")
+    return directory
+
+
+def resolve_model_dir(spec: str | os.PathLike | None) -> Path:
+    """A bundled model's name or a model folder's path; None: the default model."""
+    if spec is None:
+        return ensure_default_model()
+    if str(spec) in BUNDLED_MODELS:
+        return bundled_model_dir(str(spec))
+    return Path(spec)
 
 
 def default_model_dir() -> Path:

@@ -45,3 +45,33 @@ def test_two_phases_write_a_plain_llava_with_the_phases_recorded(tmp_path):
     AutoModelForImageTextToText.from_pretrained(tmp_path / "phase2")
     # training pads on the right per call; the saved processor still pads on the left for generate
     assert AutoProcessor.from_pretrained(tmp_path / "phase2").tokenizer.padding_side == "left"
+
+
+def test_grow_decoder_repeats_each_layer_in_place_with_residual_writes_scaled():
+    import importlib.util
+
+    import torch
+
+    from redlens_compile.models.demo import build_llava, make_tokenizer
+    from redlens_compile.models.shapes_task import vocabulary
+
+    spec = importlib.util.spec_from_file_location("train_proof_model", ROOT / "scripts" / "train_proof_model.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model, _ = build_llava(make_tokenizer(vocabulary()), seed=1, image_size=32)
+    grown = script.grow_decoder(model, 12)
+    assert grown.config.text_config.num_hidden_layers == 12 and model.config.text_config.num_hidden_layers == 4
+    old = model.model.language_model.layers
+    for i, layer in enumerate(grown.model.language_model.layers):
+        for name, tensor in layer.state_dict().items():
+            scale = 1 / 3 if name in ("self_attn.o_proj.weight", "mlp.down_proj.weight") else 1.0
+            assert torch.equal(tensor, old[i // 3].state_dict()[name] * scale), (i, name)
+    # everything outside the decoder layers is the source's, unchanged
+    grown_state = grown.state_dict()
+    for name, tensor in model.state_dict().items():
+        if ".language_model.layers." not in name:
+            assert torch.equal(grown_state[name], tensor), name
+    # one copy per layer is the source itself: the same logits
+    ids = torch.tensor([[1, 7, 9, 11, 2]])
+    with torch.no_grad():
+        assert torch.equal(script.grow_decoder(model, 4).eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
