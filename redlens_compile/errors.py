@@ -64,3 +64,7 @@ class ReportError(RedLensError, ValueError):
 
 class EngineUnavailableError(RedLensError, ImportError):
     """engine="ray" was asked for, but Ray (the `ray` extra) is not installed or cannot be reached."""
+
+
+class CompileError(RedLensError, RuntimeError):
+    """torch.compile cannot compile the rewritten graph here (no C++ compiler for inductor, ...)."""
