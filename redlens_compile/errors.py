@@ -68,3 +68,7 @@ class EngineUnavailableError(RedLensError, ImportError):
 
 class CompileError(RedLensError, RuntimeError):
     """torch.compile cannot compile the rewritten graph here (no C++ compiler for inductor, ...)."""
+
+
+class PassOrderError(RedLensError, ValueError):
+    """A pass list breaks the order the passes declare (runs_after / runs_last)."""

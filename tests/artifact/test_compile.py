@@ -38,7 +38,7 @@ def test_compiled_prefill_compiles_once_for_two_lengths(reduced):
 
     opt.compile(backend=counting)
     try:
-        assert opt.compiled
+        assert opt.torch_compiled
         eager, logits = _eager_and_compiled(opt, model, make_inputs("llava", model, text_before=3))
         assert (logits - eager).abs().max().item() < 1e-4
         first = len(graphs)
@@ -49,7 +49,7 @@ def test_compiled_prefill_compiles_once_for_two_lengths(reduced):
         assert logits.shape[1] == 9 + 2 + 1 + 64 and (logits - eager).abs().max().item() < 1e-4
         assert len(graphs) == first  # no recompile for another prompt length
     finally:
-        opt._compiled = {}
+        opt._torch_compiled = {}
 
 
 def test_inductor_compiled_logits_match_eager(reduced):
@@ -57,16 +57,16 @@ def test_inductor_compiled_logits_match_eager(reduced):
     opt.compile()  # inductor
     try:
         eager, logits = _eager_and_compiled(opt, model, make_inputs("llava", model))
-        assert opt.compiled and (logits - eager).abs().max().item() < 1e-4
+        assert opt.torch_compiled and (logits - eager).abs().max().item() < 1e-4
     finally:
-        opt._compiled = {}
+        opt._torch_compiled = {}
 
 
 def test_no_cpp_compiler_falls_back_or_raises(reduced, monkeypatch, caplog):
     model, opt = reduced
     monkeypatch.setattr(compiled_module, "cpp_compiler", lambda: None)
     with caplog.at_level(logging.WARNING, logger=compiled_module.__name__):
-        assert opt.compile() is opt and not opt.compiled
+        assert opt.compile() is opt and not opt.torch_compiled
     assert "C++ compiler" in caplog.text and "stays eager" in caplog.text
     eager, logits = _eager_and_compiled(opt, model, make_inputs("llava", model))
     assert torch.equal(eager, logits)
@@ -74,6 +74,6 @@ def test_no_cpp_compiler_falls_back_or_raises(reduced, monkeypatch, caplog):
         opt.compile(fallback=False)
     opt.compile(backend="aot_eager")  # needs no compiler
     try:
-        assert opt.compiled
+        assert opt.torch_compiled
     finally:
-        opt._compiled = {}
+        opt._torch_compiled = {}
