@@ -2,9 +2,14 @@
 
     python benchmarks/prefill.py [--layers 4] [--repeats 5] [--cases a b] [--rows identity budget-0.5 ...]
     python benchmarks/prefill.py --cases a --rows codebook-0.125 random-0.125 fastv-0.125 vtw --decode
+    python benchmarks/prefill.py --geometry smolvlm --cases a --rows identity budget-0.5 codebook-0.125 --compile \
+        --out benchmarks/results/prefill_smolvlm.json
 
 A LlavaForConditionalGeneration whose decoder has Qwen2-VL-2B geometry (hidden 1536, FFN 8960,
-12 heads, 2 KV heads; `--layers` decoder layers), random weights, fp32, 2 threads. Cases:
+12 heads, 2 KV heads; `--layers` decoder layers), or with `--geometry smolvlm` SmolVLM-256M's
+(hidden 576, FFN 1536, 9 heads, 3 KV heads), random weights, fp32, 2 threads. `--compile` adds
+compiled original (torch.compile of the eager decoder, dynamic) and compiled optimized
+(`OptimizedModel.compile()`) to the interleaved runs. Cases:
 (a) one image of 1024 visual tokens and 64 text tokens; (b) four images, 4096 visual tokens.
 
 For each row (a config) the decoder prefill is timed as generate runs it
@@ -48,12 +53,16 @@ ROWS = {name: rc.RedLensConfig.preset(name) for name in DEFAULT_ROWS + PRUNING_R
 CASES = {"a": (1, 64), "b": (4, 64)}  # images of 1024 tokens, text tokens
 
 
-def build_model(layers: int, directory: Path):
+# Decoder geometries: Qwen2-VL-2B's, and SmolVLM-256M's (its decoder: 30 layers of these).
+GEOMETRIES = {"2b": dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2),
+              "smolvlm": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)}
+
+
+def build_model(layers: int, directory: Path, geometry: str = "2b"):
     torch.manual_seed(0)
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                               image_size=64, patch_size=2, projection_dim=64)  # 32 x 32 = 1024 patches
-    text = LlamaConfig(hidden_size=1536, intermediate_size=8960, num_hidden_layers=layers, num_attention_heads=12,
-                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=8192)
+    text = LlamaConfig(**GEOMETRIES[geometry], num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=8192)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                          vision_feature_layer=-1, vision_feature_select_strategy="default")  # drop CLS: 1024 tokens
     model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
@@ -93,10 +102,14 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=list(ROWS))
     parser.add_argument("--decode", action="store_true", help="also time generated tokens after the prefill")
+    parser.add_argument("--geometry", default="2b", choices=list(GEOMETRIES), help="the decoder's geometry")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the original decoder and the optimized prefill under torch.compile (inductor)")
+    parser.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/prefill_smolvlm.json)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     tmp = tempfile.TemporaryDirectory()
-    model = build_model(args.layers, Path(tmp.name))
+    model = build_model(args.layers, Path(tmp.name), args.geometry)
     codebook = Codebook(torch.randn(64, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0)),
                         {"model_type": model.config.model_type}).save(Path(tmp.name) / "random_codebook.safetensors")
     results = []
@@ -105,6 +118,7 @@ def main() -> None:
         for row in args.rows:
             print(f"case {case}, {row} ...", file=sys.stderr, flush=True)
             config = ROWS[row]
+            compile_error = None
             if config.prune == "codebook":
                 config = rc.RedLensConfig.from_dict(dict(config.to_dict(), codebook=str(codebook)))
             opt = rc.optimize(model, inputs, config=config)
@@ -117,6 +131,18 @@ def main() -> None:
                 with torch.no_grad():
                     kept_inputs = opt.run_decoder(decoder_inputs, True).ran_on
                 timed["eager_on_kept_rows"] = lambda: original(kept_inputs)
+            if args.compile:
+                compiled_original = torch.compile(original, dynamic=True)
+                compiled_opt = rc.optimize(model, inputs, config=config).compile()
+                timed["compiled_original"] = lambda: compiled_original(decoder_inputs)
+                timed["compiled_optimized"] = lambda: compiled_opt.run_decoder(decoder_inputs, True)
+                try:  # compile now (the first call), so a failure is recorded and the eager rows still run
+                    with torch.no_grad():
+                        timed["compiled_original"](), timed["compiled_optimized"]()
+                except Exception as exc:  # noqa: BLE001 - the row records what failed
+                    compile_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                    print(f"compiled rows skipped: {compile_error}", file=sys.stderr, flush=True)
+                    del timed["compiled_original"], timed["compiled_optimized"]
             with torch.no_grad():
                 medians = interleaved_medians(timed, args.repeats)
             latency = medians["optimized"] / medians["original"]
@@ -128,6 +154,12 @@ def main() -> None:
                 "original_s": round(medians["original"], 4), "optimized_s": round(medians["optimized"], 4),
                 "eager_on_kept_rows_ratio": round(medians["eager_on_kept_rows"] / medians["original"], 4)
                 if "eager_on_kept_rows" in medians else None,
+                # compiled optimized / compiled original: the anchor a torch.compile user compares with
+                "compiled_latency_ratio": round(medians["compiled_optimized"] / medians["compiled_original"], 4)
+                if "compiled_original" in medians else None,
+                "compile_error": compile_error,
+                "compiled_original_over_eager": round(medians["compiled_original"] / medians["original"], 4)
+                if "compiled_original" in medians else None,
                 "reduced_layers": opt.report.chosen_layers,
                 "pruning": None if opt.report.pruning is None else {
                     k: opt.report.pruning[k] for k in ("method", "where", "visual_after", "seq_len_after")},
@@ -137,8 +169,12 @@ def main() -> None:
                 results[-1].update(decode_per_token(model, opt, inputs, args.repeats))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
             del opt  # the next row's optimize must not hold this one's graphs (peak RSS column)
-    print(json.dumps({"layers": args.layers, "threads": torch.get_num_threads(), "repeats": args.repeats,
-                      "results": results}, indent=2))
+    record = {"geometry": args.geometry, **GEOMETRIES[args.geometry], "layers": args.layers,
+              "threads": torch.get_num_threads(), "repeats": args.repeats, "results": results}
+    print(json.dumps(record, indent=2))
+    if args.out:
+        from redlens_compile.files import atomic_write
+        atomic_write(Path(args.out), lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
     print()
     print(markdown(results))
 

@@ -66,5 +66,9 @@ class EngineUnavailableError(RedLensError, ImportError):
     """engine="ray" was asked for, but Ray (the `ray` extra) is not installed or cannot be reached."""
 
 
+class CompileError(RedLensError, RuntimeError):
+    """torch.compile cannot compile the rewritten graph here (no C++ compiler for inductor, ...)."""
+
+
 class PassOrderError(RedLensError, ValueError):
     """A pass list breaks the order the passes declare (runs_after / runs_last)."""

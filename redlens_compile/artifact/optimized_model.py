@@ -79,6 +79,44 @@ class OptimizedModel(nn.Module):
         # (opt, dtype, example) -> opt rebuilt on a copy of the model in dtype, captured on example
         # (set by optimize: api.at_dtype; re-optimizing sits above the artifact)
         self.rebuild = rebuild
+        self._torch_compiled: dict[str, Any] = {}  # graph name -> CompiledGraph, set by compile()
+
+    def compile(self, backend: Any = "inductor", dynamic: bool = True, fallback: bool = True,
+                **torch_compile_kwargs: Any) -> "OptimizedModel":
+        """Compile the rewritten prefill graph(s) with torch.compile (inductor by default), shapes
+        dynamic: prompts of other lengths and batch sizes reuse the compiled code. Where compiling
+        cannot work (inductor on a CPU without a C++ compiler) the prefill stays eager with a logged
+        warning, or with fallback=False a CompileError. The decode steps stay eager (one row a step:
+        transformers' own layers). Returns self; `torch_compiled` says whether the graphs are compiled."""
+        from ..exporters.onnx_lowering import LowerForOnnxPass
+        from ..passes.infra import run_passes
+        from ..passes.selectors import clone_graph_module
+        from .compiled import compile_graphs
+
+        graphs = {"graph": self.graph_module, "prefill": self.prefill_graph}
+        if self.tail_graph_module is not None:
+            graphs["tail"] = self.tail_graph_module
+        # The export lowering, as for ONNX: the two once-per-forward mask checks (exactly causal? image
+        # tokens see later ones?) pick kernel paths in Python, which would break the compiled graph
+        # into pieces; lowered, the masked kernels serve every mask and the look-ahead is the family's.
+        masks = self.adapter.decoder_masks(self.model)
+        looks_ahead = masks is not None and masks.image_blocks
+        graphs = {name: run_passes(clone_graph_module(gm), [LowerForOnnxPass(looks_ahead=looks_ahead)])[0]
+                  for name, gm in graphs.items()}
+        device = next(iter(self.graph_module.parameters()), torch.empty(0)).device
+        self._torch_compiled = compile_graphs(graphs, device, backend=backend, dynamic=dynamic, fallback=fallback,
+                                        **torch_compile_kwargs)
+        return self
+
+    @property
+    def torch_compiled(self) -> bool:
+        return bool(self._torch_compiled)
+
+    def _graph(self, name: str):
+        """The graph to run: compiled where compile() compiled it."""
+        if name in self._torch_compiled:
+            return self._torch_compiled[name]
+        return {"graph": self.graph_module, "prefill": self.prefill_graph, "tail": self.tail_graph_module}[name]
 
     @property
     def pruning(self):
@@ -104,7 +142,7 @@ class OptimizedModel(nn.Module):
         if self.pruning is not None:
             pruned = self.pruning(decoder_inputs)
             decoder_inputs, kept = pruned.inputs, pruned.kept
-        graph = self.prefill_graph if last_position_only else self.graph_module
+        graph = self._graph("prefill" if last_position_only else "graph")
         logits, *kv = graph(*decoder_inputs.as_args())
         return Prefill(logits, tuple(kv), [decoder_inputs.attention_mask] * self.num_layers, decoder_inputs, kept)
 
@@ -122,12 +160,12 @@ class OptimizedModel(nn.Module):
         layer = self.pruning.layer
         # layers 0..K on left-aligned rows: FastV reads each sample's last row as its last real query
         decoder_inputs, aligned = align_left(decoder_inputs)
-        hidden, *rest = self.graph_module(*decoder_inputs.as_args())
+        hidden, *rest = self._graph("graph")(*decoder_inputs.as_args())
         # fastv's head graph returns layer K's last-query attention after its KV tensors
         head_kv, attention = (tuple(rest[:-1]), rest[-1]) if self.pruning.method == "fastv" else (tuple(rest), None)
         mid = DecoderInputs(hidden, decoder_inputs.attention_mask, decoder_inputs.position_ids, decoder_inputs.visual_mask)
         pruned = self.pruning(mid, attention)
-        tail = self.prefill_graph if last_position_only else self.tail_graph_module
+        tail = self._graph("prefill" if last_position_only else "tail")
         logits, *tail_kv = tail(*pruned.inputs.as_args())
         masks = [decoder_inputs.attention_mask] * (layer + 1) + [pruned.inputs.attention_mask] * (self.num_layers - layer - 1)
         return Prefill(logits, head_kv + tuple(tail_kv), masks, pruned.inputs, compose(aligned, pruned.kept))

@@ -72,6 +72,14 @@ def mask_looks_ahead(attn_mask: torch.Tensor, visual_mask: torch.Tensor) -> bool
     return _looks_ahead(_allowed(attn_mask).expand(batch, 1, seq, seq), visual_mask.to(torch.bool))
 
 
+def _nonzero(size) -> bool:
+    """size != 0; under torch.compile a size read from data is taken as nonzero rather than guarded on
+    (the text rows' width: visual_layout clamps it to at least 1)."""
+    if torch.compiler.is_compiling():
+        return True
+    return bool(size)
+
+
 def _size_min(a, b):
     """min of two sizes; symbolic (no guard on a size read from data) while exporting."""
     if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
@@ -219,7 +227,7 @@ def hollow_attention(
         if prefix:
             out.view(batch, seq, heads, -1)[:, :prefix] = lead.transpose(1, 2)
             query_pos, query_valid = txt_pos[:, prefix:], txt_valid[:, prefix:]
-    if query_pos.shape[1]:
+    if _nonzero(query_pos.shape[1]):
         rows = family_mask(query_pos, torch.arange(seq, device=q.device).expand(batch, query_pos.shape[1], seq))
         rows = rows | ~query_valid[:, :, None]  # padded rows: any finite result, discarded below
         text_bias = None if key_bias is None else key_bias[:, None, None, :]

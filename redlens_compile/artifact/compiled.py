@@ -1,0 +1,71 @@
+"""torch.compile of the rewritten prefill graphs (`OptimizedModel.compile`).
+
+The graphs compile with dynamic shapes (sequence length and batch are symbols), so a prompt of
+another length runs the same compiled code. The runtime ops read a few sizes from data (the
+longest sample's visual rows, a layer's probe count, the text keys a visual block sees): those
+are traced as unbacked sizes (dynamo's capture_scalar_outputs and dynamic-output-shape ops,
+patched on around every call, since tracing can happen on any call), not graph breaks. The two
+once-per-forward mask checks, which pick kernel paths in Python (a graph break each, and the
+pieces after a break recompiled for the next length), are lowered away first as for the ONNX
+export (OptimizedModel.compile): a forward is one compiled graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any, Callable
+
+import torch
+
+from ..errors import CompileError
+
+logger = logging.getLogger(__name__)
+
+# Sizes read from data become unbacked symbols instead of graph breaks.
+TRACE_CONFIG = dict(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True)
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would use on a CPU ($CXX or inductor's candidates), or None."""
+    import torch._inductor.config as inductor_config
+
+    candidates = inductor_config.cpp.cxx
+    candidates = list(candidates) if isinstance(candidates, (list, tuple)) else [candidates]
+    for name in [os.environ.get("CXX")] + candidates:
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def compile_unavailable(backend: Any, device: torch.device) -> str | None:
+    """Why `backend` cannot compile on `device` here, or None."""
+    if backend == "inductor" and device.type == "cpu" and cpp_compiler() is None:
+        return ("inductor's CPU code needs a C++ compiler and none was found (set $CXX or install g++/clang; "
+                "or compile with backend='aot_eager', which needs none)")
+    return None
+
+
+class CompiledGraph:
+    """A graph module compiled with torch.compile; called like the graph, with TRACE_CONFIG on."""
+
+    def __init__(self, graph_module: torch.nn.Module, **compile_kwargs: Any):
+        self.graph_module = graph_module
+        self.compiled: Callable = torch.compile(graph_module, **compile_kwargs)
+
+    def __call__(self, *args: torch.Tensor):
+        with torch._dynamo.config.patch(**TRACE_CONFIG):
+            return self.compiled(*args)
+
+
+def compile_graphs(graphs: dict[str, torch.nn.Module], device: torch.device, backend: Any = "inductor",
+                   dynamic: bool = True, fallback: bool = True, **kwargs: Any) -> dict[str, CompiledGraph]:
+    """Each graph compiled; {} (logged) where compiling cannot work and `fallback`, else CompileError."""
+    why = compile_unavailable(backend, device)
+    if why is not None:
+        if not fallback:
+            raise CompileError(f"cannot compile the rewritten graph: {why}")
+        logger.warning("torch.compile skipped, the prefill stays eager: %s", why)
+        return {}
+    return {name: CompiledGraph(gm, backend=backend, dynamic=dynamic, **kwargs) for name, gm in graphs.items()}

@@ -1,0 +1,79 @@
+"""OptimizedModel.compile: the rewritten prefill under torch.compile, exact, one compile for every
+prompt length, few graph pieces, and an eager fallback where compiling cannot work."""
+
+import logging
+
+import pytest
+import torch
+from tiny_families import make_inputs
+
+import redlens_compile as rc
+from redlens_compile.artifact import compiled as compiled_module
+from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
+from redlens_compile.errors import CompileError
+
+
+@pytest.fixture(scope="module")
+def reduced(family_models):
+    model = family_models("llava")
+    # both reductions on two explicit layers: no ranking (fast), hollow windows inside the 64 visual rows
+    config = rc.RedLensConfig(flops_budget=1.0, layers=[0, 1], hollow_window=8, ffn_keep=0.5)
+    return model, rc.optimize(model, make_inputs("llava", model), config=config)
+
+
+def _eager_and_compiled(opt, model, inputs):
+    decoder_inputs = capture_decoder_inputs(model, opt.adapter, inputs)
+    with torch.no_grad():
+        eager = opt.graph_module(*decoder_inputs.as_args())[0]
+        return eager, opt.run_decoder(decoder_inputs).logits
+
+
+def test_compiled_prefill_compiles_once_for_two_lengths(reduced):
+    model, opt = reduced
+    graphs = []
+
+    def counting(gm, example):  # a backend that counts the pieces dynamo hands it, and runs them as traced
+        graphs.append(gm)
+        return gm.forward
+
+    opt.compile(backend=counting)
+    try:
+        assert opt.torch_compiled
+        eager, logits = _eager_and_compiled(opt, model, make_inputs("llava", model, text_before=3))
+        assert (logits - eager).abs().max().item() < 1e-4
+        first = len(graphs)
+        # the mask checks are lowered away; what breaks is hollow attention's data-sized text-row branch
+        # (2 reduced layers here: at most 3 pieces; counted so that a new break in our ops fails this)
+        assert opt.report.chosen_layers and first <= 3
+        eager, logits = _eager_and_compiled(opt, model, make_inputs("llava", model, text_before=9, text_after=2))
+        assert logits.shape[1] == 9 + 2 + 1 + 64 and (logits - eager).abs().max().item() < 1e-4
+        assert len(graphs) == first  # no recompile for another prompt length
+    finally:
+        opt._torch_compiled = {}
+
+
+def test_inductor_compiled_logits_match_eager(reduced):
+    model, opt = reduced
+    opt.compile()  # inductor
+    try:
+        eager, logits = _eager_and_compiled(opt, model, make_inputs("llava", model))
+        assert opt.torch_compiled and (logits - eager).abs().max().item() < 1e-4
+    finally:
+        opt._torch_compiled = {}
+
+
+def test_no_cpp_compiler_falls_back_or_raises(reduced, monkeypatch, caplog):
+    model, opt = reduced
+    monkeypatch.setattr(compiled_module, "cpp_compiler", lambda: None)
+    with caplog.at_level(logging.WARNING, logger=compiled_module.__name__):
+        assert opt.compile() is opt and not opt.torch_compiled
+    assert "C++ compiler" in caplog.text and "stays eager" in caplog.text
+    eager, logits = _eager_and_compiled(opt, model, make_inputs("llava", model))
+    assert torch.equal(eager, logits)
+    with pytest.raises(CompileError, match=r"C\+\+ compiler"):
+        opt.compile(fallback=False)
+    opt.compile(backend="aot_eager")  # needs no compiler
+    try:
+        assert opt.torch_compiled
+    finally:
+        opt._torch_compiled = {}
