@@ -49,7 +49,7 @@ def test_one_step_equals_the_original_on_the_whole_sequence(family_models):
 def test_the_exported_step_and_the_artifacts_layered_decode_are_one_step(family_models):
     """DecoderStep (exported) and LayeredDecodeStep (the artifact after pruning inside the decoder) run
     the same layer-by-layer step: on the same cache, one additive mask per layer, the same logits."""
-    import copy
+    from transformers import DynamicCache
 
     from redlens_compile.artifact.layered_decode import LayeredDecodeStep
 
@@ -67,9 +67,9 @@ def test_the_exported_step_and_the_artifacts_layered_decode_are_one_step(family_
         exported, *present = DecoderStep(model, adapter, {0, 2}).eval()(token, positions, attend, bias, *kv)
     blocked = torch.where(attend.bool(), torch.zeros_like(bias), torch.full_like(bias, float("-inf")))
     masks = [blocked + bias if i in (0, 2) else blocked for i in range(adapter.num_layers(model))]
-    out = adapter.language_model(model)(inputs_embeds=decoder_inputs.inputs_embeds,
-                                        position_ids=decoder_inputs.position_ids, use_cache=True)
-    cache = copy.deepcopy(out.cache)
+    # the same prefill cache (its tensors are not changed in place: each step concatenates)
+    cache = DynamicCache(ddp_cache_data=[(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)],
+                         config=adapter.language_model(model).config)
     layered = LayeredDecodeStep(model, adapter)(token, positions, cache, masks)
     assert torch.equal(layered, exported[:, -1])
     assert all(torch.equal(a, b) for a, b in zip(present, (t for l in cache.layers for t in (l.keys, l.values))))
