@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..capture.decode_step import DecodeLayers, unserved_reason
+from ..capture.decode_step import DecodeLayers
 from ..capture.families import FamilyAdapter
-
-__all__ = ["LayeredDecodeStep", "unserved_reason"]
+from ..capture.layer_kinds import unserved_reason  # noqa: F401  (what this step serves)
 
 
 class LayeredDecodeStep:
