@@ -1,4 +1,11 @@
-"""Command line: `redlens-compile {audit,optimize,demo,codebook}`."""
+"""Command line: `redlens-compile {audit,optimize,demo,export,codebook}`.
+
+Each command parses its arguments, checks them and its output path before any model work
+(files.check_output_folder / check_output_file), calls the package (api.audit, api.optimize or
+artifact/saved.py's load, artifact/verify.py's comparison with the original, models/evaluate.py's
+task accuracy, exporters/verify.py's ONNX check, analysis/codebook.py's build), writes its
+outputs through files.staged_folder and prints what they hold.
+"""
 
 from __future__ import annotations
 
@@ -129,31 +136,16 @@ def _optimize_or_load(model, inputs, config, saved, progress=None, engine="local
     return optimize(model, inputs, config=config, progress=progress, engine=engine)
 
 
-def _onnx_check(opt, model, inputs, onnx_dir: Path, max_new_tokens: int, dtype: str | None = None) -> dict:
-    """Export the ONNX files and check onnxruntime against the torch module on the same prompt."""
-    import torch
-
-    from .exporters.ort_runner import OnnxRunner
-
-    opt.export_onnx(onnx_dir, inputs, dtype=dtype)
-    runner = OnnxRunner(onnx_dir, model)  # the model serves only what the files run in torch
-    with torch.no_grad():
-        want = opt(**inputs).logits[:, -1]
-    got = runner(**inputs)[:, -1]
-    ids = opt.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    ort_ids = runner.generate(inputs, max_new_tokens=max_new_tokens)
-    return {"onnx_provider": runner.provider, "onnx_vision_runs_in": runner.manifest["front"]["runs_in"],
-            "onnx_max_abs_logit_diff": float(abs(got.astype("float32") - want.float().cpu().numpy()).max()),
-            "onnx_generated_tokens_equal": bool(torch.equal(ids, ort_ids))}
-
-
 def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: int, repeats: int,
                   questions: int = 0, onnx: bool = False, command: str = "optimize", saved=None,
                   engine: Any = "local") -> dict:
-    import torch
+    """optimize (or --from: load), the checks against the original (artifact/verify.py; with
+    `questions` models/evaluate.py, with `onnx` exporters/verify.py), then every output staged."""
     from tqdm import tqdm
 
-    from .analysis.timing import interleaved_medians
+    from .artifact.verify import compare
+    from .errors import OutputFolderError
+    from .files import staged_folder
 
     with tqdm(total=6, desc="optimize" if saved is None else "load", unit="step", file=sys.stderr) as bar:
         def progress(stage: str) -> None:
@@ -163,18 +155,8 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
         opt = _optimize_or_load(model, inputs, config, saved, progress, engine=engine)
         bar.update(bar.total - bar.n)
 
-    with torch.no_grad():
-        latency = interleaved_medians({"before": lambda: model(**inputs), "after": lambda: opt(**inputs)}, repeats)
-        ref_logits, opt_logits = model(**inputs).logits, opt(**inputs).logits
-        # generate reads the last position only; every row (visual rows included) is kept apart, and
-        # is not defined where token pruning drops rows
-        last_diff = (ref_logits[:, -1] - opt_logits[:, -1]).abs().max().item()
-        all_rows_diff = (ref_logits - opt_logits).abs().max().item() if ref_logits.shape == opt_logits.shape else None
-        next_token_agreement = (ref_logits[:, -1].argmax(-1) == opt_logits[:, -1].argmax(-1)).float().mean().item()
-        ref_ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    opt_ids = opt.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    prompt_len = inputs["input_ids"].shape[1]
-    matching, compared = _token_agreement(ref_ids[:, prompt_len:], opt_ids[:, prompt_len:])
+    checked = compare(model, opt, inputs, max_new_tokens=max_new_tokens, repeats=repeats,
+                      tokenizer=processor.tokenizer)
     report = opt.report
     summary = {
         "model": report.model["class"],
@@ -188,75 +170,42 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
         "reduced_layers": {str(i): report.plan["settings"][str(i)] for i in report.chosen_layers},
         "token_pruning": report.pruning,
         "ranking": report.ranking,
-        "prefill_latency_s_before": latency["before"],
-        "prefill_latency_s_after": latency["after"],
-        "reductions_do_not_pay": _does_not_pay(latency["before"], latency["after"], report.flops_ratio),
+        "prefill_latency_s_before": checked.prefill_latency_s_before,
+        "prefill_latency_s_after": checked.prefill_latency_s_after,
+        "reductions_do_not_pay": checked.does_not_pay(report.flops_ratio),
         # kept as it was (every row; the last position where pruning drops rows): the two below say which
-        "max_abs_logit_diff": last_diff if all_rows_diff is None else all_rows_diff,
-        "last_position_max_abs_logit_diff": last_diff,
-        "all_rows_max_abs_logit_diff": all_rows_diff,
-        "greedy_next_token_agreement": next_token_agreement,
-        "generated_before": processor.tokenizer.decode(ref_ids[0, prompt_len:]),
-        "generated_after": processor.tokenizer.decode(opt_ids[0, prompt_len:]),
-        "generated_tokens_equal": bool(torch.equal(ref_ids, opt_ids)),
-        "generated_tokens_matching": matching,
-        "generated_tokens_compared": compared,
+        "max_abs_logit_diff": (checked.last_position_max_abs_logit_diff if checked.all_rows_max_abs_logit_diff is None
+                               else checked.all_rows_max_abs_logit_diff),
+        "last_position_max_abs_logit_diff": checked.last_position_max_abs_logit_diff,
+        "all_rows_max_abs_logit_diff": checked.all_rows_max_abs_logit_diff,
+        "greedy_next_token_agreement": checked.greedy_next_token_agreement,
+        "generated_before": checked.generated_before,
+        "generated_after": checked.generated_after,
+        "generated_tokens_equal": checked.generated_tokens_equal,
+        "generated_tokens_matching": checked.generated_tokens_matching,
+        "generated_tokens_compared": checked.generated_tokens_compared,
         "report_dir": str(out),
         "optimized_dir": str(out / OPTIMIZED_DIR),
         "plan_from": str(saved.directory) if saved is not None else None,
     }
-    report.add_measurements(
-        prefill_latency_s={"before": latency["before"], "after": latency["after"], "repeats": repeats,
-                           "how": f"median of {repeats} interleaved runs, whole model, this machine"
-                           + (f"; {summary['reductions_do_not_pay']}" if summary["reductions_do_not_pay"] else "")},
-        logits={"last_position_max_abs_diff": last_diff, "all_rows_max_abs_diff": all_rows_diff,
-                "greedy_next_token_agreement": next_token_agreement},
-        generate={"max_new_tokens": max_new_tokens, "tokens_equal": summary["generated_tokens_equal"],
-                  "tokens_matching": matching, "tokens_compared": compared,
-                  "before": summary["generated_before"], "after": summary["generated_after"]})
+    checked.record(report)
     if questions:
-        summary.update(_task_accuracy(model, opt, processor, questions))
+        from .models.evaluate import task_accuracy
+
+        summary.update(task_accuracy(model, opt, processor, questions))
         report.add_measurements(accuracy={"questions": questions, "before": summary["accuracy_before"],
                                           "after": summary["accuracy_after"]})
-    with _staged(out, command) as staging:  # every output or none, replacing an earlier run's
+    with staged_folder(out, command, error=OutputFolderError) as staging:  # every output or none
         if onnx:
-            summary.update(_onnx_check(opt, model, inputs, staging / "onnx", max_new_tokens))
+            from .exporters import verify
+
+            summary.update(verify.check_onnx(opt, model, inputs, staging / "onnx", max_new_tokens))
             summary["onnx_dir"] = str(out / "onnx")
             report.add_measurements(onnx={k: v for k, v in summary.items() if k.startswith("onnx_")})
         report.save(staging)
         opt.save_pretrained(staging / OPTIMIZED_DIR)  # the loadable folder: --from, rc.load
         (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _does_not_pay(before: float, after: float, flops_ratio: float) -> str | None:
-    """The measured verdict when the optimized prefill is slower than the original on this machine."""
-    if after <= before or flops_ratio >= 1.0:
-        return None
-    return (f"reductions do not pay on this model: prefill {after * 1e3:.1f} ms vs {before * 1e3:.1f} ms (measured, "
-            f"interleaved) because the FLOPs they save (ratio {flops_ratio:.3f}) cost less than the per-op dispatch "
-            "the rewritten graph adds on a decoder this small; the original model is the faster choice here")
-
-
-def _token_agreement(ref, opt) -> tuple[int, int]:
-    """Generated tokens at the same position that are the same, and the positions compared (the
-    longer of the two per row: a sequence that stops early counts its missing tokens as different)."""
-    length = max(ref.shape[1], opt.shape[1])
-    same = min(ref.shape[1], opt.shape[1])
-    return int((ref[:, :same] == opt[:, :same]).sum()), int(ref.shape[0] * length)
-
-
-def _task_accuracy(model, opt, processor, questions: int) -> dict:
-    """Held-out accuracy of the proof task, original vs optimized, with greedy generate."""
-    from .models.evaluate import accuracy_by_type, answer_questions
-    from .models.shapes_task import heldout_questions
-
-    items = heldout_questions(questions)
-    return {
-        "heldout_questions": questions,
-        "accuracy_before": accuracy_by_type(items, answer_questions(model.generate, processor, items)),
-        "accuracy_after": accuracy_by_type(items, answer_questions(opt.generate, processor, items)),
-    }
 
 
 def _print_summary(summary: dict) -> None:
@@ -326,22 +275,17 @@ def _check_out(out: str, command: str) -> Path:
     return check_output_folder(Path(out), command, error=OutputFolderError)
 
 
-def _staged(out: Path, command: str):
-    """A scratch folder beside --out that replaces it whole once every output is written."""
-    from .errors import OutputFolderError
-    from .files import staged_folder
-
-    return staged_folder(out, command, error=OutputFolderError)
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
     _check_image_arg(args)
     out = _check_out(args.out, "audit")
     model, processor, inputs = _load_checked(args.model_dir, lambda p: _build_inputs(p, args.image, args.prompt))
     from .api import audit
 
+    from .errors import OutputFolderError
+    from .files import staged_folder
+
     report = audit(model, inputs)
-    with _staged(out, "audit") as staging:
+    with staged_folder(out, "audit", error=OutputFolderError) as staging:
         report.save(staging)
     print(report.summary())
     print(f"report written to {args.out}/report.md, report.json, flops.png, flops.svg")
@@ -399,7 +343,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"onnx dtype       {dtype}", file=sys.stderr)
     saved = _saved_from_args(args) if args.from_dir is not None else None
     opt = _optimize_or_load(model, inputs, config, saved, engine=engine)
-    check = _onnx_check(opt, model, inputs, out, args.max_new_tokens, dtype=dtype)
+    from .exporters import verify
+
+    check = verify.check_onnx(opt, model, inputs, out, args.max_new_tokens, dtype=dtype)
     files = ", ".join(sorted(p.name for p in out.glob("*.onnx")))
     print(f"onnx             {out}: {files}, redlens.json (vision in {check['onnx_vision_runs_in']})")
     print(f"decoder FLOPs    ratio {opt.report.flops_ratio:.3f} (fvcore, the torch graph)")
@@ -413,13 +359,14 @@ def cmd_codebook(args: argparse.Namespace) -> int:
     import torch
 
     from .analysis.codebook import CodebookSettings, build_codebook, list_images
-    from .analysis.codebook_file import check_output_path
     from .analysis.ray_engine import image_sources
+    from .errors import CodebookError
+    from .files import check_output_file
 
     # Every argument and the output path before the model loads: a bad one fails in seconds.
     engine = _engine_from_args(args)
     out = Path(args.out)
-    check_output_path(out)
+    check_output_file(out, error=CodebookError)
     _check_model_dir(args.model_dir)
     settings = CodebookSettings(**{f: getattr(args, f) for f in CODEBOOK_FIELDS if getattr(args, f) is not None})
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -506,7 +453,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="redlens-compile", description=__doc__)
+    parser = _Parser(prog="redlens-compile", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log each stage")
     sub = parser.add_subparsers(dest="command", required=True)
     # -v also after the subcommand; SUPPRESS keeps an absent one from resetting the top-level flag

@@ -10,20 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .ops.dynamic_ffn import DEFAULT_PROBE_RULE, PROBE_RULES  # noqa: F401  (the rules live with the op)
 
 RANKING_METRICS = ("jsd", "kl", "activation", "variance", "gradient")
 PRUNE_METHODS = ("codebook", "fastv", "vtw", "random")
 # How the dynamic FFN picks each sample's probe rows (ops/dynamic_ffn.py): "stride" (evenly spaced),
 # "norm" (largest rows), "outlier" (farthest from the image's mean row); "+route" also gives the
 # probe rows the full FFN's output. Measured on the proof task: benchmarks/probe_rules.py.
-PROBE_RULES = tuple(f"{base}{route}" for route in ("", "+route") for base in ("stride", "norm", "outlier"))
-DEFAULT_PROBE_RULE = "outlier+route"
 # A hollow window this wide is larger than any visual span a model can hold.
 UNBOUNDED_WINDOW = 2**31 - 1
-# The codebook shipped beside the bundled proof model (the pruning presets' default).
-PROOF_CODEBOOK = Path(__file__).resolve().parent / "models" / "proof_llava" / "codebook.safetensors"
-# FastV and VTW presets prune after this layer (of the proof model's 4).
-PRESET_PRUNE_LAYER = 1
 
 
 def _is_int(value: Any) -> bool:
@@ -178,47 +173,17 @@ class RedLensConfig:
 
     @classmethod
     def preset(cls, name: str) -> "RedLensConfig":
-        """A named config (benchmarks and the CLI take these names)."""
-        presets = {
-            "identity": cls.identity,
-            "budget-0.75": lambda: cls(flops_budget=0.75),
-            "budget-0.5": lambda: cls(flops_budget=0.5),
-            # One pass alone on every layer, at the default settings.
-            "ffn-only": lambda: cls(flops_budget=1.0, layers="all", hollow_window=UNBOUNDED_WINDOW),
-            "hollow-only": lambda: cls(flops_budget=1.0, layers="all", ffn_keep=1.0),
-        }
-        # Token pruning alone (no per-layer reduction); the codebook ones use the proof model's codebook.
-        for keep in (0.25, 0.125):
-            for method in ("codebook", "fastv", "random"):
-                presets[f"{method}-{keep}"] = (
-                    lambda method=method, keep=keep: cls(flops_budget=1.0, prune=method, prune_keep=keep,
-                                                         prune_layer=PRESET_PRUNE_LAYER,
-                                                         codebook=str(PROOF_CODEBOOK) if method == "codebook" else None))
-            for method in ("codebook", "random"):  # without proportional attention
-                presets[f"{method}-{keep}-plain"] = (
-                    lambda method=method, keep=keep: cls.from_dict(dict(presets[f"{method}-{keep}"]().to_dict(),
-                                                                        prune_proportional=False)))
-        for layer in (1, 2):
-            presets[f"vtw-{layer}"] = lambda layer=layer: cls(flops_budget=1.0, prune="vtw", prune_layer=layer)
-        # Pruning, then the budget planner on the pruned sequence.
-        presets["codebook-0.25+budget-0.2"] = lambda: cls(flops_budget=0.2, prune="codebook", prune_keep=0.25,
-                                                          codebook=str(PROOF_CODEBOOK))
-        if name not in presets:
-            raise ConfigError(f"unknown config preset {name!r}; presets: {', '.join(sorted(presets))}")
-        return presets[name]()
+        """A named config (benchmarks and the CLI take these names): presets.preset."""
+        from .presets import preset
+
+        return preset(name)
 
     @classmethod
     def parse(cls, spec: str) -> "RedLensConfig":
-        """A preset name, JSON text, or the path of a JSON file."""
-        spec = spec.strip()
-        if spec.startswith("{"):
-            return cls.from_json(spec)
-        path = Path(spec)
-        if path.suffix == ".json" or path.is_file():
-            if not path.is_file():
-                raise ConfigError(f"config file {spec}: no such file")
-            return cls.from_json(path.read_text())
-        return cls.preset(spec)
+        """A preset name, JSON text, or the path of a JSON file: presets.parse."""
+        from .presets import parse
+
+        return parse(spec)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

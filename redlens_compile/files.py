@@ -102,11 +102,30 @@ def check_output_folder(target: Path, command: str, flag: str = "--out", error: 
         why = _foreign(target, command)
         if why is not None:
             raise error(f"{name} {why}: the outputs would mix with them; choose a new folder or empty it")
-    try:
-        Path(tempfile.mkdtemp(prefix=".redlens-probe-", dir=existing)).rmdir()
-    except OSError as exc:
-        raise error(f"{name}: {existing} is not writable ({exc.strerror or exc})") from None
+    _probe_writable(existing, name, error)
     return target
+
+
+def check_output_file(target: Path, flag: str = "--out", error: type = OSError) -> Path:
+    """Before any work: the file `target` does not exist yet, its folder does and takes a new file
+    (tried, as check_output_folder does). The file itself is written with atomic_write."""
+    target = Path(target)
+    if target.exists():
+        raise error(f"{target} already exists: choose another {flag + ' ' if flag else ''}path or remove the file")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise error(f"{target}: the folder {parent} does not exist")
+    _probe_writable(parent, str(target), error, what=f"the folder {parent}")
+    return target
+
+
+def _probe_writable(folder: Path, name: str, error: type, what: str | None = None) -> None:
+    """A folder can be made in `folder`: tried, not guessed from permission bits (root passes
+    os.access everywhere, /proc and /sys included)."""
+    try:
+        Path(tempfile.mkdtemp(prefix=".redlens-probe-", dir=folder)).rmdir()
+    except OSError as exc:
+        raise error(f"{name}: {what or folder} is not writable ({exc.strerror or exc})") from None
 
 
 @contextlib.contextmanager

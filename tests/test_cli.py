@@ -259,7 +259,7 @@ def test_optimize_cli_with_a_budget_reports_layers_and_ratios(demo_dir, tmp_path
     assert loaded["plan_from"] == str(out / "optimized") and "loaded from" in capsys.readouterr().out
     # export takes the saved plan too: the object it exports is the loaded one (the ONNX export itself,
     # identical for any OptimizedModel, is tested in tests/exporters; here only what it is handed)
-    import redlens_compile.cli as cli
+    import redlens_compile.exporters.verify as verify
 
     exported = []
 
@@ -268,7 +268,7 @@ def test_optimize_cli_with_a_budget_reports_layers_and_ratios(demo_dir, tmp_path
         return {"onnx_vision_runs_in": "onnx", "onnx_provider": "CPUExecutionProvider",
                 "onnx_max_abs_logit_diff": 0.0, "onnx_generated_tokens_equal": True}
 
-    monkeypatch.setattr(cli, "_onnx_check", onnx_check)
+    monkeypatch.setattr(verify, "check_onnx", onnx_check)
     assert main(["export", str(demo_dir), "--plan", str(out / "optimized" / "plan.json"), "--out",
                  str(tmp_path / "onnx"), "--max-new-tokens", "2"]) == 0
     (opt,) = exported

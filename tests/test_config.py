@@ -79,3 +79,16 @@ def test_per_layer_settings_round_trip_through_json_with_int_keys():
 def test_bad_per_layer_settings_name_the_field(layers, message):
     with pytest.raises(rc.ConfigError, match=message):
         rc.RedLensConfig(layers=layers)
+
+
+def test_presets_live_beside_the_config_and_point_into_the_bundled_model():
+    from redlens_compile import presets
+    from redlens_compile.models import PROOF_CODEBOOK
+
+    names = presets.preset_names()
+    assert {"identity", "budget-0.5", "codebook-0.125", "fastv-0.25", "vtw-1", "codebook-0.25+budget-0.2"} <= set(names)
+    for name in names:  # the classmethod delegates: the same config for every name
+        assert rc.RedLensConfig.preset(name) == presets.preset(name)
+    assert presets.parse(" fastv-0.25 ").prune_layer == presets.PRESET_PRUNE_LAYER == 1
+    assert rc.RedLensConfig.preset("codebook-0.125").codebook == str(PROOF_CODEBOOK)
+    assert PROOF_CODEBOOK.is_file()  # the shipped file the codebook presets name

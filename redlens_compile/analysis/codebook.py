@@ -55,6 +55,7 @@ from ..capture.families import FamilyAdapter, adapter_for
 from ..errors import CodebookError
 from ..files import save_safetensors
 from .codebook_file import Codebook
+from .divergence import js_divergence, log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -204,11 +205,7 @@ def top1_probability(logits: torch.Tensor, k: int) -> torch.Tensor:
 def restricted_jsd(reference: torch.Tensor, other: torch.Tensor, k: int) -> torch.Tensor:
     """[n] JSD between each reference row and other row, over the reference row's top-k tokens."""
     index = reference.topk(min(k, reference.shape[-1]), dim=-1).indices
-    p = reference.gather(-1, index).softmax(dim=-1)
-    q = other.gather(-1, index).softmax(dim=-1)
-    m = 0.5 * (p + q)
-    kl = lambda a, b: (a * (a.clamp_min(1e-12).log() - b.clamp_min(1e-12).log())).sum(-1)  # noqa: E731
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+    return js_divergence(log_probs(reference.gather(-1, index)), log_probs(other.gather(-1, index)))
 
 
 def neighbourhoods(grid: tuple[int, int], radius: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:

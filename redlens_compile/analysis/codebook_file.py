@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CodebookError
-from ..files import save_safetensors
+from ..files import check_output_file, save_safetensors
 
 FORMAT = "redlens-codebook/1"
 METADATA_KEY = "redlens_codebook"
@@ -55,7 +55,7 @@ class Codebook:
     def save(self, path: str | os.PathLike) -> Path:
         """Write to `path` (which must not exist) through a temporary file: never a half file."""
         path = Path(path)
-        check_output_path(path)
+        check_output_file(path, error=CodebookError)
         metadata = dict(self.metadata, format=FORMAT, prototypes=int(self.prototypes.shape[0]))
         return save_safetensors(path, {PROTOTYPES_KEY: self.prototypes}, METADATA_KEY, metadata)
 
@@ -83,14 +83,3 @@ class Codebook:
         if prototypes.dim() != 2 or prototypes.shape[0] == 0:
             raise CodebookError(f"codebook {path}: prototypes of shape {tuple(prototypes.shape)}; expected [P >= 1, D]")
         return cls(prototypes=prototypes, metadata=metadata)
-
-
-def check_output_path(path: Path) -> None:
-    """The output must not exist yet and its folder must be writable: checked before any work."""
-    if path.exists():
-        raise CodebookError(f"{path} already exists: choose another --out path or remove the file")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CodebookError(f"{path}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CodebookError(f"{path}: the folder {parent} is not writable")

@@ -13,7 +13,6 @@ Metrics (lower score = less critical = reduced first):
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -22,6 +21,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from ..capture.decoder_inputs import DecoderInputs
+from .divergence import js_divergence, kl_divergence, log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +51,13 @@ def next_token_log_probs(graph_module: fx.GraphModule, inputs: DecoderInputs) ->
     with torch.no_grad():
         logits = graph_module(*inputs.as_args())[0]
     # float64 on the host: small ([B, V]), exact enough for tiny divergences, and some accelerators lack it
-    return torch.log_softmax(logits[:, -1, :].detach().cpu().to(torch.float64), dim=-1)
+    return log_probs(logits[:, -1, :].detach().cpu().to(torch.float64))
 
 
 def divergence(ref: torch.Tensor, other: torch.Tensor, metric: str) -> float:
-    """Mean over rows of JSD or KL(ref || other), from log-probabilities."""
-    if metric == "kl":
-        return float((ref.exp() * (ref - other)).sum(-1).mean())
-    mix = torch.logaddexp(ref, other) - math.log(2.0)
-    jsd = 0.5 * (ref.exp() * (ref - mix)).sum(-1) + 0.5 * (other.exp() * (other - mix)).sum(-1)
-    return float(jsd.clamp_min(0).mean())
+    """Mean over rows of JSD or KL(ref || other), from log-probabilities (analysis/divergence.py)."""
+    rows = kl_divergence(ref, other) if metric == "kl" else js_divergence(ref, other)
+    return float(rows.mean())
 
 
 def trial_divergences(trial: fx.GraphModule, reference: Sequence[torch.Tensor], calibration: Sequence[DecoderInputs],

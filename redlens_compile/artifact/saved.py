@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..config import RedLensConfig
 from ..errors import ConfigError, SavedModelError
+from ..fingerprint import fingerprint_differences, model_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -52,89 +53,6 @@ REPORT = "report.json"
 EXAMPLE = "example.safetensors"
 CODEBOOK = "codebook.safetensors"
 EXAMPLE_KEY = "redlens_example"
-# Elements read per tensor for the content hash (evenly spaced, the last one included).
-SAMPLED_ELEMENTS = 1024
-# Config keys that say how a model was loaded or saved, not what it computes (the parameters'
-# dtypes are compared on their own).
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path"}
-
-
-# ---- the model's fingerprint --------------------------------------------------------------------
-
-def _flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        key = str(key)  # e.g. id2label's int keys
-        if key.startswith("_") or key in _VOLATILE_CONFIG_KEYS:
-            continue
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flat_config(value, f"{name}."))
-        else:
-            flat[name] = value
-    return json.loads(json.dumps(flat, sort_keys=True, default=str))  # tuples -> lists, as read back
-
-
-def _sampled_hash(tensor: torch.Tensor) -> str:
-    """sha256 of SAMPLED_ELEMENTS evenly spaced elements' bytes (integer indices: the same on any device)."""
-    import torch
-
-    from ..fingerprint import sampled_elements  # imports torch: not at module level (the CLI's early checks)
-
-    data = sampled_elements(tensor, SAMPLED_ELEMENTS).contiguous().view(torch.uint8).cpu().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()
-
-
-def model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """What identifies the model a plan was made on: class, config, parameter names, shapes and
-    dtypes, and a content hash per parameter.
-
-    The content hash reads a strided sample of each tensor (SAMPLED_ELEMENTS evenly spaced
-    elements, about 700 KB for a 7B model) rather than the whole tensor: reading 14 GB of
-    weights would cost seconds to minutes at every server start, and other weights (another
-    checkpoint, a fine-tune) differ in practically every element, so a sample finds them. It
-    does not guard against an edit of a few chosen weights.
-    """
-    parameters = {name: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
-                         "sample_sha256": _sampled_hash(p)}
-                  for name, p in model.named_parameters()}
-    return {"class": type(model).__name__, "config": _flat_config(model.config.to_dict()),
-            "parameters": parameters, "sampled_elements": SAMPLED_ELEMENTS}
-
-
-def _listed(names: list[str], most: int = 3) -> str:
-    shown = ", ".join(names[:most])
-    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """What differs between the saved model and this one, most telling first (empty: the same model)."""
-    if saved["class"] != current["class"]:
-        return [f"model class: saved {saved['class']}, this model {current['class']}"]
-    found = []
-    keys = sorted(set(saved["config"]) | set(current["config"]))
-    changed = [k for k in keys if saved["config"].get(k, "<absent>") != current["config"].get(k, "<absent>")]
-    if changed:
-        found.append("config: " + ", ".join(f"{k} saved {saved['config'].get(k, '<absent>')!r}, this model "
-                                            f"{current['config'].get(k, '<absent>')!r}" for k in changed[:3])
-                     + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""))
-    old, new = saved["parameters"], current["parameters"]
-    missing, extra = [n for n in old if n not in new], [n for n in new if n not in old]
-    if missing:
-        found.append(f"parameters missing from this model: {_listed(missing)}")
-    if extra:
-        found.append(f"parameters this model has and the saved one had not: {_listed(extra)}")
-    shared = [n for n in old if n in new]
-    reshaped = [f"{n} {old[n]['shape']}/{old[n]['dtype']} -> {new[n]['shape']}/{new[n]['dtype']}" for n in shared
-                if (old[n]["shape"], old[n]["dtype"]) != (new[n]["shape"], new[n]["dtype"])]
-    if reshaped:
-        found.append(f"parameter shapes/dtypes: {_listed(reshaped)}")
-    elif not missing and not extra:
-        other = [n for n in shared if old[n]["sample_sha256"] != new[n]["sample_sha256"]]
-        if other:
-            found.append(f"weights: {len(other)} of {len(shared)} parameters hold other values "
-                         f"(sampled content hash), e.g. {_listed(other)}")
-    return found
 
 
 def _major_minor(version: str) -> tuple[str, ...]:

@@ -1,9 +1,13 @@
-"""The supported model families: one table entry each.
+"""Family adapters: where the pieces of an image-text-to-text model live, read off the model.
 
-A family adapter says where the pieces of a model live (vision tower, projector, decoder,
-lm_head), which token ids mark visual positions and what shape its position ids take.
-Everything else (token merge, M-RoPE, masks) is done by the family's own transformers code,
-which the capture stage runs unchanged. Adding a family is adding one entry to FAMILIES.
+A FamilyAdapter says where the vision tower, projector, decoder and lm_head are, which token ids
+mark visual positions, what shape the position ids take, and which masks and layer kinds the
+decoder has. `adapter_for` derives it from the model itself (`derive_adapter`: get_decoder(),
+get_output_embeddings(), the vision_config, the rope config), so a new family of transformers'
+decoder-only image-text-to-text classes needs no entry; FAMILIES holds only the exceptions whose
+adapter cannot be derived (none today). Everything else (token merge, M-RoPE, masks) is done by
+the family's own transformers code, which the capture stage runs unchanged. `support_row` is what
+the compiler serves on a family (the README's family table, scripts/families_table.py).
 """
 
 from __future__ import annotations

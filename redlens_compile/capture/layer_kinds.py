@@ -1,4 +1,4 @@
-"""Which decoders the project's layer-by-layer decode step (artifact/layered_decode.py) serves.
+"""Which decoders the project's layer-by-layer decode step (capture/decode_step.py) serves.
 
 Read from the model's config and its layer class only, so capture (the family table), the
 runtime's pruning builder and the artifact ask the same question without importing the step.

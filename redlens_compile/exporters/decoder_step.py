@@ -1,9 +1,9 @@
 """The decode step as a module of plain tensors, for export: one new token per row, a mask and a
 key bias over each layer's cache, the KV cache in and out.
 
-It runs the family's own modules layer by layer (as artifact/layered_decode.py does), so each
-layer gets its own additive mask: after pruning with proportional attention the layers whose
-prefill carried the key bias keep it while decoding, and the others do not.
+It runs capture/decode_step.py's layer-by-layer step (the one the artifact's layered decode
+runs), so each layer gets its own additive mask: after pruning with proportional attention the
+layers whose prefill carried the key bias keep it while decoding, and the others do not.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..capture.decode_step import DecodeLayers
 from ..capture.families import FamilyAdapter
 
 
@@ -22,28 +23,24 @@ class DecoderStep(nn.Module):
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, biased_layers: set[int]):
         super().__init__()
-        self.language_model = adapter.language_model(model)
-        self.lm_head = adapter.lm_head(model)
-        self.embed = model.get_input_embeddings()
+        self.step = DecodeLayers(model, adapter)
+        # registered here (the same modules): export sees them as this module's parameters
+        self.language_model = self.step.language_model
+        self.lm_head = self.step.lm_head
+        self.embed = self.step.embed_tokens
         self.biased_layers = set(biased_layers)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 key_bias: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         lm = self.language_model
         cache = DynamicCache(ddp_cache_data=[(past[i], past[i + 1]) for i in range(0, len(past), 2)], config=lm.config)
-        hidden = self.embed(input_ids)
-        position_embeddings = lm.rotary_emb(hidden, position_ids)
-        text_positions = position_ids if position_ids.dim() == 2 else position_ids[0]
+        hidden = self.step.embed(input_ids)
         attend = attention_mask.to(torch.bool)
         blocked = torch.full_like(key_bias, float("-inf"))
         plain = torch.where(attend, torch.zeros_like(key_bias), blocked)[:, None, None, :].to(hidden.dtype)
         biased = torch.where(attend, key_bias, blocked)[:, None, None, :].to(hidden.dtype)
-        for index, layer in enumerate(lm.layers):
-            mask = biased if index in self.biased_layers else plain
-            out = layer(hidden, attention_mask=mask, position_ids=text_positions, cache=cache, use_cache=True,
-                        position_embeddings=position_embeddings)
-            hidden = out[0] if isinstance(out, tuple) else out
-        logits = self.lm_head(lm.norm(hidden))
+        masks = [biased if index in self.biased_layers else plain for index in range(len(lm.layers))]
+        logits = self.step.run(hidden, position_ids, cache, masks)
         kv: list[torch.Tensor] = []
         for layer in cache.layers:
             kv.extend((layer.keys, layer.values))

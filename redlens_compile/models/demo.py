@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..files import staged_folder
+from . import PROOF_MODEL_DIR
 from .shapes_task import CELL as PATCH_SIZE
 from .shapes_task import IMAGE_SIZE
 
@@ -24,8 +25,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_MODEL_VERSION = "random-llava-v2"
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-# The trained proof model ships here (weights, tokenizer, processor); see scripts/train_proof_model.py.
-SHIPPED_MODEL_DIR = Path(__file__).parent / "proof_llava"
+SHIPPED_MODEL_DIR = PROOF_MODEL_DIR  # the trained proof model (weights, tokenizer, processor)
 # The bundled models by name. `proof_llava` (4 decoder layers) is the default: CI runs on it.
 # `proof_llava_12` is the same task, tokenizer and vision tower with a 12-layer decoder, grown from
 # it (scripts/train_proof_model.py --grow-from): the per-layer ranking needs depth to choose from.

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .shapes_task import QA, QUESTION_TYPES, prompt
+from .shapes_task import QA, QUESTION_TYPES, heldout_questions, prompt
 
 Generate = Callable[..., torch.Tensor]
 
@@ -53,3 +53,14 @@ def accuracy_by_type(items: Sequence[tuple[Image.Image, QA]], answers: Sequence[
 def blank_like(items: Sequence[tuple[Image.Image, QA]]) -> list[tuple[Image.Image, QA]]:
     """The same questions with the image replaced by a blank grey one (the image-blind baseline)."""
     return [(Image.new("RGB", img.size, (110, 110, 110)), qa) for img, qa in items]
+
+
+def task_accuracy(model: Any, optimized: Any, processor: Any, questions: int) -> dict[str, Any]:
+    """Held-out accuracy on the proof task, the original `model` against `optimized`, with greedy
+    generate: {"heldout_questions", "accuracy_before", "accuracy_after"} (accuracy_by_type's dicts)."""
+    items = heldout_questions(questions)
+    return {
+        "heldout_questions": questions,
+        "accuracy_before": accuracy_by_type(items, answer_questions(model.generate, processor, items)),
+        "accuracy_after": accuracy_by_type(items, answer_questions(optimized.generate, processor, items)),
+    }

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ..config import DEFAULT_PROBE_RULE, PROBE_RULES
 from .rows import counted, data_size, fraction_of, gather_padded
 from .thin_linear import thin_linear
 
+PROBE_RULES = tuple(f"{base}{route}" for route in ("", "+route") for base in ("stride", "norm", "outlier"))
+DEFAULT_PROBE_RULE = "outlier+route"
 
-# How the probe rows of a sample are chosen (RedLensConfig.probe_rule, PROBE_RULES in config.py):
+# How the probe rows of a sample are chosen (RedLensConfig.probe_rule, one of PROBE_RULES):
 # - "stride": evenly spaced over the sample's visual rows (the first rule; blind to content);
 # - "norm": the rows of largest L2 norm;
 # - "outlier": the rows farthest (L2) from the sample's mean visual row: a few object patches on a

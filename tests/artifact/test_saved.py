@@ -18,7 +18,7 @@ from tiny_families import build_and_reload, make_inputs
 
 import redlens_compile as rc
 from redlens_compile.analysis.codebook_file import Codebook
-from redlens_compile.config import PROOF_CODEBOOK
+from redlens_compile.models import PROOF_CODEBOOK
 
 NEW_TOKENS = 4
 # Budget plans like any other, made cheaply (optimize dominates this file's time): activation ranking

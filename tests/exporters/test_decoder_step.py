@@ -44,3 +44,32 @@ def test_one_step_equals_the_original_on_the_whole_sequence(family_models):
     assert (zero_biased - logits).abs().max() <= 1e-5
     assert (biased - logits).abs().max() > 1e-3
     assert (unbiased - logits).abs().max() <= 1e-5  # layers not listed never see the bias
+
+
+def test_the_exported_step_and_the_artifacts_layered_decode_are_one_step(family_models):
+    """DecoderStep (exported) and LayeredDecodeStep (the artifact after pruning inside the decoder) run
+    the same layer-by-layer step: on the same cache, one additive mask per layer, the same logits."""
+    from transformers import DynamicCache
+
+    from redlens_compile.artifact.layered_decode import LayeredDecodeStep
+
+    model = family_models("llava")
+    adapter = adapter_for(model)
+    inputs = make_inputs("llava", model, seed=3)
+    decoder_inputs, kv = prefill(model, adapter, inputs)
+    seq = decoder_inputs.seq_len
+    token, positions = torch.tensor([[5]]), decoder_inputs.position_ids[..., -1:] + 1
+    attend = torch.ones(1, seq + 1, dtype=torch.long)
+    attend[0, 3] = 0
+    bias = torch.zeros(1, seq + 1)
+    bias[0, 4:12] = 1.5
+    with torch.no_grad():
+        exported, *present = DecoderStep(model, adapter, {0, 2}).eval()(token, positions, attend, bias, *kv)
+    blocked = torch.where(attend.bool(), torch.zeros_like(bias), torch.full_like(bias, float("-inf")))
+    masks = [blocked + bias if i in (0, 2) else blocked for i in range(adapter.num_layers(model))]
+    # the same prefill cache (its tensors are not changed in place: each step concatenates)
+    cache = DynamicCache(ddp_cache_data=[(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)],
+                         config=adapter.language_model(model).config)
+    layered = LayeredDecodeStep(model, adapter)(token, positions, cache, masks)
+    assert torch.equal(layered, exported[:, -1])
+    assert all(torch.equal(a, b) for a, b in zip(present, (t for l in cache.layers for t in (l.keys, l.values))))
