@@ -26,7 +26,7 @@ from .errors import ConfigError, ReductionUnavailableError
 from .passes.infra import run_passes
 from .passes.last_query_attention import LastQueryAttentionPass
 from .passes.pipeline import apply_plan, build_passes
-from .passes.token_pruning import AFTER_LAYER, TokenPruning
+from .passes.token_pruning import AFTER_LAYER, TokenPruning, visual_grid
 from .analysis.codebook_file import Codebook
 from .report.audit_report import AuditReport
 from .report.build import build_report
@@ -274,6 +274,9 @@ def build_pruning(config: RedLensConfig, model: nn.Module, adapter) -> TokenPrun
                                "set prune_proportional=False (presets: the '-plain' ones)")
     if config.prune == "random":
         return TokenPruning("random", config.prune_keep, seed=config.prune_seed, proportional=config.prune_proportional)
+    if config.prune in ("downsample", "diverse"):
+        grid = visual_grid(model.config) if config.prune == "downsample" else None
+        return TokenPruning(config.prune, config.prune_keep, proportional=config.prune_proportional, grid=grid)
     codebook = Codebook.load(config.codebook)
     text_config = adapter.language_model(model).config
     codebook.check_compatible(model.config.model_type, text_config.hidden_size, path=f"codebook {config.codebook}")

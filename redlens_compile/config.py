@@ -12,7 +12,7 @@ from typing import Any
 from .errors import ConfigError
 
 RANKING_METRICS = ("jsd", "kl", "activation", "variance", "gradient")
-PRUNE_METHODS = ("codebook", "fastv", "vtw", "random")
+PRUNE_METHODS = ("codebook", "fastv", "vtw", "random", "downsample", "diverse")
 # A hollow window this wide is larger than any visual span a model can hold.
 UNBOUNDED_WINDOW = 2**31 - 1
 # The codebook shipped beside the bundled proof model (the pruning presets' default).
@@ -57,7 +57,8 @@ class RedLensConfig:
         are read back as ints.
     ranking: the layer-ranking metric, one of RANKING_METRICS.
     prune: None or one of PRUNE_METHODS (token pruning before/within the decoder).
-    prune_keep: visual tokens kept by pruning (int count or float fraction).
+    prune_keep: visual tokens kept by pruning (int count or float fraction). For `downsample` the
+        fraction picks the pool side round(keep ** -0.5): 0.25 -> 2x2 pools, 0.125 or 0.111 -> 3x3.
     prune_layer: K, the layer after which `fastv` and `vtw` prune.
     codebook: path of a redundancy codebook (safetensors), required by prune="codebook".
     prune_seed: the seed of prune="random" (the same input keeps the same rows).
@@ -102,6 +103,9 @@ class RedLensConfig:
             raise ConfigError(f"codebook={self.codebook!r}: must be a path (str) or None")
         if self.codebook is not None:
             self.codebook = str(self.codebook)
+        if self.prune == "downsample" and not (isinstance(self.prune_keep, float) and self.prune_keep <= 0.3):
+            raise ConfigError(f"prune='downsample' with prune_keep={self.prune_keep!r}: the kept fraction picks the pool "
+                              "(0.25: 2x2, 0.125 or 0.111: 3x3); give a float <= 0.3")
         if self.prune == "codebook" and self.codebook is None:
             raise ConfigError("prune='codebook' needs codebook=PATH (a redundancy codebook .safetensors)")
 
@@ -184,7 +188,11 @@ class RedLensConfig:
                     lambda method=method, keep=keep: cls(flops_budget=1.0, prune=method, prune_keep=keep,
                                                          prune_layer=PRESET_PRUNE_LAYER,
                                                          codebook=str(PROOF_CODEBOOK) if method == "codebook" else None))
-            for method in ("codebook", "random"):  # without proportional attention
+            # the baselines users compare against: pooling (its pooled tokens carry no key bias) and DivPrune
+            presets[f"downsample-{keep}"] = (
+                lambda keep=keep: cls(flops_budget=1.0, prune="downsample", prune_keep=keep, prune_proportional=False))
+            presets[f"diverse-{keep}"] = lambda keep=keep: cls(flops_budget=1.0, prune="diverse", prune_keep=keep)
+            for method in ("codebook", "random", "diverse"):  # without proportional attention
                 presets[f"{method}-{keep}-plain"] = (
                     lambda method=method, keep=keep: cls.from_dict(dict(presets[f"{method}-{keep}"]().to_dict(),
                                                                         prune_proportional=False)))
