@@ -9,7 +9,7 @@ from tiny_families import make_inputs
 import redlens_compile as rc
 from redlens_compile.capture.decoder_inputs import DecoderInputs, capture_decoder_inputs
 from redlens_compile.errors import ConfigError, PruningError
-from redlens_compile.passes.token_pruning import TokenPruning, visual_grid
+from redlens_compile.runtime.token_pruning import TokenPruning, visual_grid
 
 DIM = 8
 
