@@ -4,7 +4,8 @@
 
 kept: for each config, on held-out count scenes, the share of object tokens (the grid cells
 the objects sit in) the pruning keeps, the count accuracy, and how the wrong answers miss
-(over- or undercounts).
+(over- or undercounts). For `downsample` every cell is in a kept pooled token, so it reports
+instead the share of its pooled token an object cell makes up (1 / the pool's tokens, on average).
 token_stats: on training-split scenes, the codebook build's per-token statistics (top-1
 probability of the token alone, leave-one-out JSD) for object tokens against background
 tokens, with the settings the shipped codebook was built with (scripts/build_proof_codebook.py).
@@ -52,6 +53,7 @@ def kept_report(model, processor, spec: str, count_scenes) -> dict:
     example = encode_questions(processor, [first.image(seed)], [first.qas[0].question])
     opt = rc.optimize(model, example, config=rc.RedLensConfig.parse(spec))
     hit = total = right = over = under = 0
+    share = 0.0
     for item, seed in count_scenes:
         enc = encode_questions(processor, [item.image(seed)], [item.qas[0].question])
         decoder_inputs = capture_decoder_inputs(model, opt.adapter, enc)
@@ -60,6 +62,14 @@ def kept_report(model, processor, spec: str, count_scenes) -> dict:
         first_visual = int(visual.nonzero()[0])
         kept_cells = {int(i) - first_visual for i in kept.index[0][kept.valid[0]] if visual[i]}
         cells = object_cells(item)
+        if opt.pruning.method == "downsample":
+            rows, cols = opt.pruning.grid
+            pool = opt.pruning.pool
+            def members(cell):  # tokens of the pool that holds `cell`
+                r0, c0 = (cell // cols) // pool * pool, (cell % cols) // pool * pool
+                return (min(r0 + pool, rows) - r0) * (min(c0 + pool, cols) - c0)
+            share += sum(1 / members(c) for c in cells)
+            kept_cells = set(range(rows * cols))
         hit += len(cells & kept_cells)
         total += len(cells)
         answer = processor.tokenizer.convert_ids_to_tokens(opt.generate(**enc, max_new_tokens=1)[0, -1:].tolist())[0]
@@ -69,7 +79,8 @@ def kept_report(model, processor, spec: str, count_scenes) -> dict:
             over += NUMBERS.index(answer) > NUMBERS.index(truth)
             under += NUMBERS.index(answer) < NUMBERS.index(truth)
     n = len(count_scenes)
-    return {"config": spec, "flops_ratio": round(opt.report.flops_ratio, 4), "object_token_recall": round(hit / total, 4),
+    extra = {"object_share_of_its_pooled_token": round(share / total, 4)} if opt.pruning.method == "downsample" else {}
+    return extra | {"config": spec, "flops_ratio": round(opt.report.flops_ratio, 4), "object_token_recall": round(hit / total, 4),
             "count_accuracy": round(right / n, 4), "overcounts": over / n, "undercounts": under / n}
 
 

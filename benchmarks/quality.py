@@ -6,7 +6,11 @@ For each row: held-out accuracy (overall and per question type) with greedy gene
 the decoder prefill FLOPs ratio from the audit (after/before, fvcore). Layers are ranked on
 --calibration training-split questions (one batch), never on the held-out ones. Also the image-blind
 baseline (the original model with a blank image). Prints JSON, then a markdown table, and
-draws accuracy against FLOPs into --plot. Configs are preset names (RedLensConfig.preset, among
+draws accuracy against decoder FLOPs for every method into one plot per model (--plot; default
+benchmarks/results/quality_<model>.png): each method's rows joined by a line in FLOPs order, and
+the frontier (the best accuracy reachable at or below each FLOPs ratio) as a step line. `--model`
+is a model directory or the name of one under redlens_compile/models/ (default: the bundled 4-layer
+proof model); `--replot RUN.txt` redraws the plot of a saved run (this script's output). Configs are preset names (RedLensConfig.preset, among
 them the token-pruning rows: `codebook-0.125`, `fastv-0.25`, `random-0.125`, `vtw-1`,
 `codebook-0.25+budget-0.2`, ... with the codebook shipped beside the proof model), JSON text or
 JSON files. With --onnx each config is also exported and answered by onnxruntime
@@ -30,7 +34,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redlens_compile as rc  # noqa: E402
-from redlens_compile.config import PROOF_CODEBOOK  # noqa: E402
+from redlens_compile.models import PROOF_CODEBOOK  # noqa: E402
 from redlens_compile.models.demo import resolve_model_dir  # noqa: E402
 from redlens_compile.models.evaluate import (  # noqa: E402
     accuracy_by_type, answer_questions, blank_like, encode_questions,
@@ -67,27 +71,62 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def method_of(name: str) -> str:
+    """The method a row belongs to (its points share a line): the preset's name up to its setting."""
+    if name.startswith("json: ") or name in ("original", "identity"):
+        return name
+    if "+" in name:
+        return "pruning + budget"
+    head = name.removesuffix(" (onnxruntime)").split("-")[0]
+    return head + (" plain" if name.endswith("-plain") else "")
+
+
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (lower FLOPs and higher accuracy), by FLOPs."""
+    best, out = -1.0, []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            out.append((x, y))
+            best = y
+    return out
+
+
+def plot(rows: list[dict], path: Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if r["flops_ratio"] is None:
             ax.axhline(100 * r["accuracy"]["overall"], linestyle="--", color="gray", label=r["name"])
         else:
-            ax.scatter([r["flops_ratio"]], [100 * r["accuracy"]["overall"]], label=r["name"])
+            methods.setdefault(method_of(r["name"]), []).append((r["flops_ratio"], 100 * r["accuracy"]["overall"]))
+    for method, points in methods.items():
+        points.sort()
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=method)
+    best = frontier([p for points in methods.values() for p in points])
+    if best:
+        xs = [x for x, _ in best] + [1.0]
+        ys = [y for _, y in best] + [best[-1][1]]
+        ax.step(xs, ys, where="post", color="black", linewidth=0.8, alpha=0.6, label="frontier")
     ax.set_xlabel("decoder prefill FLOPs, after / before (fvcore)")
     ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(title, fontsize=9)
     ax.set_xlim(0, 1.05)
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def saved_run(path: Path) -> dict:
+    """The JSON object at the head of a saved run (the markdown table follows it)."""
+    return json.JSONDecoder().raw_decode(path.read_text())[0]
 
 
 def main() -> None:
@@ -97,7 +136,8 @@ def main() -> None:
     parser.add_argument("--model", "--model-dir", dest="model", default=None,
                         help="a bundled model's name (proof_llava, proof_llava_12) or a model folder; default: the "
                         "bundled 4-layer proof model. The codebook presets use the codebook beside it when it has one")
-    parser.add_argument("--plot", default="benchmarks/results/quality.png")
+    parser.add_argument("--plot", default=None, help="default: benchmarks/results/quality_<model>.png")
+    parser.add_argument("--replot", default=None, help="redraw the plot of a saved run (this script's stdout) and stop")
     parser.add_argument("--onnx", action="store_true", help="also answer with the ONNX export of each config")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="the dtype the model is loaded in (every row runs in it)")
@@ -107,6 +147,12 @@ def main() -> None:
                         help="training-split questions (balanced over types, one batch) the layer ranking runs on; "
                              "0: the example alone")
     args = parser.parse_args()
+    if args.replot:
+        run = saved_run(Path(args.replot))
+        name = Path(run["model_dir"]).name
+        plot(run["rows"], Path(args.plot or f"benchmarks/results/quality_{name}.png"),
+             f"{name}, {run['questions']} held-out questions")
+        return
     torch.manual_seed(0)
     model_dir = resolve_model_dir(args.model)
     own_codebook = model_dir / "codebook.safetensors"
@@ -149,7 +195,8 @@ def main() -> None:
     result = {"model_dir": str(model_dir), "dtype": args.dtype, "questions": len(items),
               "calibration_questions": args.calibration,
               "seconds": time.time() - start, "rows": rows}
-    plot(rows, Path(args.plot))
+    plot(rows, Path(args.plot or f"benchmarks/results/quality_{model_dir.name}.png"),
+         f"{model_dir.name}, {len(items)} held-out questions")
     print(json.dumps(result, indent=2))
     print()
     print(markdown(rows))

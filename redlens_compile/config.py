@@ -13,7 +13,7 @@ from .errors import ConfigError
 from .ops.dynamic_ffn import DEFAULT_PROBE_RULE, PROBE_RULES  # noqa: F401  (the rules live with the op)
 
 RANKING_METRICS = ("jsd", "kl", "activation", "variance", "gradient")
-PRUNE_METHODS = ("codebook", "fastv", "vtw", "random")
+PRUNE_METHODS = ("codebook", "fastv", "vtw", "random", "downsample", "diverse")
 # How the dynamic FFN picks each sample's probe rows (ops/dynamic_ffn.py): "stride" (evenly spaced),
 # "norm" (largest rows), "outlier" (farthest from the image's mean row); "+route" also gives the
 # probe rows the full FFN's output. Measured on the proof task: benchmarks/probe_rules.py.
@@ -58,7 +58,8 @@ class RedLensConfig:
         are read back as ints.
     ranking: the layer-ranking metric, one of RANKING_METRICS.
     prune: None or one of PRUNE_METHODS (token pruning before/within the decoder).
-    prune_keep: visual tokens kept by pruning (int count or float fraction).
+    prune_keep: visual tokens kept by pruning (int count or float fraction). For `downsample` the
+        fraction picks the pool side round(keep ** -0.5): 0.25 -> 2x2 pools, 0.125 or 0.111 -> 3x3.
     prune_layer: K, the layer after which `fastv` and `vtw` prune.
     codebook: path of a redundancy codebook (safetensors), required by prune="codebook".
     prune_seed: the seed of prune="random" (the same input keeps the same rows).
@@ -107,6 +108,9 @@ class RedLensConfig:
             raise ConfigError(f"codebook={self.codebook!r}: must be a path (str) or None")
         if self.codebook is not None:
             self.codebook = str(self.codebook)
+        if self.prune == "downsample" and not (isinstance(self.prune_keep, float) and self.prune_keep <= 0.3):
+            raise ConfigError(f"prune='downsample' with prune_keep={self.prune_keep!r}: the kept fraction picks the pool "
+                              "(0.25: 2x2, 0.125 or 0.111: 3x3); give a float <= 0.3")
         if self.prune == "codebook" and self.codebook is None:
             raise ConfigError("prune='codebook' needs codebook=PATH (a redundancy codebook .safetensors)")
 

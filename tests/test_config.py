@@ -40,7 +40,7 @@ def test_parse_preset_json_text_and_file(tmp_path):
     path.write_text('{"ffn_keep": 0.25}')
     assert rc.RedLensConfig.parse(str(path)).ffn_keep == 0.25
     with pytest.raises(rc.ConfigError, match="unknown config preset 'fast'; presets: budget-0.5, budget-0.75, "
-                                             "codebook-0.125, .*, identity, random-0.125, .*, vtw-1, vtw-2"):
+                                             "codebook-0.09, codebook-0.125, .*, identity, random-0.125, .*, vtw-1, vtw-2"):
         rc.RedLensConfig.parse("fast")
     pruning = rc.RedLensConfig.parse("codebook-0.125")
     assert (pruning.prune, pruning.prune_keep, pruning.flops_budget) == ("codebook", 0.125, 1.0)

@@ -243,3 +243,115 @@ def key_biased_mask(attn_mask: torch.Tensor, key_bias: torch.Tensor, blocked: fl
         fill = torch.finfo(bias.dtype).min if blocked is None else blocked
         return torch.where(attn_mask, bias, torch.full_like(bias, fill))
     return attn_mask + bias.to(attn_mask.dtype)
+
+
+# Downsampling baseline: average-pool each image's token grid by `pool` x `pool` (partial pools at
+# the right and bottom edges average the tokens they hold). The pooled token takes the place, the
+# mask and the position ids of its pool's first (top-left) token, as the other methods keep their
+# rows' original positions.
+
+def pool_factor(keep: float) -> int:
+    """The pool side whose pooled grid keeps about `keep` of the tokens: 0.25 -> 2, 0.111 or 0.125 -> 3."""
+    return max(1, round(keep ** -0.5))
+
+
+def pooled_count(grid: tuple[int, int], pool: int) -> int:
+    rows, cols = grid
+    return -(-rows // pool) * -(-cols // pool)
+
+
+def _grid_coordinates(visual_mask: torch.Tensor, grid: tuple[int, int]):
+    """(rank, row, col) of every visual row [B, S] within its image's grid (images are consecutive
+    runs of rows*cols visual rows, in order); 0 on the other rows."""
+    rows, cols = grid
+    rank = (visual_mask.long().cumsum(1) - 1).clamp(min=0)
+    within = rank % (rows * cols)
+    return rank, within // cols, within % cols
+
+
+def pool_anchors(visual_mask: torch.Tensor, grid: tuple[int, int], pool: int) -> torch.Tensor:
+    """[B, S] bool: the visual rows that are the first (top-left) token of their pool."""
+    _, row, col = _grid_coordinates(visual_mask, grid)
+    return visual_mask.bool() & (row % pool == 0) & (col % pool == 0)
+
+
+def average_pooled(embeds: torch.Tensor, visual_mask: torch.Tensor, grid: tuple[int, int], pool: int) -> torch.Tensor:
+    """`embeds` with each pool's first row replaced by the mean of the pool's rows (summed in row-major
+    order within the pool, in float32); the other rows unchanged (the selection drops them)."""
+    rows, cols = grid
+    visual = visual_mask.bool()
+    rank, row, col = _grid_coordinates(visual, grid)
+    anchor = visual & (row % pool == 0) & (col % pool == 0)
+    vis_pos, _, counts = _padded_positions(visual)
+    total = torch.zeros(embeds.shape, dtype=torch.float32, device=embeds.device)
+    members = torch.zeros(visual.shape, dtype=torch.float32, device=embeds.device)
+    for dr in range(pool):
+        for dc in range(pool):
+            member = rank + dr * cols + dc
+            inside = anchor & (row + dr < rows) & (col + dc < cols) & (member < counts[:, None])
+            position = vis_pos.gather(1, torch.where(inside, member, torch.zeros_like(member)).clamp(
+                max=vis_pos.shape[1] - 1))
+            value = gather_padded(embeds, position).float()
+            total = total + torch.where(inside[..., None], value, torch.zeros_like(value))
+            members = members + inside.float()
+    mean = (total / members.clamp(min=1)[..., None]).to(embeds.dtype)
+    return torch.where(anchor[..., None], mean, embeds)
+
+
+def pool_flops(visual_rows: int, dim: int) -> int:
+    """Additions of the average pooling: every visual row added once into its pool."""
+    return visual_rows * dim
+
+
+# Diversity baseline (DivPrune, arXiv 2503.02175): per sample, greedy max-min selection over the
+# visual rows of the projector output with cosine distance 1 - cos. The first pick is the row whose
+# nearest other row is farthest (DivPrune: the second smallest distance in its column, the smallest
+# being its own); each next pick is the row farthest from the rows picked so far (the largest of
+# the minimum distances), ties to the earlier row. The loop is a torch while_loop (an ONNX Loop),
+# as long as the batch's largest keep count, so one exported graph serves every count.
+
+def diverse_picks(embeds: torch.Tensor, visual_mask: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[B, S] float: 1 on the counts[b] visual rows sample b's greedy max-min selection picks, else 0."""
+    from torch._higher_order_ops.while_loop import while_loop
+
+    visual = visual_mask.bool()
+    vis_pos, vis_valid, _ = _padded_positions(visual)
+    rows = _normalized(gather_padded(embeds, vis_pos))
+    distance = 1.0 - rows @ rows.transpose(1, 2)  # [B, V, V]
+    inf = distance.new_full((distance.shape[0], 1, distance.shape[2]), float("inf"))
+    # a row that is not real is never a neighbour (+inf) and never picked (-inf)
+    distance = torch.where(vis_valid[:, :, None] & vis_valid[:, None, :], distance, inf)
+    padded = torch.cat([distance, inf], dim=1)  # a second candidate neighbour for a sample of one row
+    nearest_other = padded.topk(2, dim=1, largest=False).values[:, 1, :]  # [B, V]
+    lowest = torch.full_like(nearest_other, float("-inf"))
+    columns = torch.arange(distance.shape[2], device=embeds.device)[None, :].expand_as(nearest_other)
+    first = torch.where(vis_valid, nearest_other, lowest).argmax(dim=1)
+    picked = (columns == first[:, None]) & (counts[:, None] > 0)
+
+    def distances_from(pick: torch.Tensor) -> torch.Tensor:  # [B]: row `pick` of each sample's distances
+        # the index is shaped after a tensor, not after sizes: the loop body takes no symbolic ints
+        return distance.gather(1, (torch.zeros_like(columns) + pick[:, None])[:, None, :]).squeeze(1)
+
+    nearest = distances_from(first)
+
+    def cond(step, nearest, picked):
+        return step < counts.max()
+
+    def body(step, nearest, picked):
+        score = torch.where(picked | ~vis_valid, lowest, nearest)
+        pick = score.argmax(dim=1)
+        active = step < counts
+        row = distances_from(pick)
+        return (step + 1, torch.where(active[:, None], torch.minimum(nearest, row), nearest),
+                picked | ((columns == pick[:, None]) & active[:, None]))
+
+    step = torch.ones((), dtype=torch.int64, device=embeds.device)
+    _, _, picked = while_loop(cond, body, (step, nearest, picked))
+    scores = torch.where(picked, torch.ones_like(nearest), torch.zeros_like(nearest))
+    return torch.zeros(visual.shape, device=embeds.device).scatter_add(
+        1, vis_pos, torch.where(vis_valid, scores, torch.zeros_like(scores)))
+
+
+def diverse_flops(batch: int, rows: int, dim: int) -> int:
+    """Multiply-adds of the cosine distances between every two visual rows of a sample (padded)."""
+    return batch * rows * rows * dim

@@ -16,7 +16,7 @@ from torch import fx
 
 from ..analysis.budget import ReductionPlan
 from ..capture.pipeline import CapturedDecoder, SplitDecoder
-from ..config import DEFAULT_PROBE_RULE
+from ..ops.dynamic_ffn import DEFAULT_PROBE_RULE
 from ..errors import ReductionUnavailableError
 from ..runtime.token_pruning import TokenPruning
 from .infra import PassRecord, run_passes

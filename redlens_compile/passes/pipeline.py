@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from ..analysis.budget import ReductionPlan
-from ..config import DEFAULT_PROBE_RULE
+from ..ops.dynamic_ffn import DEFAULT_PROBE_RULE
 from .causal_fast_path import CausalFastPathPass
 from .dead_code import DeadCodeEliminationPass
 from .dynamic_ffn import DynamicFFNPass

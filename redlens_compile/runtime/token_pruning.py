@@ -15,6 +15,10 @@ original position each row is (OptimizedModel's output carries it as `kept_posit
   (max cosine similarity, on the projector output, i.e. the visual rows of inputs_embeds);
 - `random`: a seeded baseline drawn per sample (from the seed and the sample's own content), so a
   sample keeps the same rows alone, in any batch and on either padding side;
+- `downsample`: average-pool each image's token grid (the family's, `grid`) by `pool` x `pool`; the
+  pooled token sits where its pool's first (top-left) token sat, with that token's position ids;
+- `diverse` (DivPrune): per sample, greedy max-min selection of the visual rows by cosine distance
+  on the projector output;
 - `fastv` (after layer K): keep the visual rows the last query attends to most at layer K (the
   graph returns that attention row, passes/last_query_attention.py);
 - `vtw` (after layer K): drop every visual row.
@@ -27,6 +31,7 @@ between them, on the head's output hidden state instead of the embeddings.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,19 +43,64 @@ from ..capture.layer_kinds import unserved_reason
 from ..config import RedLensConfig
 from ..errors import ConfigError, PruningError, ReductionUnavailableError
 from ..ops.token_pruning import (
-    KeptRows, gather_seq, keep_counts, left_aligned, proportional_flops, proportional_key_bias, random_scores,
-    redundancy_flops, redundancy_scores, select_rows, visual_counts,
+    KeptRows, average_pooled, diverse_flops, diverse_picks, gather_seq, keep_counts, left_aligned, pool_anchors,
+    pool_factor, pool_flops, pooled_count, proportional_flops, proportional_key_bias, random_scores, redundancy_flops,
+    redundancy_scores, select_rows, visual_counts,
 )
 
 logger = logging.getLogger(__name__)
 
-BEFORE_FIRST_LAYER = ("codebook", "random")
+BEFORE_FIRST_LAYER = ("codebook", "random", "downsample", "diverse")
 AFTER_LAYER = ("fastv", "vtw")
+
+
+def visual_grid(model_config) -> tuple[int, int]:
+    """(rows, cols) of one image's visual tokens as the decoder receives them, read off the model's
+    config (what `downsample` pools); a layout the config does not fix is a ConfigError naming why."""
+    vision = getattr(model_config, "vision_config", None)
+    merge = getattr(model_config, "spatial_merge_size", None) or getattr(vision, "spatial_merge_size", None)
+    if merge is not None or getattr(model_config, "image_grid_pinpoints", None) is not None:
+        raise ConfigError("prune='downsample': this model's visual token grid varies per image (a dynamic "
+                          "resolution: image_grid_thw, spatial merging or anyres tiles), which the pruning stage "
+                          "does not receive; downsampling supports models whose config fixes the grid")
+    tokens = getattr(model_config, "mm_tokens_per_image", None)
+    if tokens is not None:
+        side = math.isqrt(int(tokens))
+        if side * side != tokens:
+            raise ConfigError(f"prune='downsample': mm_tokens_per_image={tokens} is not a square grid")
+        return side, side
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if size is None or patch is None:
+        raise ConfigError("prune='downsample': the model's config gives no visual token grid (no mm_tokens_per_image, "
+                          "no vision_config.image_size and patch_size)")
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    rows, cols = height // patch_h, width // patch_w
+    shrink = getattr(model_config, "downsample_ratio", None) or getattr(model_config, "scale_factor", None)
+    if shrink is not None:
+        raise ConfigError("prune='downsample': the model already pools its visual tokens in the projector "
+                          f"(downsample_ratio/scale_factor={shrink}); its grid after that is not supported here")
+    if getattr(model_config, "vision_feature_select_strategy", "default") != "default":
+        raise ConfigError("prune='downsample': vision_feature_select_strategy="
+                          f"{model_config.vision_feature_select_strategy!r} keeps the class token beside the "
+                          f"{rows}x{cols} patch grid; downsampling needs the grid alone ('default')")
+    return rows, cols
+
+
+def check_grid(grid: tuple[int, int], pool: int, visual_mask: torch.Tensor) -> None:
+    """Downsampling pools whole images: every sample's visual count is a whole number of grids."""
+    per_image = grid[0] * grid[1]
+    odd = [(b, int(c)) for b, c in enumerate(visual_counts(visual_mask).tolist()) if c % per_image]
+    if odd:
+        b, c = odd[0]
+        raise PruningError(f"prune='downsample': sample {b} holds {c} visual tokens, not a whole number of the "
+                           f"{grid[0]}x{grid[1]} token grid ({per_image} per image) the model's config gives; "
+                           "downsampling needs whole images at the config's resolution")
 
 
 def check_keep(method: str, keep: int | float, visual_mask: torch.Tensor) -> None:
     """An int keep above a sample's visual count is an error (a fraction always fits)."""
-    if method == "vtw" or not isinstance(keep, int):
+    if method in ("vtw", "downsample") or not isinstance(keep, int):
         return
     short = [(b, int(c)) for b, c in enumerate(visual_counts(visual_mask).tolist()) if 0 < c < keep]
     if short:
@@ -108,6 +158,7 @@ class TokenPruning:
     # Before the first layer: each kept visual row keeps the attention mass of the dropped rows most
     # like it (a log-count key bias; the graph then takes a `key_bias` input, passes/key_bias.py).
     proportional: bool = False
+    grid: tuple[int, int] | None = None  # downsample: (rows, cols) of one image's visual tokens
 
     def __post_init__(self) -> None:
         if self.method not in BEFORE_FIRST_LAYER + AFTER_LAYER:
@@ -116,6 +167,17 @@ class TokenPruning:
             raise ConfigError("prune='codebook' needs the codebook's prototypes")
         if self.method in AFTER_LAYER and self.layer is None:
             raise ConfigError(f"prune={self.method!r} needs the layer K after which it prunes")
+        if self.method == "downsample":
+            if self.grid is None:
+                raise ConfigError("prune='downsample' needs the visual token grid (rows, cols) of one image")
+            if not isinstance(self.keep, float) or self.pool < 2:
+                raise ConfigError(f"prune='downsample' with prune_keep={self.keep!r}: give the kept fraction as a float "
+                                  "<= 0.3 (0.25: 2x2 pools, 0.125 or 0.111: 3x3)")
+
+    @property
+    def pool(self) -> int:
+        """downsample: the pool side, from the kept fraction (0.25 -> 2, 0.125 -> 3)."""
+        return pool_factor(self.keep)
 
     @property
     def after_layer(self) -> int | None:
@@ -137,15 +199,23 @@ class TokenPruning:
         return self._counts(visual_mask)
 
     def _counts(self, visual_mask: torch.Tensor) -> torch.Tensor:
+        if self.method == "downsample":
+            return pool_anchors(visual_mask, self.grid, self.pool).sum(dim=1)
         return keep_counts(visual_counts(visual_mask), 0 if self.method == "vtw" else self.keep)
 
     def check_keep(self, visual_mask: torch.Tensor) -> None:
         check_keep(self.method, self.keep, visual_mask)
+        if self.method == "downsample":
+            check_grid(self.grid, self.pool, visual_mask)
 
     def keep_scores(self, inputs: DecoderInputs, attention: torch.Tensor | None = None) -> torch.Tensor:
         """[B, S]; higher is kept first. `attention`: fastv's last-query attention at layer K."""
         if self.method == "codebook":
             return -redundancy_scores(inputs.inputs_embeds, self.prototypes, inputs.visual_mask)
+        if self.method == "downsample":
+            return pool_anchors(inputs.visual_mask, self.grid, self.pool).float()
+        if self.method == "diverse":
+            return diverse_picks(inputs.inputs_embeds, inputs.visual_mask, self._counts(inputs.visual_mask))
         if self.method == "fastv":
             if attention is None:
                 raise ValueError("prune='fastv' selects by the attention of layer K's last query; none was given")
@@ -160,6 +230,10 @@ class TokenPruning:
         flops = 0
         if self.method == "codebook":
             flops += redundancy_flops(batch * int(counts.max()), int(self.prototypes.shape[0]), dim)
+        elif self.method == "diverse":
+            flops += diverse_flops(batch, int(counts.max()), dim)
+        elif self.method == "downsample":
+            flops += pool_flops(int(counts.sum()), dim)
         if self.key_bias:
             kept = self.keep_counts(inputs.visual_mask)
             flops += batch * proportional_flops(int((counts - kept).max()), int(kept.max()), dim)
@@ -173,6 +247,9 @@ class TokenPruning:
         """The rows kept by `scores` [B, S] (higher first), gathered; tensor ops only, no checks: the
         body of the exported prune graph (exporters/prune_graph.py) as of the eager stage."""
         visual = inputs.visual_mask
+        if self.method == "downsample":  # each pool's first row carries the pool's mean
+            inputs = DecoderInputs(average_pooled(inputs.inputs_embeds, visual, self.grid, self.pool),
+                                   inputs.attention_mask, inputs.position_ids, visual)
         kept = select_rows(visual, scores, self._counts(visual), inputs.attention_mask)
         pruned = gather_inputs(inputs, kept)
         if self.key_bias:
@@ -188,6 +265,10 @@ class TokenPruning:
             out["prototypes"] = int(self.prototypes.shape[0])
         elif self.method == "random":
             out["seed"] = self.seed
+        elif self.method == "downsample":
+            out.update(grid=list(self.grid), pool=self.pool, pooled_per_image=pooled_count(self.grid, self.pool))
+        elif self.method == "diverse":
+            out["rule"] = "greedy max-min cosine distance (DivPrune)"
         else:
             out["layer"] = self.layer
         return out
@@ -220,6 +301,9 @@ def build_pruning(config: RedLensConfig, model: nn.Module, adapter) -> TokenPrun
                                "set prune_proportional=False (presets: the '-plain' ones)")
     if config.prune == "random":
         return TokenPruning("random", config.prune_keep, seed=config.prune_seed, proportional=config.prune_proportional)
+    if config.prune in ("downsample", "diverse"):
+        grid = visual_grid(model.config) if config.prune == "downsample" else None
+        return TokenPruning(config.prune, config.prune_keep, proportional=config.prune_proportional, grid=grid)
     codebook = Codebook.load(config.codebook)
     text_config = adapter.language_model(model).config
     codebook.check_compatible(model.config.model_type, text_config.hidden_size, path=f"codebook {config.codebook}")

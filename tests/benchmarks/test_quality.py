@@ -30,3 +30,23 @@ def test_quality_benchmark_rows_for_presets_files_and_json_text(tmp_path):
     assert len(lines) == 2 + len(rows)  # header, rule, one line per row: no name spans lines
     assert all(line.count("|") == 9 for line in lines)
     assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_frontier_keeps_the_points_nothing_beats_and_replot_draws_a_saved_run(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    points = [(0.5, 90.0), (0.2, 80.0), (0.3, 75.0), (1.0, 99.0), (0.6, 89.0), (0.2, 70.0)]
+    assert quality.frontier(points) == [(0.2, 80.0), (0.5, 90.0), (1.0, 99.0)]
+    assert [quality.method_of(n) for n in ("codebook-0.125", "diverse-0.25-plain", "codebook-0.25+budget-0.2",
+                                           "vtw-1", "original")] == [
+        "codebook", "diverse plain", "pruning + budget", "vtw", "original"]
+    row = lambda name, ratio, acc: {"name": name, "flops_ratio": ratio, "accuracy": {"overall": acc}}  # noqa: E731
+    run = {"model_dir": "/x/proof_llava", "questions": 3,
+           "rows": [row("original", 1.0, 0.99), row("image-blind (blank image)", None, 0.3),
+                    row("codebook-0.25", 0.28, 0.98), row("codebook-0.125", 0.17, 0.97)]}
+    saved = tmp_path / "run.txt"
+    saved.write_text(json.dumps(run, indent=2) + "\n\n| table |\n")
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--replot", str(saved), "--plot",
+                    str(tmp_path / "frontier.png")], check=True, cwd=ROOT, capture_output=True)
+    assert (tmp_path / "frontier.png").stat().st_size > 0

@@ -94,3 +94,20 @@ def test_tied_scores_keep_the_earliest_rows_as_the_torch_stage(tmp_path):
         order = sorted(visual.tolist(), key=lambda i: (-float(scores[b, i]), i))[:round(0.4 * count)]
         kept_positions = want.inputs.position_ids[b][want.inputs.visual_mask[b]]
         assert kept_positions.tolist() == [int(inputs.position_ids[b, i]) for i in sorted(order)]
+
+
+@pytest.mark.parametrize("name", ["downsample", "diverse"])
+def test_the_baselines_export_and_keep_the_eager_rows(name, tmp_path):
+    """Downsample (3x3 pools on a 4x5 grid: partial edge pools) and DivPrune's loop (an ONNX Loop as long
+    as the batch's largest count) on a batch of other lengths and visual counts than the export's."""
+    pruning = TokenPruning(name, 0.125, grid=(4, 5) if name == "downsample" else None, proportional=True)
+    session = export(pruning, decoder_inputs(30, [range(3, 23), range(4, 24)], 1, seed=0), tmp_path / "prune.onnx")
+    inputs = decoder_inputs(70, [range(2, 62), range(10, 30)], 1, seed=1)  # 60 and 20 visual rows
+    want = pruning(inputs)
+    assert want.visual_after.tolist() == ([12, 4] if name == "downsample" else [8, 2])
+    args = prune_graph.example_args(pruning, inputs)
+    got = session.run(None, dict(zip(prune_graph.input_names(pruning), [a.numpy() for a in args])))
+    assert np.abs(got[0] - want.inputs.inputs_embeds.numpy()).max() <= 1e-6
+    for out, field in zip(got[1:4], ("attention_mask", "position_ids", "visual_mask")):
+        assert np.array_equal(out, getattr(want.inputs, field).numpy()), field
+    assert np.abs(got[4] - want.inputs.key_bias.numpy()).max() <= 1e-6
