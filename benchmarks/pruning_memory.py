@@ -42,7 +42,7 @@ def run_case(name: str, batch: int, seq: int, dim: int, text: int, keep: float) 
     import torch
 
     from redlens_compile.capture.decoder_inputs import DecoderInputs
-    from redlens_compile.passes.token_pruning import TokenPruning
+    from redlens_compile.runtime.token_pruning import TokenPruning
 
     torch.set_num_threads(2)
     case = CASES[name]

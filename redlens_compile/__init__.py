@@ -28,7 +28,7 @@ _LAZY = {
     # `redlens_compile.capture` is the capture stage's package; its entry point is capture_decoder.
     "capture_decoder": ("api", "capture"),
     "optimize": ("api", "optimize"),
-    "load": ("artifact.saved", "load_optimized"),  # = OptimizedModel.from_pretrained
+    "load": ("api", "load"),  # = OptimizedModel.from_pretrained
     "OptimizedModel": ("artifact.optimized_model", "OptimizedModel"),
     "AuditReport": ("report.audit_report", "AuditReport"),
     "OnnxRunner": ("exporters.ort_runner", "OnnxRunner"),

@@ -1,7 +1,9 @@
-"""Public entry points: optimize(model, example_inputs, config) and audit(model, example_inputs).
+"""Public entry points: optimize(model, example_inputs, config), audit(model, example_inputs),
+load(directory, model) and at_dtype (re-optimizing in another dtype).
 
-optimize: capture (and check the graph against eager) -> count FLOPs -> rank layers on the
-calibration inputs -> plan to the budget -> run the passes -> count again -> report.
+optimize: capture (and check the graph against eager; pruning after layer K: as two graphs) ->
+count FLOPs -> rank layers on the calibration inputs -> plan to the budget -> compile (the
+passes, passes/compile.py) -> count again -> report; one path for every pruning placement.
 """
 
 from __future__ import annotations
@@ -16,18 +18,15 @@ from .analysis.budget import (ReductionPlan, drop_unpaying, needs_ranking, payin
                               settings_ladder, validate_layers)
 from .analysis.flops import count_graph_flops, merge_flops
 from .analysis.ranking import SENSITIVITY_METRICS, LayerRanking, activation_scores, sensitivity_scores
-from .artifact.layered_decode import unserved_reason
 from .artifact.optimized_model import OptimizedModel
 from .capture.decoder_inputs import DecoderInputs, capture_decoder_inputs, image_token_mask
 from .capture.families import adapter_for
 from .capture.pipeline import CapturedDecoder, capture, capture_split, check_capture
 from .config import RedLensConfig
 from .errors import ConfigError, ReductionUnavailableError
-from .passes.infra import run_passes
-from .passes.last_query_attention import LastQueryAttentionPass
-from .passes.pipeline import apply_plan, build_passes
-from .passes.token_pruning import AFTER_LAYER, TokenPruning
-from .analysis.codebook_file import Codebook
+from .passes.compile import compile_decoder
+from .passes.pipeline import apply_plan
+from .runtime.token_pruning import TokenPruning, build_pruning
 from .report.audit_report import AuditReport
 from .report.build import build_report
 
@@ -35,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
-__all__ = ["audit", "capture", "check_inputs", "optimize"]
+__all__ = ["at_dtype", "audit", "build_pruning", "capture", "check_inputs", "load", "optimize"]
 
 
 def _noop_progress(_: str) -> None:
@@ -50,7 +49,7 @@ def _rank(captured: CapturedDecoder, model: nn.Module, calibration: list[Decoder
         ladder, base = settings_ladder(config)
         levels = [ladder[base]] + ([ladder[-1]] if len(ladder) > base + 1 else [])
         scores = sensitivity_scores_ray(engine, model, example_inputs, reference, calibration, layers, levels,
-                                        config.probe_tokens, key_bias, config.ranking)
+                                        config.probe_tokens, key_bias, config.ranking, apply_plan)
         return LayerRanking(config.ranking, scores[0], scores[1] if len(scores) > 1 else None)
     if config.ranking in SENSITIVITY_METRICS:
         def at(settings):
@@ -96,7 +95,6 @@ def optimize(
     from .analysis.ray_engine import resolve_engine
 
     ray_engine = resolve_engine(engine)  # a missing extra fails before any work
-    adapter = adapter_for(model)
     model.eval()
     pruning = check_inputs(model, example_inputs, config)
 
@@ -106,11 +104,48 @@ def optimize(
     progress("capturing the decoder graph (torch.export)")
     captured = capture(model, example_inputs)
     check_capture(captured, reference.logits)
+    split = None
+    if pruning is not None and pruning.after_layer is not None:
+        progress(f"capturing the decoder as two graphs, cut after layer {pruning.layer}")
+        split = capture_split(captured, model, pruning.layer)
     progress("counting FLOPs before the rewrite (fvcore)")
     before = count_graph_flops(captured.graph_module, captured.example)
-    if pruning is not None and pruning.after_layer is not None:
-        return _optimize_split(model, captured, example_inputs, before, config, pruning, type(reference), progress)
-    # The graph runs on the pruned sequence: plan, rank and count the reductions on it.
+    plan, ranking, notes = _rank_and_plan(model, captured, before, config, pruning, split, calibration, ray_engine,
+                                          example_inputs, progress)
+
+    progress("running passes")
+    compiled = compile_decoder(captured, plan, config.probe_tokens, pruning, split)
+    opt = OptimizedModel(model, captured.adapter, compiled, None, config, output_cls=type(reference),
+                         example_inputs=example_inputs, rebuild=at_dtype)
+    progress("counting FLOPs after the rewrite")
+    after, pruning_summary = _count_compiled(opt, captured)
+    opt.report = build_report(model, captured, example_inputs, before, after, config, plan, compiled.records, ranking,
+                              notes + compiled.notes + _config_notes(config, plan, pruning, split),
+                              pruning=pruning_summary)
+    ratio = opt.report.flops_ratio
+    if split is not None and config.flops_budget < 1.0 and ratio > config.flops_budget:
+        raise ReductionUnavailableError(
+            f"prune={pruning.method!r} after layer {pruning.layer} brings the decoder FLOPs ratio to {ratio:.4f}, above "
+            f"flops_budget={config.flops_budget}; combining pruning inside the decoder with the per-layer reductions "
+            f"is not part of this build: raise flops_budget to >= {ratio:.3f}, prune earlier or keep fewer tokens"
+        )
+    if split is None and config.layers != "auto" and ratio > config.flops_budget:
+        logger.warning("decoder FLOPs ratio %.3f is above flops_budget %.3f: layers were given explicitly",
+                       ratio, config.flops_budget)
+    return opt
+
+
+def _rank_and_plan(model: nn.Module, captured: CapturedDecoder, before, config: RedLensConfig,
+                   pruning: TokenPruning | None, split, calibration, ray_engine, example_inputs,
+                   progress: Progress) -> tuple[ReductionPlan, LayerRanking | None, list[str]]:
+    """rank -> plan: the per-layer settings to compile, the ranking, and the planner's notes.
+
+    Pruning after layer K (split) combines with no per-layer reduction (check_inputs refuses
+    fixed layers): its plan is empty. Otherwise the graph runs on the pruned sequence: the
+    reductions are ranked, planned and counted on it."""
+    if split is not None:
+        return ReductionPlan(settings={}), None, []
+    adapter = captured.adapter
     pruned = pruning(captured.example) if pruning is not None else None
     example = pruned.inputs if pruned is not None else captured.example
     scoring = float(pruning.scoring_flops(captured.example)) if pruning is not None else 0.0
@@ -149,19 +184,41 @@ def optimize(
         plan = plan_fixed(config, adapter.num_layers(model))
     # Reductions that save no FLOPs on this example (or that a pass cannot apply) are taken off.
     plan, unpaid = drop_unpaying(plan, plan_costs, layers_unreduced, not_reduced)
+    return plan, ranking, _probe_note(config, example, plan) + unpaid
 
-    progress("running passes")
-    # Reduced work runs in thinner GEMMs than the original's: lower them (identity stays the family's ops).
-    reduces = bool(plan.settings) or pruned is not None
-    result = apply_plan(captured.graph_module, plan, config.probe_tokens, key_bias=key_bias, thin_linear=reduces)
-    progress("counting FLOPs after the rewrite")
-    after = count_graph_flops(result.graph_module, example)
-    notes = _probe_note(config, example, plan) + unpaid
-    notes += [f"layer {i}: hollow attention used the masked fallback ({why}); it saves no work there"
-              for i, why in sorted(result.fallback.items())]
-    notes += [f"layer {i}: not reduced: {why}" for i, why in sorted(result.skipped.items())]
+
+def _count_compiled(opt: OptimizedModel, captured: CapturedDecoder) -> tuple[Any, dict | None]:
+    """The compiled graphs' FLOPs on the inputs each runs on (the pruned sequence where pruning), and
+    the pruning summary of the report."""
+    compiled, example = opt.compiled, captured.example
+    pruning = compiled.pruning
+    if compiled.tail_graph_module is not None:
+        with torch.no_grad():
+            prefill = opt.run_decoder(example)
+        after = merge_flops(count_graph_flops(compiled.graph_module, example),
+                            count_graph_flops(compiled.tail_graph_module, prefill.ran_on))
+        ran_on, scoring = prefill.ran_on, 0.0
+        visual_before, visual_after = example.visual_mask.sum(dim=1), ran_on.visual_mask.sum(dim=1)
+    elif pruning is not None:
+        pruned = pruning(example)
+        ran_on, scoring = pruned.inputs, float(pruning.scoring_flops(example))
+        after = count_graph_flops(compiled.graph_module, ran_on)
+        visual_before, visual_after = pruned.visual_before, pruned.visual_after
+    else:
+        return count_graph_flops(compiled.graph_module, example), None
+    summary = dict(pruning.describe(), scoring_flops=scoring, visual_before=visual_before.tolist(),
+                   visual_after=visual_after.tolist(), seq_len_before=example.seq_len, seq_len_after=ran_on.seq_len,
+                   kept_rows=ran_on.attention_mask.sum(dim=1).tolist())
+    return after, summary
+
+
+def _config_notes(config: RedLensConfig, plan: ReductionPlan, pruning: TokenPruning | None, split) -> list[str]:
+    """What the report says about the config's choices (hollow layers without the key bias, explicit layers)."""
+    if split is not None:
+        return []
+    notes = []
     hollow = [i for i, s in sorted(plan.settings.items()) if s.hollow]
-    if key_bias and hollow:
+    if pruning is not None and pruning.key_bias and hollow:
         notes.append(f"layers {hollow}: hollow attention reads the family's mask without the proportional-attention "
                      "key bias of token pruning")
     if isinstance(config.layers, dict):
@@ -169,22 +226,39 @@ def optimize(
                      "with no ranking and no planning")
     elif config.layers != "auto" and plan.settings and config.flops_budget < 1.0:
         notes.append(f"layers={config.layers!r} given explicitly: flops_budget={config.flops_budget} was not applied")
-    pruning_summary = None
-    if pruned is not None:
-        pruning_summary = dict(pruning.describe(), scoring_flops=scoring,
-                               visual_before=pruned.visual_before.tolist(), visual_after=pruned.visual_after.tolist(),
-                               seq_len_before=captured.example.seq_len, seq_len_after=example.seq_len,
-                               kept_rows=example.attention_mask.sum(dim=1).tolist())
-    report = build_report(model, captured, example_inputs, before, after, config, plan, result.records, ranking, notes,
-                          pruning=pruning_summary)
-    if config.layers != "auto" and report.flops_ratio > config.flops_budget:
-        logger.warning("decoder FLOPs ratio %.3f is above flops_budget %.3f: layers were given explicitly",
-                       report.flops_ratio, config.flops_budget)
-    opt = OptimizedModel(model, adapter, result.graph_module, report, config, output_cls=type(reference),
-                         pruning=pruning)
-    opt.example_inputs = example_inputs  # what export_onnx traces by default
-    opt.rebuild = dict(plan=plan, key_bias=key_bias, thin_linear=reduces)  # export_onnx in another dtype reapplies it
-    return opt
+    return notes
+
+
+def at_dtype(opt: OptimizedModel, dtype: torch.dtype, example_inputs: Mapping[str, Any] | None = None) -> OptimizedModel:
+    """`opt` rebuilt on a copy of its model in `dtype`: the decoder captured again (a graph traced in
+    one dtype keeps that dtype's casts) and the same plan compiled, with no ranking (what
+    OptimizedModel.export_onnx(dtype=...) calls through `opt.rebuild`)."""
+    import copy
+
+    from .exporters.onnx import cast_inputs
+
+    example_inputs = example_inputs if example_inputs is not None else opt.example_inputs
+    model = copy.deepcopy(opt.model).to(dtype)
+    captured = capture(model, cast_inputs(example_inputs, dtype))
+    compiled = opt.compiled
+    split = capture_split(captured, model, compiled.split_layer) if compiled.split_layer is not None else None
+    again = compile_decoder(captured, compiled.plan, compiled.probe_tokens, compiled.pruning, split)
+    return OptimizedModel(model, opt.adapter, again, opt.report, opt.config, output_cls=opt.output_cls,
+                          example_inputs=opt.example_inputs, rebuild=at_dtype)
+
+
+def load(directory, model: nn.Module, example_inputs: Mapping[str, Any] | None = None,
+         progress: Progress | None = None, check_versions: bool = True) -> OptimizedModel:
+    """The OptimizedModel saved in `directory` (save_pretrained), rebuilt on `model`: the folder and the
+    model's fingerprint checked first (artifact/saved.py), then optimize with the saved plan as an
+    explicit config (no ranking, no planning). Also OptimizedModel.from_pretrained and rc.load.
+
+    `example_inputs`: what the decoder is captured and checked on; default the example saved in
+    the folder (the one optimize was given), so no user data is needed."""
+    from .artifact.saved import check_saved, mark_loaded
+
+    saved, example = check_saved(directory, model, example_inputs, check_versions)
+    return mark_loaded(optimize(model, example, config=saved.config, progress=progress), saved)
 
 
 def check_inputs(model: nn.Module, example_inputs: Mapping[str, Any], config: RedLensConfig | None = None):
@@ -208,76 +282,6 @@ def check_inputs(model: nn.Module, example_inputs: Mapping[str, Any], config: Re
                 "flops_budget) or prune='codebook'/'random' (before the first layer), which combine"
             )
     return pruning
-
-
-def _optimize_split(model: nn.Module, captured: CapturedDecoder, example_inputs: Mapping[str, Any], before,
-                    config: RedLensConfig, pruning: TokenPruning, output_cls: type, progress: Progress) -> OptimizedModel:
-    """Pruning after layer K (fastv, vtw): the decoder as two graphs with the pruning stage between them."""
-    layer = pruning.layer
-    progress(f"capturing the decoder as two graphs, cut after layer {layer}")
-    head, tail = capture_split(captured, model, layer)
-    cleanup = build_passes(ReductionPlan(settings={}), config.probe_tokens, thin_linear=True)
-    head_passes = cleanup[:1] + ([LastQueryAttentionPass(layer)] if pruning.method == "fastv" else []) + cleanup[1:]
-    head, head_records = run_passes(head, head_passes)
-    tail, tail_records = run_passes(tail, cleanup)
-    opt = OptimizedModel(model, captured.adapter, head, None, config, output_cls, pruning=pruning, tail_graph_module=tail)
-    opt.example_inputs = example_inputs
-
-    progress("counting FLOPs after the rewrite")
-    example = captured.example
-    with torch.no_grad():
-        prefill = opt.run_decoder(example)
-    after = merge_flops(count_graph_flops(head, example), count_graph_flops(tail, prefill.ran_on))
-    layers_before = sum(before.layer_total(i) for i in before.layers)
-    ratio = sum(after.layer_total(i) for i in after.layers) / layers_before
-    if config.flops_budget < 1.0 and ratio > config.flops_budget:
-        raise ReductionUnavailableError(
-            f"prune={pruning.method!r} after layer {layer} brings the decoder FLOPs ratio to {ratio:.4f}, above "
-            f"flops_budget={config.flops_budget}; combining pruning inside the decoder with the per-layer reductions "
-            f"is not part of this build: raise flops_budget to >= {ratio:.3f}, prune earlier or keep fewer tokens"
-        )
-    visual_before = example.visual_mask.sum(dim=1)
-    summary = dict(pruning.describe(), scoring_flops=0.0, visual_before=visual_before.tolist(),
-                   visual_after=prefill.ran_on.visual_mask.sum(dim=1).tolist(), seq_len_before=example.seq_len,
-                   seq_len_after=prefill.ran_on.seq_len, kept_rows=prefill.ran_on.attention_mask.sum(dim=1).tolist())
-    notes = [f"layers 0..{layer} run on every row; layers {layer + 1}.. and their KV cache on the kept rows; "
-             "decode steps run layer by layer with a mask per layer"]
-    opt.report = build_report(model, captured, example_inputs, before, after, config, ReductionPlan(settings={}),
-                              head_records + tail_records, None, notes, pruning=summary)
-    return opt
-
-
-def _refuse_layered_decode(model: nn.Module, adapter, what: str, instead: str) -> None:
-    """Decode steps the project runs layer by layer (artifact/layered_decode.py) serve full-attention
-    and sliding-window layers (each takes its own cache's rows); other decoders are refused."""
-    why = unserved_reason(model, adapter)
-    if why is not None:
-        raise ReductionUnavailableError(f"{what}: the decode steps it needs run layer by layer with one mask per layer, "
-                                        f"and {why}; {instead}")
-
-
-def build_pruning(config: RedLensConfig, model: nn.Module, adapter) -> TokenPruning | None:
-    """The token pruning stage the config asks for, checked against the model before any work."""
-    if config.prune is None:
-        return None
-    num_layers = adapter.num_layers(model)
-    if config.prune in AFTER_LAYER:
-        if config.prune_layer >= num_layers - 1:
-            where = "beyond the last decoder layer" if config.prune_layer >= num_layers else "the last decoder layer"
-            raise ConfigError(f"prune_layer={config.prune_layer} is {where}: the decoder has {num_layers} layers and "
-                              f"{config.prune!r} prunes after layer K for the layers after it (valid: 0..{num_layers - 2})")
-        _refuse_layered_decode(model, adapter, f"prune={config.prune!r} (pruning inside the decoder)",
-                               "use prune='codebook' or 'random' (before the first layer)")
-        return TokenPruning(config.prune, config.prune_keep, layer=config.prune_layer)
-    if config.prune_proportional:
-        _refuse_layered_decode(model, adapter, "prune_proportional=True (a key bias in every layer)",
-                               "set prune_proportional=False (presets: the '-plain' ones)")
-    if config.prune == "random":
-        return TokenPruning("random", config.prune_keep, seed=config.prune_seed, proportional=config.prune_proportional)
-    codebook = Codebook.load(config.codebook)
-    text_config = adapter.language_model(model).config
-    codebook.check_compatible(model.config.model_type, text_config.hidden_size, path=f"codebook {config.codebook}")
-    return TokenPruning.from_codebook(codebook, config.prune_keep, proportional=config.prune_proportional)
 
 
 def audit(model: nn.Module, example_inputs: Mapping[str, Any]) -> AuditReport:

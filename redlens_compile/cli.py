@@ -121,9 +121,9 @@ def _saved_from_args(args: argparse.Namespace):
 def _optimize_or_load(model, inputs, config, saved, progress=None, engine="local"):
     """optimize with `config`, or (--from) the saved plan applied on these inputs: no ranking, no planning."""
     if saved is not None:
-        from .artifact.saved import load_optimized
+        from .api import load
 
-        return load_optimized(saved.directory, model, example_inputs=inputs, progress=progress)
+        return load(saved.directory, model, example_inputs=inputs, progress=progress)
     from .api import optimize
 
     return optimize(model, inputs, config=config, progress=progress, engine=engine)

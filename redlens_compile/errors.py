@@ -64,3 +64,7 @@ class ReportError(RedLensError, ValueError):
 
 class EngineUnavailableError(RedLensError, ImportError):
     """engine="ray" was asked for, but Ray (the `ray` extra) is not installed or cannot be reached."""
+
+
+class PassOrderError(RedLensError, ValueError):
+    """A pass list breaks the order the passes declare (runs_after / runs_last)."""

@@ -10,7 +10,8 @@ from tiny_families import make_inputs
 
 import redlens_compile as rc
 from redlens_compile.errors import ExportError
-from redlens_compile.exporters.onnx import at_dtype, export_dtype
+from redlens_compile.api import at_dtype
+from redlens_compile.exporters.onnx import export_dtype
 from redlens_compile.exporters.ort_runner import OnnxRunner
 
 DTYPES = [torch.bfloat16, torch.float16]

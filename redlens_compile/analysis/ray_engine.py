@@ -324,7 +324,7 @@ class TrialWorker:
 
     def __init__(self, parts: tuple, example_inputs: Mapping[str, Any], calibration: list,
                  reference: list[torch.Tensor], probe_tokens: int | float, key_bias: bool, metric: str,
-                 threads: int) -> None:
+                 threads: int, reduce: Callable) -> None:
         torch.set_num_threads(threads)
         from ..capture.pipeline import capture
 
@@ -337,22 +337,25 @@ class TrialWorker:
                             for x in calibration]
         self.reference = [r.to(device) for r in reference]
         self.probe_tokens, self.key_bias, self.metric = probe_tokens, key_bias, metric
+        self.reduce = reduce
 
     def divergences(self, job: int, settings: Any, layer: int) -> tuple[int, list[float]]:
-        from ..passes.pipeline import apply_plan
         from .budget import ReductionPlan
         from .ranking import trial_divergences
 
-        trial = apply_plan(self.graph_module, ReductionPlan(settings={layer: settings}), self.probe_tokens,
-                           copy=True, key_bias=self.key_bias).graph_module
+        trial = self.reduce(self.graph_module, ReductionPlan(settings={layer: settings}), self.probe_tokens,
+                            copy=True, key_bias=self.key_bias).graph_module
         return job, trial_divergences(trial, self.reference, self.calibration, self.metric)
 
 
 def sensitivity_scores_ray(engine: RayEngine, model: torch.nn.Module, example_inputs: Mapping[str, Any],
                            reference_graph: Any, calibration: Sequence[Any], layers: Sequence[int],
                            levels: Sequence[Any], probe_tokens: int | float, key_bias: bool,
-                           metric: str) -> list[dict[int, float]]:
-    """ranking.sensitivity_scores at each settings level in `levels`, the trials spread over Ray actors."""
+                           metric: str, reduce: Callable) -> list[dict[int, float]]:
+    """ranking.sensitivity_scores at each settings level in `levels`, the trials spread over Ray actors.
+
+    reduce: passes.pipeline.apply_plan (given by the caller: analysis sits below passes), run by
+    each actor as apply_plan(graph, plan, probe_tokens, copy=True, key_bias=...)."""
     import ray
     from ray.util import ActorPool
 
@@ -365,7 +368,7 @@ def sensitivity_scores_ray(engine: RayEngine, model: torch.nn.Module, example_in
         size = min(pool_size(engine), len(jobs))
         worker = ray.remote(max_restarts=-1, max_task_retries=engine.max_retries, **engine.actor_options())(TrialWorker)
         shared = [ray.put(x) for x in (model_parts(model), dict(example_inputs), list(calibration), reference)]
-        actors = [worker.remote(*shared, probe_tokens, key_bias, metric, engine.threads) for _ in range(size)]
+        actors = [worker.remote(*shared, probe_tokens, key_bias, metric, engine.threads, reduce) for _ in range(size)]
         try:
             pool = ActorPool(actors)
             calls = pool.map_unordered(lambda a, j: a.divergences.remote(j, levels[jobs[j][0]], jobs[j][1]),

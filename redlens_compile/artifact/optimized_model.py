@@ -1,26 +1,23 @@
-"""OptimizedModel: the original model's vision path and token merge, the rewritten decoder graph
-for the prefill, and the original decoder for KV-cached decode steps."""
+"""OptimizedModel: the original model's vision path and token merge, the compiled decoder
+(passes/compile.py CompiledDecoder: the rewritten graph(s) and the pruning stage) for the
+prefill, and the original decoder for KV-cached decode steps."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from ..capture.decoder_inputs import DecoderInputs, capture_decoder_inputs
 from ..capture.decoder_module import kv_to_cache
-from ..capture.export import SEQ_RANGE
 from ..capture.families import FamilyAdapter
 from ..config import RedLensConfig
-from ..passes.infra import run_passes
-from ..passes.last_position_logits import LastPositionLogitsPass
-from ..passes.selectors import clone_graph_module
 from ..ops.token_pruning import KeptRows
-from ..passes.key_bias import KEY_BIAS_LAYERS
-from ..passes.token_pruning import TokenPruning, align_left, compose
+from ..passes.compile import CompiledDecoder
+from ..runtime.token_pruning import align_left, compose
 from .forward_options import keep_logits, kept_labels, split_arguments
 from .generation import DEFAULT_MAX_NEW_TOKENS, GraphForward, check_generation_options
 from .layered_decode import LayeredDecodeStep
@@ -58,28 +55,34 @@ class OptimizedModel(nn.Module):
         self,
         model: nn.Module,
         adapter: FamilyAdapter,
-        graph_module: fx.GraphModule,
-        report: AuditReport,
+        compiled: CompiledDecoder,
+        report: AuditReport | None,
         config: RedLensConfig,
         output_cls: type,
-        pruning: TokenPruning | None = None,
-        tail_graph_module: fx.GraphModule | None = None,
+        example_inputs: dict[str, Any] | None = None,
+        rebuild: Callable[["OptimizedModel", torch.dtype, dict], "OptimizedModel"] | None = None,
     ):
         super().__init__()
         self.model = model
-        self.graph_module = graph_module
-        # generate's prefill: the same graph (same weights) with logits for the last position only.
+        self.compiled = compiled
         # Pruning after layer K: graph_module runs layers 0..K, tail_graph_module the rest and the lm_head.
-        self.tail_graph_module = tail_graph_module
-        last = tail_graph_module if tail_graph_module is not None else graph_module
-        self.prefill_graph, _ = run_passes(clone_graph_module(last), [LastPositionLogitsPass()])
+        self.graph_module = compiled.graph_module
+        self.tail_graph_module = compiled.tail_graph_module
+        # generate's prefill: the same graph (same weights) with logits for the last position only.
+        self.prefill_graph = compiled.prefill_graph
         self.decode_step = LayeredDecodeStep(model, adapter)
         self.adapter = adapter
         self.report = report
         self.config = config
         self.output_cls = output_cls  # the original model's output type
-        self.pruning = pruning
-        self.example_inputs: dict[str, Any] | None = None  # set by optimize: export_onnx's default example
+        self.example_inputs = example_inputs  # set by optimize: export_onnx's default example
+        # (opt, dtype, example) -> opt rebuilt on a copy of the model in dtype, captured on example
+        # (set by optimize: api.at_dtype; re-optimizing sits above the artifact)
+        self.rebuild = rebuild
+
+    @property
+    def pruning(self):
+        return self.compiled.pruning
 
     @property
     def text_config(self):
@@ -91,7 +94,7 @@ class OptimizedModel(nn.Module):
 
     def run_decoder(self, decoder_inputs: DecoderInputs, last_position_only: bool = False) -> Prefill:
         """The prefill through the rewritten graph(s), with token pruning where the config prunes."""
-        longest = self.graph_module.meta.get(SEQ_RANGE, (2, None))[1]
+        longest = self.compiled.seq_range[1]
         if longest is not None and decoder_inputs.seq_len > longest:
             raise ValueError(f"the prompt holds {decoder_inputs.seq_len} positions; the decoder graph serves at most "
                              f"{longest} ({self._length_limit(longest)}): use a shorter prompt or fewer image tiles")
@@ -134,7 +137,7 @@ class OptimizedModel(nn.Module):
         bias = prefill.ran_on.key_bias
         if bias is None:
             return prefill.layer_masks
-        biased = set(self.graph_module.meta.get(KEY_BIAS_LAYERS, ()))
+        biased = set(self.compiled.key_bias_layers)
         return [torch.where(m.bool(), bias if i in biased else torch.zeros_like(bias), torch.full_like(bias, float("-inf")))
                 for i, m in enumerate(prefill.layer_masks)]
 
@@ -176,22 +179,41 @@ class OptimizedModel(nn.Module):
         The folder and `model`'s fingerprint (class, config, parameter shapes, sampled weights) and
         the transformers version are checked before any capture; then the decoder is captured on
         `example_inputs` (default: the example saved in the folder) and the saved plan applied,
-        with no ranking and no planning. Also `rc.load(directory, model)`.
+        with no ranking and no planning. The same as `rc.load(directory, model)` (api.load), which
+        it calls through the package's entry points: loading re-optimizes, and the artifact sits
+        below api in the layering (pyproject.toml's import-linter contract).
         """
-        from .saved import load_optimized
+        import redlens_compile
 
-        return load_optimized(directory, model, example_inputs, progress=progress, check_versions=check_versions)
+        return redlens_compile.load(directory, model, example_inputs, progress=progress, check_versions=check_versions)
 
     def export_onnx(self, directory, example_inputs: dict[str, Any] | None = None, dtype: str | None = None):
         """ONNX files of this model (rewritten prefill, decode step, embedding) + redlens.json; see
         exporters/onnx.py. `directory` must be new, empty or an earlier export (replaced whole). `dtype` ("float32" or "float16"): what
         the files hold (default: the model's dtype; float32 for a bfloat16 model)."""
-        from ..exporters.onnx import export_onnx
+        from ..exporters.onnx import check_export_dir, check_exportable, export_dtype, export_onnx
+        from ..fingerprint import weights_fingerprint
 
         example = example_inputs if example_inputs is not None else self.example_inputs
         if example is None:
             raise ValueError("export_onnx needs example_inputs (the processor's output for one prompt)")
-        return export_onnx(self, directory, example, dtype=dtype)
+        own = self.model.get_input_embeddings().weight.dtype
+        target = export_dtype(own, dtype)
+        check_export_dir(directory)
+        check_exportable(self.compiled, self.model, self.adapter)
+        # the runner checks the model the user holds (before a rebuild in another dtype changes its bytes)
+        fingerprint = weights_fingerprint(self.model)
+        opt = self
+        if target != own:
+            if self.rebuild is None:
+                from ..errors import ExportError
+
+                raise ExportError(f"this optimized model does not hold the plan it was built from: export it in "
+                                  f"{own} or optimize the model in the dtype the files should hold")
+            logger.info("exporting in %s: rebuilding the %s model in that dtype", target, own)
+            opt = self.rebuild(self, target, example)
+        return export_onnx(opt.compiled, opt.model, opt.adapter, directory, example, config=opt.config,
+                           fingerprint=fingerprint)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any):

@@ -30,7 +30,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..config import RedLensConfig
 from ..errors import ConfigError, SavedModelError
@@ -328,16 +328,11 @@ def _to_model_device(example: Mapping[str, Any], model: nn.Module) -> dict[str, 
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in example.items()}
 
 
-def load_optimized(directory: str | os.PathLike, model: nn.Module, example_inputs: Mapping[str, Any] | None = None,
-                   progress: Callable[[str], None] | None = None, check_versions: bool = True):
-    """The saved OptimizedModel of `model`: folder and fingerprint checked first, then the decoder
-    captured and the saved plan applied (optimize's path with the explicit config: no ranking,
-    no planning).
-
-    `example_inputs`: what the decoder is captured and checked on; default the example saved in
-    the folder (the one optimize was given), so no user data is needed.
-    """
-    from ..api import optimize
+def check_saved(directory: str | os.PathLike, model: nn.Module, example_inputs: Mapping[str, Any] | None = None,
+                check_versions: bool = True) -> tuple[SavedOptimized, dict[str, Any]]:
+    """The saved folder read and checked against `model` (fingerprint, library versions) before any
+    capture, and the example to capture on (`example_inputs`, default the folder's own). api.load
+    then re-optimizes with the saved plan (the artifact does not import api: it sits below it)."""
     from ..report.audit_report import library_versions
 
     saved = read_saved(directory)
@@ -348,7 +343,11 @@ def load_optimized(directory: str | os.PathLike, model: nn.Module, example_input
     if check_versions:
         check_library_versions(saved.manifest.get("versions", {}), library_versions())
     example = dict(example_inputs) if example_inputs is not None else _to_model_device(saved.example, model)
-    opt = optimize(model, example, config=saved.config, progress=progress)
+    return saved, example
+
+
+def mark_loaded(opt, saved: SavedOptimized):
+    """`opt` (optimized with the saved plan) marked as loaded from `saved`: its original config and a report note."""
     opt.original_config = saved.original_config
     opt.loaded_from = saved.directory
     opt.report.notes.append(f"plan loaded from {saved.directory} (made by optimize with "

@@ -19,9 +19,6 @@ MAX_BATCH = 1024
 
 
 # graph_module.meta key: (shortest, longest) sequence the exported graph serves.
-SEQ_RANGE = "redlens_seq_range"
-
-
 def _export(decoder, example: DecoderInputs, seq) -> ExportedProgram:
     batch = Dim("batch", min=1, max=MAX_BATCH)
     pos_batch_axis = example.position_ids.dim() - 2

@@ -13,7 +13,7 @@ from .annotate import annotate_graph
 from .decoder_inputs import DecoderInputs, capture_decoder_inputs
 from .decoder_module import DecoderWithHead
 from .decoder_parts import DecoderPart
-from .export import SEQ_RANGE, export_decoder, served_seq_range
+from .export import export_decoder, served_seq_range
 from .families import FamilyAdapter, adapter_for
 
 # Max abs logit difference between the captured graph and the eager model on the example.
@@ -26,6 +26,18 @@ class CapturedDecoder:
     decoder: DecoderWithHead
     example: DecoderInputs
     graph_module: fx.GraphModule
+    seq_range: tuple[int, int | None] = (2, None)  # (shortest, longest) sequence the graph serves
+
+
+@dataclass
+class SplitDecoder:
+    """The decoder as two graphs cut after `layer` (capture_split): head runs layers 0..K -> hidden
+    state, tail layers K+1.. -> logits."""
+
+    layer: int
+    head: fx.GraphModule
+    tail: fx.GraphModule
+    seq_range: tuple[int, int | None]  # the head's (the served prompt lengths)
 
 
 def max_seq_len(language_model: nn.Module) -> int:
@@ -42,9 +54,8 @@ def capture(model: nn.Module, example_inputs: Mapping[str, Any]) -> CapturedDeco
     longest = max_seq_len(adapter.language_model(model))
     program = export_decoder(decoder, example, max_seq_len=longest)
     graph_module = program.module()
-    graph_module.meta[SEQ_RANGE] = served_seq_range(program, longest)
     annotate_graph(graph_module)
-    return CapturedDecoder(adapter, decoder, example, graph_module)
+    return CapturedDecoder(adapter, decoder, example, graph_module, served_seq_range(program, longest))
 
 
 def check_capture(captured: CapturedDecoder, reference_logits: torch.Tensor) -> None:
@@ -59,7 +70,7 @@ def check_capture(captured: CapturedDecoder, reference_logits: torch.Tensor) -> 
         )
 
 
-def capture_split(captured: CapturedDecoder, model: nn.Module, layer: int) -> tuple[fx.GraphModule, fx.GraphModule]:
+def capture_split(captured: CapturedDecoder, model: nn.Module, layer: int) -> SplitDecoder:
     """Export the decoder as two graphs cut after `layer`: (layers 0..K -> hidden, K+1.. -> logits)."""
     language_model = captured.adapter.language_model(model)
     num_layers = len(language_model.layers)
@@ -69,7 +80,6 @@ def capture_split(captured: CapturedDecoder, model: nn.Module, layer: int) -> tu
     tail = DecoderPart(language_model, layer + 1, num_layers, captured.adapter.lm_head(model), masks).eval()
     head_program = export_decoder(head, captured.example, max_seq_len=max_len)
     head_gm = head_program.module()
-    head_gm.meta[SEQ_RANGE] = served_seq_range(head_program, max_len)
     annotate_graph(head_gm)
     with torch.no_grad():
         hidden = head_gm(*captured.example.as_args())[0]
@@ -85,4 +95,4 @@ def capture_split(captured: CapturedDecoder, model: nn.Module, layer: int) -> tu
     if not diff <= CAPTURE_TOLERANCE:
         raise CaptureError(f"the decoder cut after layer {layer} does not reproduce the whole decoder (max abs logit "
                            f"diff {diff:.3g}); prune before the first layer (codebook, random) instead")
-    return head_gm, tail_gm
+    return SplitDecoder(layer, head_gm, tail_gm, served_seq_range(head_program, max_len))

@@ -1,5 +1,7 @@
-"""ONNX export of an OptimizedModel: the rewritten prefill, a decode step and the token embedding,
-in the layout onnxruntime users expect, with a `redlens.json` manifest.
+"""ONNX export of a compiled decoder (passes/compile.py CompiledDecoder, with the model it was
+compiled from): the rewritten prefill, a decode step and the token embedding, in the layout
+onnxruntime users expect, with a `redlens.json` manifest. OptimizedModel.export_onnx delegates
+here (after rebuilding in another dtype where asked); this module never imports the artifact.
 
 Files (weights as external data beside each graph):
 - `decoder_prefill.onnx`: the rewritten decoder graph (lowered by onnx_lowering.py):
@@ -27,7 +29,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -37,16 +39,15 @@ from ..capture.decoder_inputs import DecoderInputs, capture_decoder_inputs
 from ..errors import ExportError
 from ..files import check_output_folder, staged_folder
 from ..fingerprint import weights_fingerprint
+from ..capture.families import FamilyAdapter
+from ..config import RedLensConfig
+from ..passes.compile import CompiledDecoder
 from ..passes.infra import run_passes
-from ..passes.key_bias import KEY_BIAS_LAYERS
 from ..passes.selectors import clone_graph_module
 from .decoder_step import DecoderStep
 from . import prune_graph
 from .onnx_lowering import LowerForOnnxPass
 from .vision_front import VISION, export_front
-
-if TYPE_CHECKING:
-    from ..artifact.optimized_model import OptimizedModel
 
 logger = logging.getLogger(__name__)
 
@@ -75,33 +76,6 @@ def export_dtype(model_dtype: torch.dtype, dtype: str | torch.dtype | None) -> t
         raise ExportError(f"dtype={dtype!r}: the ONNX files can hold {' or '.join(EXPORT_DTYPES)} "
                           "(onnxruntime's CPU provider has no bfloat16 kernels); choose one of them")
     return EXPORT_DTYPES[name]
-
-
-def _model_dtype(opt: "OptimizedModel") -> torch.dtype:
-    return opt.model.get_input_embeddings().weight.dtype
-
-
-def at_dtype(opt: "OptimizedModel", dtype: torch.dtype, example_inputs: Mapping[str, Any]) -> "OptimizedModel":
-    """`opt` rebuilt on a copy of its model in `dtype`: the decoder captured again (a graph traced in
-    one dtype keeps that dtype's casts) and the same plan applied, with no ranking."""
-    import copy
-
-    from ..artifact.optimized_model import OptimizedModel
-    from ..capture.pipeline import capture
-    from ..passes.pipeline import apply_plan
-
-    rebuild = getattr(opt, "rebuild", None)
-    if rebuild is None:
-        raise ExportError(f"this optimized model does not hold the plan it was built from: export it in "
-                          f"{_model_dtype(opt)} or optimize the model in the dtype the files should hold")
-    model = copy.deepcopy(opt.model).to(dtype)
-    captured = capture(model, cast_inputs(example_inputs, dtype))
-    result = apply_plan(captured.graph_module, rebuild["plan"], opt.config.probe_tokens, key_bias=rebuild["key_bias"],
-                        thin_linear=rebuild["thin_linear"])
-    new = OptimizedModel(model, opt.adapter, result.graph_module, opt.report, opt.config, output_cls=opt.output_cls,
-                         pruning=opt.pruning)
-    new.rebuild, new.example_inputs = rebuild, opt.example_inputs
-    return new
 
 
 def cast_inputs(inputs: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
@@ -198,44 +172,51 @@ def _check(path: Path) -> None:
         raise ExportError(f"{path.name} fails onnx.checker: {exc}") from exc
 
 
-def _examples(opt: "OptimizedModel", example_inputs: Mapping[str, Any]) -> tuple[DecoderInputs, DecoderInputs]:
+def _examples(compiled: CompiledDecoder, model: nn.Module, adapter: FamilyAdapter,
+              example_inputs: Mapping[str, Any]) -> tuple[DecoderInputs, DecoderInputs]:
     """The decoder inputs before and after pruning, at batch 2 (batch 1 would be specialized by
     export): the prune graph's example and the prefill graph's."""
-    decoder_inputs = capture_decoder_inputs(opt.model, opt.adapter, example_inputs)
+    decoder_inputs = capture_decoder_inputs(model, adapter, example_inputs)
     if decoder_inputs.batch_size == 1:
         decoder_inputs = decoder_inputs.repeat_batch(2)
-    return decoder_inputs, opt.pruning(decoder_inputs).inputs if opt.pruning is not None else decoder_inputs
+    pruning = compiled.pruning
+    return decoder_inputs, pruning(decoder_inputs).inputs if pruning is not None else decoder_inputs
 
 
-def export_onnx(opt: "OptimizedModel", directory: str | os.PathLike, example_inputs: Mapping[str, Any],
-                dtype: str | torch.dtype | None = None) -> Path:
-    """Write the ONNX files and the manifest into `directory` (new, empty or an earlier export, which
-    is replaced whole); returns its path.
-
-    `dtype` ("float32" or "float16") is what the files hold; by default the model's own, and
-    float32 for a bfloat16 model (onnxruntime's CPU provider has no bfloat16 kernels). Another
-    dtype than the model's rebuilds the optimized model on a copy in that dtype (at_dtype).
-    """
-    out = Path(directory)
-    target = export_dtype(_model_dtype(opt), dtype)
-    check_export_dir(out)
-    sliding = opt.adapter.sliding_layer_types(opt.model)
+def check_exportable(compiled: CompiledDecoder, model: nn.Module, adapter: FamilyAdapter) -> None:
+    """What the export does not serve, refused before any work."""
+    sliding = adapter.sliding_layer_types(model)
     if sliding:
         raise ExportError(f"this decoder has {sliding} layers: the exported decode step gives every layer one mask over "
                           "its whole cache, right for full attention only; ONNX export of sliding-window decoders is "
                           "not built yet")
-    if opt.tail_graph_module is not None:
-        raise ExportError(f"prune={opt.pruning.method!r} cuts the decoder in two graphs with a layer-by-layer decode: "
-                          "its ONNX export is not built yet; export a config that prunes before the first layer")
-    # the runner checks the model the user holds (before a rebuild in another dtype changes its bytes)
-    fingerprint = weights_fingerprint(opt.model)
-    if target != _model_dtype(opt):
-        logger.info("exporting in %s: rebuilding the %s model in that dtype", target, _model_dtype(opt))
-        opt = at_dtype(opt, target, example_inputs)
+    if compiled.tail_graph_module is not None:
+        raise ExportError(f"prune={compiled.pruning.method!r} cuts the decoder in two graphs with a layer-by-layer "
+                          "decode: its ONNX export is not built yet; export a config that prunes before the first layer")
+
+
+def export_onnx(compiled: CompiledDecoder, model: nn.Module, adapter: FamilyAdapter, directory: str | os.PathLike,
+                example_inputs: Mapping[str, Any], config: RedLensConfig, fingerprint: str | None = None) -> Path:
+    """Write the ONNX files of `compiled` (compiled from `model`) and the manifest into `directory`
+    (new, empty or an earlier export, which is replaced whole); returns its path.
+
+    The files hold the model's dtype (a bfloat16 model is refused: onnxruntime's CPU provider has
+    no bfloat16 kernels; OptimizedModel.export_onnx rebuilds it in float32 or float16 first).
+    `fingerprint`: the weights the runner later checks (default: `model`'s).
+    """
+    out = Path(directory)
+    own = model.get_input_embeddings().weight.dtype
+    target = export_dtype(own, None)
+    if target != own:
+        raise ExportError(f"the model's dtype {own}: the files hold {target}; rebuild the optimized model in that dtype "
+                          "first (OptimizedModel.export_onnx(dtype=...) does)")
+    check_export_dir(out)
+    check_exportable(compiled, model, adapter)
+    fingerprint = fingerprint if fingerprint is not None else weights_fingerprint(model)
     example_inputs = cast_inputs(example_inputs, target)
     try:
         with staged_folder(out, EXPORT_COMMAND, error=ExportError) as staging:  # checked above
-            manifest = _write_graphs(opt, staging, example_inputs)
+            manifest = _write_graphs(compiled, model, adapter, config, staging, example_inputs)
             # OnnxRunner(directory, model) refuses a model whose weights are not these
             manifest["model"]["weights_fingerprint"] = fingerprint
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -247,16 +228,18 @@ def export_onnx(opt: "OptimizedModel", directory: str | os.PathLike, example_inp
     return out
 
 
-def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[str, Any]) -> dict:
+def _write_graphs(compiled: CompiledDecoder, model: nn.Module, adapter: FamilyAdapter, config: RedLensConfig,
+                  staging: Path, example_inputs: Mapping[str, Any]) -> dict:
     import onnx
     import onnxruntime
     import transformers
 
-    layers = opt.num_layers
-    unpruned, example = _examples(opt, example_inputs)
-    masks = opt.adapter.decoder_masks(opt.model)
-    lowering = LowerForOnnxPass(looks_ahead=masks is not None and masks.image_blocks)
-    lowered, _ = run_passes(clone_graph_module(opt.graph_module), [lowering])
+    layers = adapter.num_layers(model)
+    unpruned, example = _examples(compiled, model, adapter, example_inputs)
+    masks = adapter.decoder_masks(model)
+    lowered, records = run_passes(clone_graph_module(compiled.graph_module),
+                                  [LowerForOnnxPass(looks_ahead=masks is not None and masks.image_blocks)])
+    lowering = records[0].findings["lowering"]
 
     # prefill: the rewritten graph
     # The sequence axis is left to export (Dim.AUTO): the block plans of hollow attention give
@@ -272,8 +255,8 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
             dict(zip(names, shapes)))
 
     # decode step: the original layers over the cache, a mask and a key bias per step
-    biased = set(opt.graph_module.meta.get(KEY_BIAS_LAYERS, ())) if example.key_bias is not None else set()
-    step = DecoderStep(opt.model, opt.adapter, biased).eval()
+    biased = set(compiled.key_bias_layers) if example.key_bias is not None else set()
+    step = DecoderStep(model, adapter, biased).eval()
     with torch.no_grad():
         _, *past = lowered(*example.as_args())
     rows = example.batch_size
@@ -289,11 +272,11 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
     _export(step, step_args, staging / STEP, step_names, ["logits", *kv_names("present", layers)], step_shapes)
 
     # token embedding
-    embed = opt.model.get_input_embeddings()
+    embed = model.get_input_embeddings()
     _export(embed, (torch.ones(2, 3, dtype=torch.long, device=embed.weight.device),), staging / EMBED, ["input_ids"], ["inputs_embeds"],
             {"input": {0: Dim("batch", min=1, max=MAX_BATCH), 1: Dim("seq", min=1, max=8192)}})
 
-    front = export_front(opt.model, opt.adapter, example_inputs, staging, _export, _staged_sessions)
+    front = export_front(model, adapter, example_inputs, staging, _export, _staged_sessions)
     graphs = {
         "decoder_prefill": {"file": PREFILL, "inputs": names, "outputs": ["logits", *kv_names("present", layers)]},
         "decoder_step": {"file": STEP, "inputs": step_names, "outputs": ["logits", *kv_names("present", layers)],
@@ -304,26 +287,27 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
         graphs["vision"] = front["vision"]
     in_ort = front["runs_in"] == "onnxruntime"
 
-    pruning = opt.pruning.describe() if opt.pruning is not None else None
-    if opt.pruning is not None:
+    stage = compiled.pruning
+    pruning = stage.describe() if stage is not None else None
+    if stage is not None:
         # the pruning stage before the first layer (prototypes as a constant of the graph)
-        prune_inputs, prune_outputs = prune_graph.input_names(opt.pruning), prune_graph.output_names(opt.pruning)
-        _export(prune_graph.PruneGraph(opt.pruning).eval(), prune_graph.example_args(opt.pruning, unpruned),
+        prune_inputs, prune_outputs = prune_graph.input_names(stage), prune_graph.output_names(stage)
+        _export(prune_graph.PruneGraph(stage).eval(), prune_graph.example_args(stage, unpruned),
                 staging / prune_graph.PRUNE, prune_inputs, prune_outputs,
-                prune_graph.dynamic_shapes(opt.pruning, unpruned))
+                prune_graph.dynamic_shapes(stage, unpruned))
         graphs["prune"] = {"file": prune_graph.PRUNE, "inputs": prune_inputs, "outputs": prune_outputs}
-    text_config = opt.text_config
+    text_config = adapter.language_model(model).config
     return {
         "format": FORMAT,
         "dtype": str(example.inputs_embeds.dtype).removeprefix("torch."),  # what the graphs compute in
-        "model": {"class": type(opt.model).__name__, "model_type": opt.model.config.model_type,
+        "model": {"class": type(model).__name__, "model_type": model.config.model_type,
                   "layers": layers, "hidden_size": text_config.hidden_size, "vocab_size": text_config.vocab_size},
         "graphs": graphs,
         "front": {k: v for k, v in front.items() if k != "vision"},
-        "position_rows": opt.adapter.position_rows,
-        "token_ids": {"visual": opt.adapter.visual_token_ids(opt.model),
-                      "eos": opt.model.generation_config.eos_token_id, "pad": opt.model.generation_config.pad_token_id},
-        "config": opt.config.to_dict(),
+        "position_rows": adapter.position_rows,
+        "token_ids": {"visual": adapter.visual_token_ids(model),
+                      "eos": model.generation_config.eos_token_id, "pad": model.generation_config.pad_token_id},
+        "config": config.to_dict(),
         "pruning": pruning,
         "runs_where": {
             "vision tower and projector": "onnxruntime (vision.onnx, once per image)" if in_ort
@@ -335,9 +319,9 @@ def _write_graphs(opt: "OptimizedModel", staging: Path, example_inputs: Mapping[
             "decode steps": "onnxruntime",
         },
         "lowering": {
-            "sdpa_causal_fast_path -> masked SDPA": lowering.record.causal_fast_path,
-            "hollow_attention, blockwise (looks-ahead decided by the family's masks)": lowering.record.hollow_blockwise,
-            "key bias masks with the lowest finite score for blocked keys": lowering.record.finite_key_bias,
+            "sdpa_causal_fast_path -> masked SDPA": lowering.causal_fast_path,
+            "hollow_attention, blockwise (looks-ahead decided by the family's masks)": lowering.hollow_blockwise,
+            "key bias masks with the lowest finite score for blocked keys": lowering.finite_key_bias,
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops.causal_attention import is_causal_mask, sdpa_causal_fast_path
 from ..ops.hollow_attention import hollow_attention, mask_looks_ahead
 from ..ops.token_pruning import key_biased_mask
-from ..passes.infra import RedLensPass
+from ..passes.infra import RedLensPass, RedLensPassResult
 from ..passes.selectors import call_like
 
 
@@ -48,11 +47,12 @@ class LowerForOnnxPass(RedLensPass):
     def __init__(self, looks_ahead: bool):
         super().__init__()
         self.looks_ahead = looks_ahead  # the family's image tokens see later image tokens (masks both ways)
-        self.record = LoweringRecord()
 
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
+    def call(self, graph_module: fx.GraphModule) -> RedLensPassResult:
+        """findings: "lowering", a LoweringRecord counting what was lowered."""
         graph = graph_module.graph
         modified = False
+        record = LoweringRecord()
         for node in list(graph.nodes):
             if node.op != "call_function":
                 continue
@@ -60,20 +60,20 @@ class LowerForOnnxPass(RedLensPass):
                 q, k, v, mask, _causal = node.args
                 with graph.inserting_before(node):
                     new = call_like(graph, node, sdpa_masked, (q, k, v, mask), dict(node.kwargs))
-                self.record.causal_fast_path += 1
+                record.causal_fast_path += 1
             elif node.target is key_biased_mask and "blocked" not in node.kwargs:
                 # The lowest finite score instead of -inf for blocked keys: a padded query row with no
                 # key to attend stays finite (onnxruntime's softmax makes an all -inf row NaN, which
                 # the next layer's values carry into real rows); real rows weigh them exp(-3e38) = 0.
                 # None: the lowest finite value of the graph's own dtype (float32's is -inf in float16).
                 node.kwargs = dict(node.kwargs, blocked=None)
-                self.record.finite_key_bias += 1
+                record.finite_key_bias += 1
                 modified = True
                 continue
             elif node.target is hollow_attention and (node.kwargs.get("mask_is_causal") is not False
                                                       or node.kwargs.get("looks_ahead") != self.looks_ahead):
                 node.kwargs = dict(node.kwargs, mask_is_causal=False, looks_ahead=self.looks_ahead)
-                self.record.hollow_blockwise += 1
+                record.hollow_blockwise += 1
                 modified = True
                 continue
             else:
@@ -88,4 +88,4 @@ class LowerForOnnxPass(RedLensPass):
         if modified:
             graph.eliminate_dead_code()
             graph_module.recompile()
-        return PassResult(graph_module, modified)
+        return RedLensPassResult(graph_module, modified, {"lowering": record})

@@ -29,7 +29,7 @@ from ..capture.families import adapter_for
 from ..errors import ExportError
 from ..fingerprint import weights_fingerprint
 from ..ops.token_pruning import random_scores
-from ..passes.token_pruning import check_keep
+from ..runtime.token_pruning import check_keep
 from .onnx import FORMAT, MANIFEST
 from .vision_front import OnnxFront, generation_positions
 

@@ -1,6 +1,6 @@
 """`prune.onnx`: the token pruning stage before the first layer as an ONNX graph.
 
-The eager stage (passes/token_pruning.py `TokenPruning.prune`) is written in whole-batch tensor
+The eager stage (runtime/token_pruning.py `TokenPruning.prune`) is written in whole-batch tensor
 ops ONNX has, so the graph is that code exported: score the visual rows (the codebook's
 prototypes are a constant of the graph), keep each sample's best rows in order with their
 original position ids, left-pad the batch, and with proportional attention compute the key bias.
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..capture.decoder_inputs import DecoderInputs
-from ..passes.token_pruning import TokenPruning
+from ..runtime.token_pruning import TokenPruning
 
 PRUNE = "prune.onnx"
 INPUTS = ["inputs_embeds", "attention_mask", "position_ids", "visual_mask"]

@@ -20,6 +20,9 @@ from .selectors import call_like, causal_check, unrepeated_kv
 
 
 class CausalFastPathPass(RedLensPass):
+    # the passes that read or replace an aten SDPA call (or its mask) see it before it is rewritten
+    runs_after = ("HollowAttentionPass", "KeyBiasPass", "LastQueryAttentionPass")
+
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         modified = False

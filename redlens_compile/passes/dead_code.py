@@ -9,6 +9,8 @@ from .infra import RedLensPass
 
 
 class DeadCodeEliminationPass(RedLensPass):
+    runs_last = True  # what the rewrites before it left unused
+
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         modified = graph_module.graph.eliminate_dead_code()
         graph_module.delete_all_unused_submodules()

@@ -18,16 +18,16 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassResult
 
 from ..capture.annotate import META_KEY, annotation
 from ..ops import dynamic_ffn as ops
 from ..ops.rows import flatten_rows, gather_padded, merge_rows
-from .infra import RedLensPass
+from .infra import RedLensPass, RedLensPassResult
 from .selectors import FFNMatch, attr_value, call_like, ffn_of_layer, layout_nodes, split_blocks
 
 logger = logging.getLogger(__name__)
@@ -45,15 +45,16 @@ class DynamicFFNPass(RedLensPass):
 
     keep: dict[int, float]
     probe_tokens: int | float = 0.1
-    skipped: dict[int, str] = field(default_factory=dict)
+    runs_after: ClassVar[tuple[str, ...]] = ("StripAssertsPass",)
 
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
+    def call(self, graph_module: fx.GraphModule) -> RedLensPassResult:
+        """findings: "skipped" (layer -> why its FFN was not rewritten)."""
         modified = False
+        skipped: dict[int, str] = {}
         for layer, keep in sorted(self.keep.items()):
             match, why = ffn_of_layer(graph_module, layer)
             if match is None:
-                if layer not in self.skipped:
-                    self.skipped[layer] = why
+                skipped.setdefault(layer, why)
                 continue
             if match.down.meta.get(REWRITTEN):
                 continue
@@ -61,7 +62,7 @@ class DynamicFFNPass(RedLensPass):
             modified = True
         if modified:
             graph_module.recompile()
-        return PassResult(graph_module, modified)
+        return RedLensPassResult(graph_module, modified, {"skipped": skipped})
 
     def _rewrite(self, gm: fx.GraphModule, match: FFNMatch, keep: float) -> None:
         graph = gm.graph

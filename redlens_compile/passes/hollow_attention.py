@@ -10,14 +10,14 @@ records each layer where it used it, and the report lists them.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops.hollow_attention import hollow_attention, hollow_attention_masked, mask_looks_ahead
-from .infra import RedLensPass
+from .infra import RedLensPass, RedLensPassResult
 from .selectors import (
     VISUAL_MASK_INPUT,
     attention_core,
@@ -59,12 +59,14 @@ class HollowAttentionPass(RedLensPass):
     """Rewrite the attention core of each layer in `window` (layer -> w)."""
 
     window: dict[int, int]
-    fallback: dict[int, str] = field(default_factory=dict)  # layer -> why the masked fallback was used
-    skipped: dict[int, str] = field(default_factory=dict)
+    runs_after: ClassVar[tuple[str, ...]] = ("StripAssertsPass",)
 
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
+    def call(self, graph_module: fx.GraphModule) -> RedLensPassResult:
+        """findings: "fallback" (layer -> why the masked fallback was used), "skipped" (layer -> why not rewritten)."""
         graph = graph_module.graph
         modified = False
+        fallback: dict[int, str] = {}
+        skipped: dict[int, str] = {}
         for layer, window in sorted(self.window.items()):
             node = attention_core(graph_module, layer)
             if node is None:
@@ -79,9 +81,9 @@ class HollowAttentionPass(RedLensPass):
             with graph.inserting_before(node):
                 if why:
                     if not isinstance(args.get("attn_mask"), fx.Node) or args.get("is_causal"):
-                        self.skipped[layer] = why
+                        skipped[layer] = why
                         continue
-                    self.fallback[layer] = why
+                    fallback[layer] = why
                     mask = placeholder(graph_module, VISUAL_MASK_INPUT)
                     new = call_like(graph, node, hollow_attention_masked,
                                     (q, k, v, args["attn_mask"], mask, window), common)
@@ -101,10 +103,10 @@ class HollowAttentionPass(RedLensPass):
                         f" (masked fallback: {why})" if why else "")
         for layer in self.window:
             if attention_core(graph_module, layer) is None and not _rewritten(graph_module, layer):
-                self.skipped.setdefault(layer, f"layer {layer}: no single SDPA call found")
+                skipped.setdefault(layer, f"layer {layer}: no single SDPA call found")
         if modified:
             graph_module.recompile()
-        return PassResult(graph_module, modified)
+        return RedLensPassResult(graph_module, modified, {"fallback": fallback, "skipped": skipped})
 
 
 def looks_ahead_check(graph: fx.Graph, attn_mask: fx.Node, visual_mask: fx.Node) -> fx.Node:

@@ -1,8 +1,9 @@
 """Logits for the last position only: what a generate prefill needs (transformers does the same).
 
 The lm_head reads the final hidden state sliced to its last row, so a prefill no longer pays
-S x vocab x D for logits it throws away. Applied to a copy of the decoder graph that
-OptimizedModel.generate runs; `forward` keeps logits for every position.
+S x vocab x D for logits it throws away. The compile step (compile.py) applies it to a copy of
+the last decoder graph: CompiledDecoder.prefill_graph, what OptimizedModel.generate runs;
+`forward` keeps logits for every position.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from .selectors import append_output, attention_core, call_like
 
 
 class LastQueryAttentionPass(RedLensPass):
+    runs_after = ("StripAssertsPass",)
+
     def __init__(self, layer: int):
         super().__init__()
         self.layer = layer

@@ -21,6 +21,8 @@ aten = torch.ops.aten
 
 
 class ThinLinearPass(RedLensPass):
+    runs_after = ("DynamicFFNPass",)  # the FFN rewrite matches the family's aten linears
+
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         modified = False
         for node in graph_module.graph.nodes:

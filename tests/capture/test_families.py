@@ -12,7 +12,7 @@ from tiny_families import FIRST_FAMILIES, GENERIC_FAMILIES, IMAGE_TOKEN, build_a
 import redlens_compile as rc
 from redlens_compile.analysis.codebook_file import Codebook
 from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
-from redlens_compile.capture.export import SEQ_RANGE, served_seq_range
+from redlens_compile.capture.export import served_seq_range
 from redlens_compile.capture.families import FAMILIES, adapter_for
 
 NEW_TOKENS = 5
@@ -139,7 +139,7 @@ def test_sliding_window_decoders_serve_prompts_longer_than_the_window(models, fa
     example = make_inputs(family, model)
     assert example["input_ids"].shape[1] > window
     opt = rc.optimize(model, example, config=rc.RedLensConfig.identity())
-    assert opt.graph_module.meta[SEQ_RANGE][1] == model.config.text_config.max_position_embeddings
+    assert opt.compiled.seq_range[1] == model.config.text_config.max_position_embeddings
     long = make_inputs(family, model, text_before=4 * window, batch=2, pad_left=(window + 3,), seed=7)
     assert long["input_ids"].shape[1] >= 4 * window + 64
     with torch.no_grad():
@@ -297,8 +297,8 @@ def test_the_readme_family_table_is_the_recorded_run_and_the_code_agrees_with_it
 
     from tiny_families import FAMILIES
 
-    from redlens_compile.artifact.layered_decode import unserved_reason
     from redlens_compile.capture.families import support_row
+    from redlens_compile.capture.layer_kinds import unserved_reason
 
     root = Path(__file__).resolve().parents[2]
     sys.path.insert(0, str(root / "scripts"))

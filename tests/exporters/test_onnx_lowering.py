@@ -18,8 +18,7 @@ def targets(gm, target):
 
 
 def lower_and_compare(model, opt, looks_ahead=False):
-    lowering = LowerForOnnxPass(looks_ahead)
-    lowered, _ = run_passes(clone_graph_module(opt.graph_module), [lowering])
+    lowered, records = run_passes(clone_graph_module(opt.graph_module), [LowerForOnnxPass(looks_ahead)])
     inputs = capture_decoder_inputs(model, opt.adapter, make_inputs("llava", model, batch=2, pad_left=(2,), seed=3))
     if opt.pruning is not None:
         inputs = opt.pruning(inputs).inputs
@@ -29,7 +28,7 @@ def lower_and_compare(model, opt, looks_ahead=False):
     assert (got - want).abs()[real].max() <= 1e-5
     again = LowerForOnnxPass(looks_ahead)
     assert not again(lowered).modified  # a second run changes nothing
-    return lowered, lowering.record
+    return lowered, records[0].findings["lowering"]
 
 
 def test_causal_fast_path_becomes_a_masked_sdpa(identity_optimized):

@@ -9,7 +9,7 @@ import torch
 
 from redlens_compile.capture.decoder_inputs import DecoderInputs
 from redlens_compile.exporters import prune_graph
-from redlens_compile.passes.token_pruning import TokenPruning
+from redlens_compile.runtime.token_pruning import TokenPruning
 
 DIM = 16
 

@@ -70,7 +70,7 @@ def test_window_as_long_as_the_visual_span_is_exact(captured_family, family):
     gm = clone_graph_module(captured.graph_module)
     hollow = HollowAttentionPass(window=_windows(captured, span))
     gm, records = run_passes(gm, [StripAssertsPass(), hollow, DeadCodeEliminationPass()])
-    assert records[1].modified and not hollow.fallback
+    assert records[1].modified and not records[1].findings["fallback"]
     assert sum(n.target is hollow_attention for n in gm.graph.nodes) == len(hollow.window)
     assert not any(n.target == torch.ops.aten.scaled_dot_product_attention.default for n in gm.graph.nodes)
     others = [make_inputs(family, model, text_before=9, text_after=6, seed=3),
@@ -141,7 +141,7 @@ def test_per_head_mask_takes_the_reported_masked_fallback():
     annotate_graph(gm)
     hollow = HollowAttentionPass(window={0: 3})
     gm, records = run_passes(gm, [hollow])
-    assert records[0].modified and "per-head" in hollow.fallback[0]
+    assert records[0].modified and "per-head" in records[0].findings["fallback"][0]
     assert sum(n.target is hollow_attention_masked for n in gm.graph.nodes) == 1
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=reference_mask(family, visual, 3).expand_as(per_head))
     rows = family[:, 0].any(-1)[:, None, :, None].expand_as(want)

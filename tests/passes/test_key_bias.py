@@ -5,7 +5,7 @@ import torch
 from redlens_compile.capture.decoder_inputs import DecoderInputs
 from redlens_compile.ops.token_pruning import key_biased_mask
 from redlens_compile.passes.infra import run_passes
-from redlens_compile.passes.key_bias import KEY_BIAS_INPUT, KEY_BIAS_LAYERS, KeyBiasPass
+from redlens_compile.passes.key_bias import KEY_BIAS_INPUT, KeyBiasPass
 from redlens_compile.passes.selectors import clone_graph_module
 from redlens_compile.passes.strip_asserts import StripAssertsPass
 
@@ -20,7 +20,8 @@ def test_key_bias_input_reaches_every_layer_and_matches_an_additive_mask(capture
     assert records[1].modified
     assert [n.name for n in gm.graph.nodes if n.op == "placeholder"][-1] == KEY_BIAS_INPUT
     assert sum(n.target is key_biased_mask for n in gm.graph.nodes) == 1  # one shared mask, wrapped once
-    assert gm.meta[KEY_BIAS_LAYERS] == [0, 1, 2]
+    assert records[1].findings["key_bias_layers"] == [0, 1, 2]  # in the pass result, not on the graph
+    assert not gm.meta.get("redlens_key_bias_layers")
     example = captured.example
     with torch.no_grad():
         want = captured.graph_module(*example.as_args())[0]

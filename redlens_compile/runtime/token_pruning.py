@@ -20,6 +20,8 @@ original position each row is (OptimizedModel's output carries it as `kept_posit
 - `vtw` (after layer K): drop every visual row.
 For the last two the decoder runs as two graphs (capture/decoder_parts.py) and this stage sits
 between them, on the head's output hidden state instead of the embeddings.
+
+`build_pruning` makes the stage a config asks for, checked against the model before any work.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..analysis.codebook_file import Codebook
 from ..capture.decoder_inputs import DecoderInputs
-from ..errors import ConfigError, PruningError
+from ..capture.layer_kinds import unserved_reason
+from ..config import RedLensConfig
+from ..errors import ConfigError, PruningError, ReductionUnavailableError
 from ..ops.token_pruning import (
     KeptRows, gather_seq, keep_counts, left_aligned, proportional_flops, proportional_key_bias, random_scores,
     redundancy_flops, redundancy_scores, select_rows, visual_counts,
@@ -186,3 +191,36 @@ class TokenPruning:
         else:
             out["layer"] = self.layer
         return out
+
+
+def _refuse_layered_decode(model: nn.Module, adapter, what: str, instead: str) -> None:
+    """Decode steps the project runs layer by layer (artifact/layered_decode.py) serve full-attention
+    and sliding-window layers (each takes its own cache's rows); other decoders are refused."""
+    why = unserved_reason(model, adapter)
+    if why is not None:
+        raise ReductionUnavailableError(f"{what}: the decode steps it needs run layer by layer with one mask per layer, "
+                                        f"and {why}; {instead}")
+
+
+def build_pruning(config: RedLensConfig, model: nn.Module, adapter) -> TokenPruning | None:
+    """The token pruning stage the config asks for, checked against the model before any work."""
+    if config.prune is None:
+        return None
+    num_layers = adapter.num_layers(model)
+    if config.prune in AFTER_LAYER:
+        if config.prune_layer >= num_layers - 1:
+            where = "beyond the last decoder layer" if config.prune_layer >= num_layers else "the last decoder layer"
+            raise ConfigError(f"prune_layer={config.prune_layer} is {where}: the decoder has {num_layers} layers and "
+                              f"{config.prune!r} prunes after layer K for the layers after it (valid: 0..{num_layers - 2})")
+        _refuse_layered_decode(model, adapter, f"prune={config.prune!r} (pruning inside the decoder)",
+                               "use prune='codebook' or 'random' (before the first layer)")
+        return TokenPruning(config.prune, config.prune_keep, layer=config.prune_layer)
+    if config.prune_proportional:
+        _refuse_layered_decode(model, adapter, "prune_proportional=True (a key bias in every layer)",
+                               "set prune_proportional=False (presets: the '-plain' ones)")
+    if config.prune == "random":
+        return TokenPruning("random", config.prune_keep, seed=config.prune_seed, proportional=config.prune_proportional)
+    codebook = Codebook.load(config.codebook)
+    text_config = adapter.language_model(model).config
+    codebook.check_compatible(model.config.model_type, text_config.hidden_size, path=f"codebook {config.codebook}")
+    return TokenPruning.from_codebook(codebook, config.prune_keep, proportional=config.prune_proportional)
