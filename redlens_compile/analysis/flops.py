@@ -250,7 +250,10 @@ class _KwargsCall(nn.Module):
         out = self.inner(*args, **self.kwargs)
         if isinstance(out, torch.Tensor):
             return out
-        return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+        # Every tensor the module returns, not the first alone: the jit trace drops work that no
+        # returned tensor reads (Qwen2-VL's merger, whose rows are the output's pooler_output).
+        values = out.values() if hasattr(out, "values") else out
+        return tuple(v for v in values if isinstance(v, torch.Tensor))
 
 
 def _record_calls(model: nn.Module, adapter: FamilyAdapter, inputs: Mapping[str, Any],

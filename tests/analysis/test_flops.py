@@ -3,29 +3,11 @@
 import pytest
 import torch
 from conftest import ALL_FAMILIES
+from closed_forms import closed_form_per_layer, vision_closed_form
 from tiny_families import IMAGE_TOKEN, VIDEO_TOKEN, make_inputs
 
 import redlens_compile as rc
 from redlens_compile.analysis.flops import causal_keys_seen, sdpa_flop_handle
-
-
-def closed_form_per_layer(cfg, visual_mask: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Multiply-adds of one decoder layer for one sequence, by token kind (DESIGN.md)."""
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or d // heads
-    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
-    out = {}
-    for kind, rows in (("visual", visual_mask), ("text", ~visual_mask)):
-        n = int(rows.sum())
-        positions = torch.nonzero(rows).flatten()
-        keys_seen = int((positions + 1).sum())  # a query at position i sees keys 0..i
-        out[kind] = {
-            "proj": n * d * (2 * q_dim + 2 * kv_dim),
-            "attn": 2 * q_dim * keys_seen,
-            "ffn": 3 * n * d * f,
-        }
-    return out
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -62,28 +44,17 @@ def test_eager_fvcore_total_equals_report_decoder_total(family_models, family):
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_vision_and_projector_are_counted(family_models, family):
+def test_vision_tower_and_projector_equal_the_closed_form(family_models, family):
+    """Each family's tower (patch embedding, blocks, norms) and projector, written out from its config
+    (tests/closed_forms.py), counted one module at a time on the inputs of a real forward: LLaVA's
+    CLIP, LLaVA-NeXT's CLIP on every anyres tile, Qwen2-VL's conv3d patches with attention inside
+    each image and its merger, InternVL's ViT with CLS and its pixel-shuffle projector."""
     model = family_models(family)
-    report = rc.audit(model, make_inputs(family, model))
-    assert report.components["vision_tower"] > 0, report.components["vision_note"]
-    assert report.components["projector"] > 0
-
-
-def test_llava_vision_tower_and_projector_match_closed_form(family_models):
-    """CLIP tower: patch conv + per layer q/k/v/o, attention over every patch both ways, MLP;
-    projector: two linears. Counted one module at a time on the inputs of a real forward."""
-    model = family_models("llava")
-    report = rc.audit(model, make_inputs("llava", model))
-    vc, d = model.config.vision_config, model.config.text_config.hidden_size
-    n = (vc.image_size // vc.patch_size) ** 2 + 1  # patches + CLS
-    width, inner = vc.hidden_size, vc.intermediate_size
-    conv = (n - 1) * 3 * vc.patch_size**2 * width
-    per_layer = 4 * n * width * width + 2 * n * n * width + 2 * n * width * inner
-    # fvcore also counts aten::layer_norm, 5 per element: the pre-norm and two per layer.
-    norms = 5 * n * width * (1 + 2 * vc.num_hidden_layers)
-    assert report.components["vision_tower"] == conv + vc.num_hidden_layers * per_layer + norms
-    tokens = n - 1  # the "default" strategy drops CLS before the projector
-    assert report.components["projector"] == tokens * (width * d + d * d)
+    inputs = make_inputs(family, model)
+    report = rc.audit(model, inputs)
+    tower, projector = vision_closed_form(model, inputs)
+    assert report.components["vision_tower"] == tower, report.components["vision_note"]
+    assert report.components["projector"] == projector
 
 
 def test_sdpa_handle_counts_causal_pairs():

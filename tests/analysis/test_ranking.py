@@ -9,6 +9,7 @@ from tiny_families import make_inputs
 import redlens_compile as rc
 from redlens_compile.analysis.ranking import activation_scores, divergence, sensitivity_scores
 from redlens_compile.analysis.budget import LayerSettings, ReductionPlan
+from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
 from redlens_compile.passes import apply_plan
 
 
@@ -87,5 +88,32 @@ def test_ranking_runs_on_the_calibration_inputs(family_models):
     config = rc.RedLensConfig(flops_budget=0.6)
     on_example = rc.optimize(model, example, config=config).report.ranking["scores"]
     on_calib = rc.optimize(model, example, config=config, calibration=[calib]).report.ranking["scores"]
-    assert on_example.keys() == on_calib.keys()
-    assert on_example != on_calib
+    # the reference, computed here: per layer, that layer alone reduced at the config's settings,
+    # and the JSD of the last position's next-token distribution from the unreduced graph's,
+    # written out in probabilities, averaged over the rows of each input
+    captured = rc.capture_decoder(model, example)
+    settings = LayerSettings(ffn_keep=config.ffn_keep, window=config.hollow_window)
+
+    def jsd_scores(inputs) -> dict[str, float]:
+        def next_token(graph_module):
+            with torch.no_grad():
+                return torch.softmax(graph_module(*inputs.as_args())[0][:, -1].double(), dim=-1)
+
+        p = next_token(captured.graph_module)
+        scores = {}
+        for layer in range(3):
+            trial = apply_plan(captured.graph_module, ReductionPlan({layer: settings}), config.probe_tokens, copy=True)
+            q = next_token(trial.graph_module)
+            m = (p + q) / 2
+            rows = [0.5 * float((p[b] * (p[b] / m[b]).log()).sum()) + 0.5 * float((q[b] * (q[b] / m[b]).log()).sum())
+                    for b in range(p.shape[0])]
+            scores[str(layer)] = sum(rows) / len(rows)
+        return scores
+
+    want_example = jsd_scores(captured.example)
+    want_calib = jsd_scores(capture_decoder_inputs(model, captured.adapter, calib))
+    assert on_example == pytest.approx(want_example, rel=1e-6, abs=1e-12)
+    assert on_calib == pytest.approx(want_calib, rel=1e-6, abs=1e-12)
+    # and the two inputs score the layers apart (the last layer is 0 on both: it cannot reach the
+    # next token), so scoring the example instead would fail the line above
+    assert max(abs(want_calib[k] - want_example[k]) / want_calib[k] for k in want_calib if want_calib[k] > 1e-12) > 0.01

@@ -13,7 +13,7 @@ from device_guard import factories_without_device
 from tiny_families import make_inputs
 
 import redlens_compile as rc
-from redlens_compile.exporters.ort_runner import OnnxRunner
+from redlens_compile.exporters.ort_runner import OnnxRunner, pick_providers
 
 CONFIGS = {
     "identity": rc.RedLensConfig.identity(),
@@ -55,7 +55,7 @@ def assert_same_as_torch(opt, runner, inputs):
 @pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
 def test_onnxruntime_equals_the_torch_module(exported, family, config):
     model, opt, runner = exported(family, config)
-    assert runner.provider == "CPUExecutionProvider"
+    assert runner.provider == pick_providers()[0]  # CUDA where onnxruntime-gpu sees a GPU, else the CPU
     # LLaVA runs from the folder alone (vision.onnx); Qwen2-VL's M-RoPE positions need the model
     assert (runner.model is None) == (family == "llava")
     assert ("vision" in runner.sessions) == (family == "llava")

@@ -12,8 +12,20 @@ import redlens_compile as rc
 from redlens_compile.exporters.ort_runner import OnnxRunner, pick_providers
 
 
-def test_the_cpu_provider_is_picked_and_an_unavailable_one_is_named():
-    assert pick_providers() == ["CPUExecutionProvider"]  # no onnxruntime-gpu here
+def test_cuda_is_picked_where_present_else_the_cpu_and_an_unavailable_one_is_named(monkeypatch):
+    import onnxruntime as ort
+
+    # what this machine has: CUDA first where onnxruntime-gpu sees a GPU, the CPU always last
+    picked = pick_providers()
+    assert picked[-1] == "CPUExecutionProvider"
+    assert picked[:-1] == (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
+    # both machines' answers, whichever this one is
+    for available, want in ((["CPUExecutionProvider"], ["CPUExecutionProvider"]),
+                            (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+                             ["CUDAExecutionProvider", "CPUExecutionProvider"])):
+        monkeypatch.setattr(ort, "get_available_providers", lambda available=available: available)
+        assert pick_providers() == want
+    monkeypatch.undo()
     with pytest.raises(rc.ExportError, match="NoSuchExecutionProvider"):
         pick_providers(["NoSuchExecutionProvider"])
 
@@ -45,7 +57,12 @@ def test_runner_checks_the_folder_and_the_model(identity_optimized, family_model
     stopped = runner.generate(batch, max_new_tokens=4, eos_token_id=eos, pad_token_id=0)
     want = opt.generate(**batch, max_new_tokens=4, eos_token_id=eos, pad_token_id=0, do_sample=False)
     assert torch.equal(stopped, want)
-    assert stopped[0, -2:].tolist() == [0, 0] or eos in stopped[0, -4:-2].tolist()
+    # what stopping means, written out from the free run: each row keeps its tokens up to and
+    # including its first end token, then pads (a row that never meets it runs to the end)
+    for row in range(2):
+        new = free[row, -4:].tolist()
+        cut = new.index(eos) + 1 if eos in new else 4
+        assert stopped[row, -4:].tolist() == new[:cut] + [0] * (4 - cut), (row, new)
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         runner.generate(batch, max_new_tokens=0)
 

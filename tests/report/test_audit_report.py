@@ -2,7 +2,9 @@ import json
 import re
 
 import pytest
-from tiny_families import make_inputs
+import torch
+from closed_forms import closed_form_per_layer
+from tiny_families import IMAGE_TOKEN, VIDEO_TOKEN, make_inputs
 
 import redlens_compile as rc
 from redlens_compile.report.reading import fmt
@@ -43,12 +45,23 @@ def test_audit_of_unmodified_model(family_models):
     assert report.config is None and report.passes == [] and report.chosen_layers == []
     assert report.inputs["visual_tokens"] == 64
     assert report.flops_ratio == 1.0
-    # The same numbers as the "before" of an optimization that reduces layers 0 and 2 (a separate
-    # capture and count), whose "after" differs exactly on those layers.
+    # Each layer's "before" and "after" (what the audit says runs) is the unmodified layer: the closed form of
+    # its FLOPs from the config, and the "before" of an optimization that reduces layers 0 and 2
+    # (a separate capture and count), whose own "after" is below it exactly on those layers.
+    cfg = model.config.text_config
+    expected = closed_form_per_layer(cfg, torch.isin(inputs["input_ids"][0], torch.tensor([IMAGE_TOKEN, VIDEO_TOKEN])))
     reduced = rc.optimize(model, inputs, config=rc.RedLensConfig(layers=[0, 2])).report
+    assert len(report.layers) == len(reduced.layers) == cfg.num_hidden_layers
     for audited, row in zip(report.layers, reduced.layers):
-        assert audited["before"] == audited["after"] == row["before"]
-        assert (row["after"] != row["before"]) == (row["layer"] in (0, 2))
+        for side in ("before", "after"):
+            for kind in ("visual", "text"):
+                for group in ("proj", "attn", "ffn"):
+                    want = expected[kind][group]
+                    assert abs(audited[side][group][kind] - want) <= 0.01 * want, (audited["layer"], side, kind, group)
+        assert audited["before"] == row["before"] and audited["after"] == row["before"]
+        reduced_total = sum(row["after"][g]["visual"] for g in row["after"])
+        unmodified_total = sum(audited["after"][g]["visual"] for g in audited["after"])
+        assert (reduced_total < unmodified_total) == (row["layer"] in (0, 2))
     assert reduced.flops_ratio < 1.0
 
 
