@@ -105,7 +105,14 @@ def route_probes(visual_out: torch.Tensor, probe_hidden: torch.Tensor, weight: t
                  bias: torch.Tensor | None, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """The visual FFN output [B, V, D] with each valid probe row replaced by the full FFN's output:
     its full-width hidden [B, M, F] through the whole down weight [D, F]."""
-    full = torch.nn.functional.linear(probe_hidden, weight, bias).to(visual_out.dtype)
+    full = torch.nn.functional.linear(probe_hidden, weight, bias)
+    return put_probe_rows(visual_out, full, index, valid)
+
+
+def put_probe_rows(visual_out: torch.Tensor, full: torch.Tensor, index: torch.Tensor,
+                   valid: torch.Tensor) -> torch.Tensor:
+    """visual_out [B, V, D] with the valid probe rows (at index [B, M]) replaced by full [B, M, D]."""
+    full = full.to(visual_out.dtype)
     # invalid probes write to a spare row past the end (so they never clash with a real one), dropped after
     spare = visual_out.shape[1]
     target = torch.where(valid, index, torch.full_like(index, spare))
@@ -191,4 +198,4 @@ def batched_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out + (bias[:, None, :] if bias.dim() == 2 else bias)
 
 
-__all__ = ["DEFAULT_PROBE_RULE", "PROBE_RULES", "batched_matmul", "fused_channels", "gather_padded", "probe_index", "probe_rows", "route_probes", "slice_in_features", "slice_out_features", "top_channels"]
+__all__ = ["DEFAULT_PROBE_RULE", "PROBE_RULES", "batched_matmul", "fused_channels", "gather_padded", "probe_index", "probe_rows", "put_probe_rows", "route_probes", "slice_in_features", "slice_out_features", "top_channels"]
