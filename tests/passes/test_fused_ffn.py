@@ -30,7 +30,8 @@ def glm(family_models):
 
 def reduce_all(captured, keep, probes=0.25):
     layers = len(captured.decoder.language_model.layers)
-    passes = [StripAssertsPass(), DynamicFFNPass(keep={i: keep for i in range(layers)}, probe_tokens=probes),
+    passes = [StripAssertsPass(), DynamicFFNPass(keep={i: keep for i in range(layers)}, probe_tokens=probes,
+                                                  probe_rule="stride"),
               DeadCodeEliminationPass()]
     gm, records = run_passes(clone_graph_module(captured.graph_module), passes)
     return gm, records, passes[1], layers
@@ -121,7 +122,9 @@ def test_keep_all_channels_is_exact_on_the_fused_form(glm):
 def test_fused_ffn_flops_are_the_closed_form(glm):
     model, example, _ = glm
     keep, probes = 0.5, 0.1
-    config = rc.RedLensConfig(layers="all", ffn_keep=keep, probe_tokens=probes, hollow_window=2**31 - 1)
+    # the stride rule: the reference below is its closed form (the probe rules have their own: test_probe_rules.py)
+    config = rc.RedLensConfig(layers="all", ffn_keep=keep, probe_tokens=probes, probe_rule="stride",
+                              hollow_window=2**31 - 1)
     report = rc.optimize(model, example, config=config).report
     cfg = model.config.text_config
     d, f = cfg.hidden_size, cfg.intermediate_size
