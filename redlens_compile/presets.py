@@ -52,6 +52,11 @@ def _presets() -> dict[str, Callable[[], RedLensConfig]]:
     # Pruning, then the budget planner on the pruned sequence.
     presets["codebook-0.25+budget-0.2"] = lambda: cls(flops_budget=0.2, prune="codebook", prune_keep=0.25,
                                                       codebook=str(PROOF_CODEBOOK))
+    # Decoder FLOPs <= 0.15 with pruning and the per-layer reductions together (1000 held-out questions,
+    # benchmarks/results/quality_combined_0.15.txt: 97.5 and 98.6 at 0.149, original 99.4).
+    presets["codebook-0.125+budget-0.15"] = lambda: cls(flops_budget=0.15, prune="codebook", prune_keep=0.125,
+                                                        codebook=str(PROOF_CODEBOOK))
+    presets["diverse-0.125+budget-0.15"] = lambda: cls(flops_budget=0.15, prune="diverse", prune_keep=0.125)
     return presets
 
 
