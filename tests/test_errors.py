@@ -110,9 +110,12 @@ def test_probe_tokens_above_the_visual_count_are_clamped_and_reported(family_mod
     model = family_models("llava")
     inputs = make_inputs("llava", model)
     visual = int((inputs["input_ids"] == IMAGE_TOKEN).sum())
-    # keep 0.125: with every visual row a probe, a keep of 0.5 costs more than the FFN unreduced (taken off)
-    base = rc.optimize(model, inputs, config=rc.RedLensConfig(layers=[0], ffn_keep=0.125, probe_tokens=visual))
-    big = rc.optimize(model, inputs, config=rc.RedLensConfig(layers=[0], ffn_keep=0.125, probe_tokens=visual + 50))
+    # keep 0.125: with every visual row a probe, a keep of 0.5 costs more than the FFN unreduced (taken off);
+    # the stride rule: "+route" rules give every probe the whole down projection too, which never pays here
+    base = rc.optimize(model, inputs, config=rc.RedLensConfig(layers=[0], ffn_keep=0.125, probe_tokens=visual,
+                                                              probe_rule="stride"))
+    big = rc.optimize(model, inputs, config=rc.RedLensConfig(layers=[0], ffn_keep=0.125, probe_tokens=visual + 50,
+                                                             probe_rule="stride"))
     assert any(f"probe_tokens={visual + 50} exceeds the {visual} visual tokens" in n for n in big.report.notes)
     assert not any("probe_tokens" in n for n in base.report.notes)
     # Clamped: every visual row is a probe, exactly as with probe_tokens == the visual count.
