@@ -395,3 +395,20 @@ def make_processor(family: str, model):
         return image_only_processor_class(transformers.InternVLProcessor)(image_processor=image, tokenizer=tokenizer,
                                                                           image_seq_length=tokens)
     raise KeyError(family)
+
+
+def ffn_output(graph_module, entry, out_node, x, args):
+    """The rewritten graph run with `x` fed in at the FFN's entry node: the value `out_node` takes
+    (the FFN's output, text and visual rows put back together)."""
+    seen = {}
+
+    class FFNOnly(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = x if n is entry else super().run_node(n)
+            if n is out_node:
+                seen["out"] = out
+            return out
+
+    with torch.no_grad():
+        FFNOnly(graph_module).run(*args)
+    return seen["out"]

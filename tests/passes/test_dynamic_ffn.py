@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import ALL_FAMILIES
-from tiny_families import make_inputs
+from tiny_families import ffn_output, make_inputs
 
 from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
 from redlens_compile.ops.dynamic_ffn import batched_matmul, top_channels
@@ -58,21 +58,10 @@ def test_text_rows_equal_the_original_ffn_bit_for_bit(captured_family):
     # Feed x to the FFN's entry node; everything else runs as the rewritten graph says.
 
     merged = next(iter(match.down.users))  # the node that puts text and visual rows back together
-    seen = {}
-
-    class FFNOnly(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = x if n is match.entry else super().run_node(n)
-            if n is merged:
-                seen["out"] = out
-            return out
-
     inputs = captured.example.repeat_batch(2)
     inputs.visual_mask = visual
-    interp = FFNOnly(gm)
+    out = ffn_output(gm, match.entry, merged, x, inputs.as_args())
     with torch.no_grad():
-        interp.run(*inputs.as_args())
-        out = seen["out"]
         want = ffn(x)
     text = ~visual
     assert torch.equal(out[text], want[text])

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_families import build_and_reload, make_inputs
+from tiny_families import build_and_reload, ffn_output, make_inputs
 
 import redlens_compile as rc
 from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
@@ -87,21 +87,12 @@ def test_sliced_fused_ffn_equals_a_naive_reference(glm):
     entry = next(n for n in gm.graph.nodes if n.name == match.entry.name)
     merged = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "merge_rows"
                   and n.meta["redlens"].layer == layer)
-    seen = {}
-
-    class FFNOnly(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = x if n is entry else super().run_node(n)
-            if n is merged:
-                seen["out"] = out
-            return out
-
+    out = ffn_output(gm, entry, merged, x, inputs.as_args())
     with torch.no_grad():
-        FFNOnly(gm).run(*inputs.as_args())
         want = naive_ffn(mlp, x, visual, keep, probes)
         full = mlp(x)
-    assert (seen["out"] - want).abs().max().item() <= TOL
-    assert (seen["out"][visual] - full[visual]).abs().max().item() > 1e-3  # the visual rows did change
+    assert (out - want).abs().max().item() <= TOL
+    assert (out[visual] - full[visual]).abs().max().item() > 1e-3  # the visual rows did change
 
 
 def test_keep_all_channels_is_exact_on_the_fused_form(glm):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from tiny_families import ffn_output
 
 from redlens_compile.config import PROBE_RULES, RedLensConfig
 from redlens_compile.errors import ConfigError
@@ -67,18 +68,8 @@ def test_reduced_ffn_equals_a_naive_per_sample_reference(captured_family, rule):
     x = torch.randn(2, inputs.seq_len, ffn.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
     x[0, int(visual[0].nonzero()[3])] *= 8  # one object row in sample 0
     merged = next(iter(match.down.users))
-    seen = {}
-
-    class FFNOnly(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = x if n is match.entry else super().run_node(n)
-            if n is merged:
-                seen["out"] = out
-            return out
-
+    out = ffn_output(gm, match.entry, merged, x, inputs.as_args())
     with torch.no_grad():
-        FFNOnly(gm).run(*inputs.as_args())
-        out = seen["out"]
         act = torch.nn.functional.silu(x @ ffn.gate_proj.weight.T) * (x @ ffn.up_proj.weight.T)
         full = act @ ffn.down_proj.weight.T
     width = ffn.down_proj.weight.shape[1]
