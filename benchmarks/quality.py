@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -59,12 +60,21 @@ def row_name(spec: str, config: rc.RedLensConfig) -> str:
     return "json: " + (", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "identity")
 
 
+def unreachable_cell(message: str) -> str:
+    """The planner's own words, short enough for a table cell: the lowest ratio it can reach."""
+    lowest = re.search(r"lowest reachable decoder FLOPs ratio is ([0-9.]+[0-9])", message)
+    return f"unreachable (lowest reachable ratio {lowest.group(1)})" if lowest else "unreachable"
+
+
 def markdown(rows: list[dict]) -> str:
     head = "| method | decoder FLOPs ratio | overall | " + " | ".join(QUESTION_TYPES) + " |"
     sep = "|---|---:|---:|" + "---:|" * len(QUESTION_TYPES)
     lines = [head, sep]
     for r in rows:
         acc = r["accuracy"]
+        if acc is None:  # a budget the planner cannot reach: the row says so instead of a number
+            lines.append(f"| {r['name']} | {r['error']} |" + " |" * (len(QUESTION_TYPES) + 1))
+            continue
         ratio = "n/a" if r["flops_ratio"] is None else f"{r['flops_ratio']:.3f}"
         cells = " | ".join(f"{100 * acc[t]:.1f}" for t in QUESTION_TYPES)
         lines.append(f"| {r['name']} | {ratio} | {100 * acc['overall']:.1f} | {cells} |")
@@ -100,6 +110,8 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     methods: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
+        if r["accuracy"] is None:
+            continue
         if r["flops_ratio"] is None:
             ax.axhline(100 * r["accuracy"]["overall"], linestyle="--", color="gray", label=r["name"])
         else:
@@ -176,7 +188,13 @@ def main() -> None:
         if config.codebook == str(PROOF_CODEBOOK) and own_codebook.is_file():
             # a preset names the default model's codebook; another model is scored by its own
             config = rc.RedLensConfig.from_dict(dict(config.to_dict(), codebook=str(own_codebook)))
-        opt = rc.optimize(model, example, config=config, calibration=calibration)
+        try:
+            opt = rc.optimize(model, example, config=config, calibration=calibration)
+        except rc.BudgetUnreachableError as error:  # one unreachable budget does not lose the other rows
+            print(f"{row_name(spec, config)}: {error}", file=sys.stderr)
+            rows.append({"name": row_name(spec, config), "config": config.to_dict(), "flops_ratio": None,
+                         "accuracy": None, "error": unreachable_cell(str(error))})
+            continue
         answers = answer_questions(opt.generate, processor, items)
         rows.append({"name": row_name(spec, config), "config": config.to_dict(),
                      "flops_ratio": opt.report.flops_ratio, "accuracy": accuracy_by_type(items, answers)})
