@@ -223,11 +223,17 @@ def decode_per_token(model, opt, inputs: dict, repeats: int, tokens: int = 32) -
 def markdown(results: list[dict]) -> str:
     with_decode = any("decode_ratio" in r for r in results)
     with_floor = any(r.get("eager_on_kept_rows_ratio") is not None for r in results)
+    with_compiled = any(r.get("compile_error") or r.get("compiled_latency_ratio") is not None for r in results)
     lines = ["| case | row | FLOPs ratio | latency ratio | latency / FLOPs | original / optimized s | peak RSS GiB |"
-             + (" eager on kept rows |" if with_floor else "") + (" decode s/token ratio |" if with_decode else ""),
-             "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if with_floor else "") + ("---:|" if with_decode else "")]
+             + (" eager on kept rows |" if with_floor else "") + (" compiled latency ratio |" if with_compiled else "")
+             + (" decode s/token ratio |" if with_decode else ""),
+             "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if with_floor else "") + ("---:|" if with_compiled else "")
+             + ("---:|" if with_decode else "")]
     for r in results:
         decode = f" | {r['decode_ratio']:.3f}" if "decode_ratio" in r else (" | n/a" if with_decode else "")
+        if with_compiled:
+            ratio = r.get("compiled_latency_ratio")
+            decode = (f" | {ratio:.3f}" if ratio is not None else " | failed") + decode
         if with_floor:
             floor = r.get("eager_on_kept_rows_ratio")
             decode = (f" | {floor:.3f}" if floor is not None else " | n/a") + decode

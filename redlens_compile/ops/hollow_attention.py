@@ -111,7 +111,7 @@ def plan_blocks(allowed: torch.Tensor, visual_mask: torch.Tensor, vis_pos: torch
     # Under torch.compile the block and the blocks a window reaches behind are the static ones (fewer
     # visual rows than that are padding, masked like any): inductor's index arithmetic then has no
     # min of a size read from data, which it simplifies very slowly.
-    static = torch.compiler.is_compiling()
+    static = torch.compiler.is_compiling() and not torch.compiler.is_exporting()  # the ONNX export keeps its plan
     block = max(1, (window + 1) // 2) if static else _size_min(span, max(1, (window + 1) // 2))
     # ceil divisions written as (n - 1) // d + 1 over non-negative n - 1: export then sees
     # blocks >= 1, and ONNX's truncating integer Div gives the same numbers as torch's floor
