@@ -81,8 +81,8 @@ def _nonzero(size) -> bool:
 
 
 def _size_min(a, b):
-    """min of two sizes; symbolic (no guard on a size read from data) while exporting."""
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+    """min of two sizes; symbolic (no guard on a size read from data) while exporting or compiling."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) or torch.compiler.is_compiling():
         return torch.sym_min(a, b)
     return min(a, b)
 
@@ -108,11 +108,16 @@ def plan_blocks(allowed: torch.Tensor, visual_mask: torch.Tensor, vis_pos: torch
     span = vis_pos.shape[1]
     if span == 0:
         return None
-    block = _size_min(span, max(1, (window + 1) // 2))
+    # Under torch.compile the block and the blocks a window reaches behind are the static ones (fewer
+    # visual rows than that are padding, masked like any): inductor's index arithmetic then has no
+    # min of a size read from data, which it simplifies very slowly.
+    static = torch.compiler.is_compiling() and not torch.compiler.is_exporting()  # the ONNX export keeps its plan
+    block = max(1, (window + 1) // 2) if static else _size_min(span, max(1, (window + 1) // 2))
     # ceil divisions written as (n - 1) // d + 1 over non-negative n - 1: export then sees
     # blocks >= 1, and ONNX's truncating integer Div gives the same numbers as torch's floor
     blocks = (span - 1) // block + 1
-    behind = _size_min((window - 2) // block + 1, blocks - 1) if window > 1 else 0
+    reach = (window - 2) // block + 1 if window > 1 else 0
+    behind = reach if static or window <= 1 else _size_min(reach, blocks - 1)
     if looks_ahead is None:
         looks_ahead = not mask_is_causal and _looks_ahead(allowed, visual_mask.to(torch.bool))
     ahead = behind if looks_ahead and not mask_is_causal else 0

@@ -33,7 +33,9 @@ def data_size(value: torch.Tensor, bound: int, low: int = 0) -> int:
     one in [low, bound] so that graphs of symbolic shape (torch.onnx) can slice with it without
     guarding on its value; in eager torch it is just int(value)."""
     size = value.item()
-    if isinstance(size, torch.SymInt):  # only while exporting; eager and jit tracing get an int
+    # a symbol while exporting and under torch.compile (where dynamo's isinstance says int, hence
+    # is_compiling: without the checks inductor cannot lower a slice at it); eager and jit tracing get an int
+    if isinstance(size, torch.SymInt) or torch.compiler.is_compiling():
         torch._check(size >= max(low, 0))
         torch._check(size <= bound)
         return size

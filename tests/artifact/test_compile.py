@@ -42,12 +42,41 @@ def test_compiled_prefill_compiles_once_for_two_lengths(reduced):
         eager, logits = _eager_and_compiled(opt, model, make_inputs("llava", model, text_before=3))
         assert (logits - eager).abs().max().item() < 1e-4
         first = len(graphs)
-        # the mask checks are lowered away; what breaks is hollow attention's data-sized text-row branch
-        # (2 reduced layers here: at most 3 pieces; counted so that a new break in our ops fails this)
-        assert opt.report.chosen_layers and first <= 3
+        # the mask checks are lowered away and the sizes read from data are unbacked symbols: one
+        # graph for the 2 reduced layers (counted so that a new break in our ops fails this)
+        assert opt.report.chosen_layers and first == 1
         eager, logits = _eager_and_compiled(opt, model, make_inputs("llava", model, text_before=9, text_after=2))
         assert logits.shape[1] == 9 + 2 + 1 + 64 and (logits - eager).abs().max().item() < 1e-4
         assert len(graphs) == first  # no recompile for another prompt length
+    finally:
+        opt._torch_compiled = {}
+
+
+@pytest.fixture(scope="module")
+def one_layer(family_models):
+    model = family_models("llava")
+    # hollow attention (window 16: blocks of 8 through SDPA, as the presets' window 64 runs) and the
+    # dynamic FFN (default probe rule) on one layer
+    config = rc.RedLensConfig(flops_budget=1.0, layers=[0], hollow_window=16, ffn_keep=0.5)
+    return model, rc.optimize(model, make_inputs("llava", model), config=config)
+
+
+def test_inductor_compiles_the_whole_reduced_graph(one_layer):
+    """Real inductor (C++ codegen): the sizes our ops read from data lower without a guard on them."""
+    from torch._dynamo.utils import counters
+
+    model, opt = one_layer
+    counters.clear()
+    opt.compile(fallback=False)
+    try:
+        eager, logits = _eager_and_compiled(opt, model, make_inputs("llava", model, text_before=3))
+        assert (logits - eager).abs().max().item() < 1e-4
+        # one graph, no break: the mask checks are lowered away, and the data-sized text rows and
+        # probe counts are unbacked sizes
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+        eager, logits = _eager_and_compiled(opt, model, make_inputs("llava", model, text_before=9, text_after=2))
+        assert logits.shape[1] == 9 + 2 + 1 + 64 and (logits - eager).abs().max().item() < 1e-4
+        assert counters["stats"]["unique_graphs"] == 1  # no recompile for another prompt length
     finally:
         opt._torch_compiled = {}
 
