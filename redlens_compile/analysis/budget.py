@@ -419,15 +419,22 @@ def plan_keep_and_layers(
     damage-per-FLOP rule; `scores` in the same divergence as the keeps' damage). A candidate's
     total damage is its keep's damage plus the layers' estimated damage; the least total wins
     (ties: the larger keep). No candidate under the budget: BudgetUnreachableError naming the
-    lowest ratio any candidate reaches.
+    lowest ratio any candidate reaches. Candidates are tried in order of their own damage, and
+    one whose damage alone reaches the best total so far is skipped ("skipped" in its outcome).
     """
     budget = config.flops_budget
-    outcomes: list[dict] = []
+    outcomes: dict[float, dict] = {}
     plans: dict[float, ReductionPlan] = {}
     lowest = math.inf
-    for trial in trials:
+    best: dict | None = None
+    # Least pruning damage first: a keep whose damage alone is above the best total so far cannot
+    # win (a layer adds damage >= 0), so its layers are never planned (nor their costs counted).
+    for trial in sorted(trials, key=lambda t: (t.damage, -t.keep)):
         alone = (sum(trial.before.values()) + trial.extra) / reference_total
-        outcome = {"keep": trial.keep, "damage": trial.damage, "pruning_ratio": alone}
+        outcome = outcomes[trial.keep] = {"keep": trial.keep, "damage": trial.damage, "pruning_ratio": alone}
+        if best is not None and trial.damage >= best["total_damage"]:
+            outcome["skipped"] = True
+            continue
         if alone <= budget or trial.costs is None or scores is None:
             plan = ReductionPlan(settings={}, predicted_ratio=alone)
             reached = alone <= budget
@@ -441,29 +448,31 @@ def plan_keep_and_layers(
             except BudgetUnreachableError as error:
                 lowest = min(lowest, getattr(error, "lowest_ratio", alone))
                 reached = False
-        if reached:
-            lowest = min(lowest, plan.predicted_ratio)
-            plans[trial.keep] = plan
-            outcome.update(layers=list(plan.layers), layer_damage=plan.predicted_damage, ratio=plan.predicted_ratio,
-                           total_damage=trial.damage + plan.predicted_damage)
-        else:
+        if not reached:
             outcome["unreachable"] = True
-        outcomes.append(outcome)
-    reachable = [o for o in outcomes if not o.get("unreachable")]
-    if not reachable:
+            continue
+        plans[trial.keep] = plan
+        outcome.update(layers=list(plan.layers), layer_damage=plan.predicted_damage, ratio=plan.predicted_ratio,
+                       total_damage=trial.damage + plan.predicted_damage)
+        if best is None or (outcome["total_damage"], -trial.keep) < (best["total_damage"], -best["keep"]):
+            best = outcome
+    outcomes = [outcomes[t.keep] for t in trials]
+    if best is None:
         raise BudgetUnreachableError(
             f"flops_budget={budget} cannot be met with plan_keep: at every candidate keep "
             f"{[t.keep for t in trials]} with every decoder layer down to the floors the lowest decoder FLOPs "
             f"ratio is {lowest:.4f}. Raise flops_budget to at least {math.ceil(lowest * 1000) / 1000}, or set "
             "plan_keep=False and a prune_keep below the candidates."
         )
-    chosen = min(reachable, key=lambda o: (o["total_damage"], -o["keep"]))
+    chosen = best
     plan = plans[chosen["keep"]]
 
     def line(o: dict) -> str:
         head = f"keep {o['keep']}: pruning alone ratio {o['pruning_ratio']:.4f}, damage {o['damage']:.4g}"
         if o.get("unreachable"):
             return head + "; unreachable with every layer at the floors"
+        if o.get("skipped"):
+            return head + ": not planned (its damage alone is above the best total)"
         return (head + f"; layers {o['layers']} (estimated damage {o['layer_damage']:.4g}) to ratio {o['ratio']:.4f}: "
                 f"total damage {o['total_damage']:.4g}")
 
