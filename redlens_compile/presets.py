@@ -58,8 +58,8 @@ def _presets() -> dict[str, Callable[[], RedLensConfig]]:
                                                         codebook=str(PROOF_CODEBOOK))
     presets["diverse-0.125+budget-0.15"] = lambda: cls(flops_budget=0.15, prune="diverse", prune_keep=0.125)
     # The planner chooses the codebook's keep (at most 0.5) and the per-layer settings against 0.15 together.
-    presets["auto-0.15"] = lambda: cls(flops_budget=0.15, prune="codebook", prune_keep=0.5, plan_keep=True,
-                                       codebook=str(PROOF_CODEBOOK))
+    presets["codebook-auto+budget-0.15"] = lambda: cls(flops_budget=0.15, prune="codebook", prune_keep=0.5,
+                                                       plan_keep=True, codebook=str(PROOF_CODEBOOK))
     return presets
 
 

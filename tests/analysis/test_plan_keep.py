@@ -88,10 +88,10 @@ def test_candidates_and_config_checks():
                        (dict(ranking="activation"), "ranking='jsd'"), (dict(plan_keep=1), "true or false")]:
         with pytest.raises(rc.ConfigError, match=match):
             rc.RedLensConfig(**{**dict(flops_budget=0.2, prune="random", prune_keep=0.5, plan_keep=True), **bad})
-    assert rc.RedLensConfig.preset("auto-0.15").plan_keep
+    assert rc.RedLensConfig.preset("codebook-auto+budget-0.15").plan_keep
 
 
-def test_optimize_chooses_a_keep_and_the_audit_meets_the_budget(family_models):
+def test_optimize_chooses_a_keep_and_the_audit_meets_the_budget(family_models, tmp_path):
     from tiny_families import make_inputs
 
     from redlens_compile.artifact.saved import plan_config
@@ -119,6 +119,9 @@ def test_optimize_chooses_a_keep_and_the_audit_meets_the_budget(family_models):
     assert f"keep {keep} (chosen by the planner" in report.to_markdown()
     saved = plan_config(opt)  # what save_pretrained writes: the chosen keep, explicit
     assert saved.prune_keep == keep and not saved.plan_keep and isinstance(saved.layers, dict)
+    opt.save_pretrained(tmp_path / "saved")
+    loaded = rc.load(tmp_path / "saved", model)  # the saved plan, no planning: the same keep and FLOPs
+    assert loaded.pruning.keep == keep and loaded.report.flops_ratio == pytest.approx(report.flops_ratio, rel=1e-12)
     # no per-layer reduction to plan: pruning alone at the smallest keep is the lowest ratio
     with pytest.raises(rc.BudgetUnreachableError, match="at every candidate keep"):
         rc.optimize(model, example, config=rc.RedLensConfig(flops_budget=0.01, prune="random", prune_keep=0.35,
