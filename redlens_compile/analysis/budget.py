@@ -472,7 +472,7 @@ def plan_keep_and_layers(
         if o.get("unreachable"):
             return head + "; unreachable with every layer at the floors"
         if o.get("skipped"):
-            return head + ": not planned (its damage alone is above the best total)"
+            return head + ": not planned (its damage alone reaches the best total)"
         return (head + f"; layers {o['layers']} (estimated damage {o['layer_damage']:.4g}) to ratio {o['ratio']:.4f}: "
                 f"total damage {o['total_damage']:.4g}")
 
