@@ -37,6 +37,17 @@ def with_rule(spec: str, rule: str) -> rc.RedLensConfig:
     return rc.RedLensConfig.from_dict(dict(rc.RedLensConfig.parse(spec).to_dict(), probe_rule=rule))
 
 
+def layers_name(config: rc.RedLensConfig) -> str:
+    """A JSON config's row name: its explicit per-layer settings ('layer 2 ffn_keep 0.0667, window 8')."""
+    from redlens_compile.report.reading import layer_settings_text
+
+    if not isinstance(config.layers, dict):
+        return config.to_json()
+    parts = [f"layer {i} " + layer_settings_text({"ffn_keep": s["ffn_keep"], "window": s["hollow_window"]})
+             for i, s in config.layers.items()]
+    return ("; ".join(parts) + (" alone" if len(parts) == 1 else "")) or "no layer"
+
+
 def markdown(rows: list[dict]) -> str:
     head = "| rule | config | decoder FLOPs ratio | overall | " + " | ".join(QUESTION_TYPES) + " | plan |"
     lines = [head, "|---|---|---:|---:|" + "---:|" * len(QUESTION_TYPES) + "---|"]
@@ -84,7 +95,7 @@ def main() -> None:
             config = with_rule(spec, rule)
             opt = rc.optimize(model, example, config=config, calibration=calibration)
             acc = accuracy_by_type(items, answer_questions(opt.generate, processor, items))
-            name = spec if not spec.startswith("{") else f"layer {next(iter(config.layers))} alone, keep {args.per_layer}"
+            name = spec if not spec.startswith("{") else layers_name(config)
             rows.append({"rule": rule, "name": name, "config": config.to_dict(), "flops_ratio": opt.report.flops_ratio,
                          "plan": opt.report.plan.get("settings", {}), "accuracy": acc,
                          "share_of_original": acc["overall"] / original["overall"]})

@@ -8,8 +8,8 @@ passes, passes/compile.py) -> count again -> report; one path for every pruning 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-
 import logging
 from typing import Any, Callable, Mapping
 
@@ -25,7 +25,7 @@ from .capture.decoder_inputs import DecoderInputs, capture_decoder_inputs, image
 from .capture.families import adapter_for
 from .capture.pipeline import CapturedDecoder, capture, capture_split, check_capture
 from .config import RedLensConfig
-from .errors import ConfigError, ReductionUnavailableError
+from .errors import BudgetUnreachableError, ConfigError, ReductionUnavailableError
 from .passes.compile import compile_decoder
 from .passes.pipeline import apply_plan
 from .runtime.token_pruning import TokenPruning, build_pruning
@@ -115,6 +115,8 @@ def optimize(
     before = count_graph_flops(captured.graph_module, captured.example)
     plan, ranking, notes = _rank_and_plan(model, captured, before, config, pruning, split, calibration, ray_engine,
                                           example_inputs, progress)
+    if plan.prune_keep is not None:  # plan_keep: the stage at the keep the planner chose
+        pruning = dataclasses.replace(pruning, keep=plan.prune_keep)
 
     progress("running passes")
     compiled = compile_decoder(captured, plan, config.probe_tokens, pruning, split, probe_rule=config.probe_rule)
@@ -122,6 +124,8 @@ def optimize(
                          example_inputs=example_inputs, rebuild=at_dtype)
     progress("counting FLOPs after the rewrite")
     after, pruning_summary = _count_compiled(opt, captured)
+    if plan.prune_keep is not None:
+        pruning_summary["keep_planned"] = True  # the report and the CLI say the keep is the planner's
     opt.report = build_report(model, captured, example_inputs, before, after, config, plan, compiled.records, ranking,
                               notes + compiled.notes + _config_notes(config, plan, pruning, split),
                               pruning=pruning_summary)
@@ -132,6 +136,11 @@ def optimize(
             f"flops_budget={config.flops_budget}; combining pruning inside the decoder with the per-layer reductions "
             f"is not part of this build: raise flops_budget to >= {ratio:.3f}, prune earlier or keep fewer tokens"
         )
+    if config.plan_keep and ratio > config.flops_budget:  # the planner's promise, checked on the compiled graph
+        raise BudgetUnreachableError(
+            f"plan_keep chose prune_keep={plan.prune_keep} for a predicted decoder FLOPs ratio of "
+            f"{plan.predicted_ratio:.4f}, but the compiled decoder counts {ratio:.4f}, above flops_budget="
+            f"{config.flops_budget}: lower flops_budget a little or give prune_keep with plan_keep=False")
     if split is None and config.layers != "auto" and ratio > config.flops_budget:
         logger.warning("decoder FLOPs ratio %.3f is above flops_budget %.3f: layers were given explicitly",
                        ratio, config.flops_budget)
@@ -148,6 +157,8 @@ def _rank_and_plan(model: nn.Module, captured: CapturedDecoder, before, config: 
     reductions are ranked, planned and counted on it."""
     if split is not None:
         return ReductionPlan(settings={}), None, []
+    if config.plan_keep:
+        return _plan_keep(model, captured, before, config, pruning, calibration, ray_engine, example_inputs, progress)
     adapter = captured.adapter
     pruned = pruning(captured.example) if pruning is not None else None
     example = pruned.inputs if pruned is not None else captured.example
@@ -188,6 +199,60 @@ def _rank_and_plan(model: nn.Module, captured: CapturedDecoder, before, config: 
         plan = plan_fixed(config, adapter.num_layers(model))
     # Reductions that save no FLOPs on this example (or that a pass cannot apply) are taken off.
     plan, unpaid = drop_unpaying(plan, plan_costs, layers_unreduced, not_reduced)
+    return plan, ranking, _probe_note(config, example, plan) + unpaid
+
+
+def _plan_keep(model: nn.Module, captured: CapturedDecoder, before, config: RedLensConfig, pruning: TokenPruning,
+               calibration, ray_engine, example_inputs,
+               progress: Progress) -> tuple[ReductionPlan, LayerRanking | None, list[str]]:
+    """plan_keep: each candidate keep scored once (pruning alone against the original, on the
+    calibration inputs), the layers ranked once (on the largest keep's pruned inputs) and planned
+    on each keep's own costs; analysis/budget.py plan_keep_and_layers picks the combination."""
+    from .analysis.budget import KeepTrial, keep_candidates, plan_keep_and_layers
+    from .analysis.ranking import divergence, mean_score, next_token_log_probs
+
+    adapter, key_bias = captured.adapter, pruning.key_bias
+    calib = [capture_decoder_inputs(model, adapter, x) for x in calibration] if calibration else [captured.example]
+    original = [next_token_log_probs(captured.graph_module, x) for x in calib]
+    reference_graph = captured.graph_module if not key_bias else apply_plan(
+        captured.graph_module, ReductionPlan(settings={}), config.probe_tokens, copy=True, key_bias=True).graph_module
+    layers = sorted(before.layers)
+    ranking, trials, plan_costs_of = None, [], {}
+    for keep in keep_candidates(config):
+        stage = dataclasses.replace(pruning, keep=keep)
+        progress(f"scoring prune_keep={keep} on the calibration inputs")
+        pruned_calib = [stage(x).inputs for x in calib]
+        damage = mean_score([divergence(ref, next_token_log_probs(reference_graph, x), config.ranking)
+                             for ref, x in zip(original, pruned_calib)])
+        example = stage(captured.example).inputs
+        not_reduced: dict[int, str] = {}
+
+        def plan_costs(plan: ReductionPlan, example=example, not_reduced=not_reduced) -> dict[int, float]:
+            trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True, key_bias=key_bias,
+                               probe_rule=config.probe_rule)
+            not_reduced.update(trial.skipped)
+            counted = count_graph_flops(trial.graph_module, example)
+            return {i: counted.layer_total(i) for i in layers}
+
+        unreduced = count_graph_flops(reference_graph, example)
+        layers_unreduced = {i: unreduced.layer_total(i) for i in layers}
+        costs = None
+        if needs_ranking(config):
+            if ranking is None:
+                progress("ranking layers on the calibration inputs")
+                ranking = _rank(captured, model, pruned_calib, config, layers, reference_graph, key_bias, ray_engine,
+                                example_inputs)
+            costs = paying_costs(lambda s, pc=plan_costs: pc(ReductionPlan(settings={i: s for i in layers})),
+                                 layers_unreduced)
+        plan_costs_of[keep] = (plan_costs, example)
+        trials.append(KeepTrial(keep, damage, layers_unreduced, costs, float(stage.scoring_flops(captured.example)),
+                                not_reduced))
+    plan = plan_keep_and_layers(config, trials, ranking.scores if ranking else None,
+                                ranking.floor_scores if ranking else None,
+                                reference_total=sum(before.layer_total(i) for i in layers))
+    chosen = next(t for t in trials if t.keep == plan.prune_keep)
+    plan_costs, example = plan_costs_of[chosen.keep]
+    plan, unpaid = drop_unpaying(plan, plan_costs, chosen.before, chosen.not_reduced)
     return plan, ranking, _probe_note(config, example, plan) + unpaid
 
 

@@ -220,7 +220,9 @@ def _print_summary(summary: dict) -> None:
         f"{i} ({layer_settings_text(s)})" for i, s in layers.items())))
     pruning = summary.get("token_pruning")
     if pruning:
-        print(f"token pruning    {pruning['method']} {pruning['where']}: visual tokens {pruning['visual_before']} -> "
+        chosen = f", keep {pruning['keep']} (chosen by the planner)" if pruning.get("keep_planned") else ""
+        print(f"token pruning    {pruning['method']} {pruning['where']}{chosen}: visual tokens "
+              f"{pruning['visual_before']} -> "
               f"{pruning['visual_after']}, sequence {pruning['seq_len_before']} -> {pruning['seq_len_after']}")
     before, after = summary["prefill_latency_s_before"], summary["prefill_latency_s_after"]
     print(f"prefill latency  {before * 1e3:.1f} ms -> {after * 1e3:.1f} ms (ratio {after / before:.3f}; median of "

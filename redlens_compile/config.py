@@ -14,6 +14,8 @@ from .ops.dynamic_ffn import DEFAULT_PROBE_RULE, PROBE_RULES  # noqa: F401  (the
 
 RANKING_METRICS = ("jsd", "kl", "activation", "variance", "gradient")
 PRUNE_METHODS = ("codebook", "fastv", "vtw", "random", "downsample", "diverse")
+# The keeps `plan_keep` chooses among (those <= prune_keep), largest first (analysis/budget.py).
+PLAN_KEEPS = (0.5, 0.35, 0.25, 0.18, 0.125, 0.09)
 # How the dynamic FFN picks each sample's probe rows (ops/dynamic_ffn.py): "stride" (evenly spaced),
 # "norm" (largest rows), "outlier" (farthest from the image's mean row); "+route" also gives the
 # probe rows the full FFN's output. Measured on the proof task: benchmarks/probe_rules.py.
@@ -65,6 +67,11 @@ class RedLensConfig:
     prune_seed: the seed of prune="random" (the same input keeps the same rows).
     prune_proportional: pruning before the first layer gives each kept visual token the attention
         mass of the dropped tokens most like it (a log-count bias on its attention scores).
+    plan_keep: the planner chooses prune_keep too: among PLAN_KEEPS no larger than prune_keep (a
+        float: the most it may keep), the keep and the per-layer settings with the least total
+        estimated damage under flops_budget (analysis/budget.py plan_keep_and_layers). Needs a
+        pruning method before the first layer, layers="auto", flops_budget < 1 and ranking
+        "jsd" or "kl" (a keep's damage is the same divergence as a layer's score).
     """
 
     flops_budget: float = 0.5
@@ -80,6 +87,7 @@ class RedLensConfig:
     codebook: str | None = None
     prune_seed: int = 0
     prune_proportional: bool = True
+    plan_keep: bool = False
 
     def __post_init__(self) -> None:
         if not _is_number(self.flops_budget) or not 0.0 < self.flops_budget <= 1.0:
@@ -113,6 +121,25 @@ class RedLensConfig:
                               "(0.25: 2x2, 0.125 or 0.111: 3x3); give a float <= 0.3")
         if self.prune == "codebook" and self.codebook is None:
             raise ConfigError("prune='codebook' needs codebook=PATH (a redundancy codebook .safetensors)")
+        self._validate_plan_keep()
+
+    def _validate_plan_keep(self) -> None:
+        if not isinstance(self.plan_keep, bool):
+            raise ConfigError(f"plan_keep={self.plan_keep!r}: must be true or false")
+        if not self.plan_keep:
+            return
+        if self.prune not in ("codebook", "random", "downsample", "diverse"):
+            raise ConfigError(f"plan_keep=True with prune={self.prune!r}: the planner chooses the keep of a pruning "
+                              "method before the first layer; set prune to codebook, random, downsample or diverse")
+        if not isinstance(self.prune_keep, float) or self.prune_keep < min(PLAN_KEEPS):
+            raise ConfigError(f"plan_keep=True with prune_keep={self.prune_keep!r}: prune_keep is the most the planner "
+                              f"may keep, a fraction >= {min(PLAN_KEEPS)} (candidates {list(PLAN_KEEPS)})")
+        if self.layers != "auto" or self.flops_budget >= 1.0:
+            raise ConfigError(f"plan_keep=True with layers={self.layers!r}, flops_budget={self.flops_budget}: the keep "
+                              "is planned against the budget; use layers='auto' and flops_budget < 1")
+        if self.ranking not in ("jsd", "kl"):
+            raise ConfigError(f"plan_keep=True with ranking={self.ranking!r}: a keep's damage and a layer's score must "
+                              "be the same divergence; use ranking='jsd' or 'kl'")
 
     def _validate_layers(self) -> None:
         if isinstance(self.layers, str):

@@ -57,6 +57,9 @@ def _presets() -> dict[str, Callable[[], RedLensConfig]]:
     presets["codebook-0.125+budget-0.15"] = lambda: cls(flops_budget=0.15, prune="codebook", prune_keep=0.125,
                                                         codebook=str(PROOF_CODEBOOK))
     presets["diverse-0.125+budget-0.15"] = lambda: cls(flops_budget=0.15, prune="diverse", prune_keep=0.125)
+    # The planner chooses the codebook's keep (at most 0.5) and the per-layer settings against 0.15 together.
+    presets["codebook-auto+budget-0.15"] = lambda: cls(flops_budget=0.15, prune="codebook", prune_keep=0.5,
+                                                       plan_keep=True, codebook=str(PROOF_CODEBOOK))
     return presets
 
 

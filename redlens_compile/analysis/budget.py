@@ -9,17 +9,24 @@ budget it raises BudgetUnreachableError naming the lowest ratio.
 
 Per-layer costs come from fvcore counts of real rewritten graphs (`LayerCosts`), so the ratio
 the planner predicts is the ratio the audit reports.
+
+With `plan_keep` the pruning keep is one more axis (`plan_keep_and_layers`): each candidate keep
+is scored once (the divergence of the pruned model's next token from the original's, as a
+layer's score), the layers are planned on that keep's costs, and the combination of least total
+estimated damage under the budget wins.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from ..config import UNBOUNDED_WINDOW, RedLensConfig
+from ..config import PLAN_KEEPS, UNBOUNDED_WINDOW, RedLensConfig
 from ..errors import BudgetUnreachableError, ConfigError
+from ..ops.token_pruning import pool_factor
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +73,10 @@ class ReductionPlan:
     # the same steps as data, so the report can group them per layer:
     # {"action": reduce|tighten|relax, "layer", "to": settings dict or None (unreduced), "ratio"}
     moves: list[dict] = field(default_factory=list)
+    predicted_damage: float = 0.0  # the layers' estimated damage (the planner's sum of scores)
+    # plan_keep: the keep chosen, and each candidate's outcome (keep, damage, ratio, total or unreachable)
+    prune_keep: float | None = None
+    keep_candidates: list[dict] | None = None
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -83,6 +94,8 @@ class ReductionPlan:
             "steps": self.steps,
             "moves": self.moves,
             "predicted_ratio": self.predicted_ratio,
+            **({"prune_keep": self.prune_keep, "keep_candidates": self.keep_candidates,
+                "predicted_damage": self.predicted_damage} if self.prune_keep is not None else {}),
         }
 
 
@@ -167,8 +180,7 @@ def drop_unpaying(plan: ReductionPlan, costs: PlanCosts, unreduced: Mapping[int,
                              f"{settings[i].to_dict() if i in settings else 'unreduced'}" for i in dropped)]
     moves = [*plan.moves, *({"action": "take off", "layer": i, "to": settings[i].to_dict() if i in settings else None,
                              "ratio": plan.predicted_ratio} for i in dropped)]
-    return ReductionPlan(settings=settings, order=plan.order, steps=steps, predicted_ratio=plan.predicted_ratio,
-                         moves=moves), notes
+    return dataclasses.replace(plan, settings=settings, steps=steps, moves=moves), notes
 
 
 def validate_layers(config: RedLensConfig, num_layers: int) -> None:
@@ -356,13 +368,120 @@ def plan_to_budget(
         cause = "".join(f" The passes cannot reduce layers {layers}: {why}." for why, layers in by_reason.items())
         enable = "" if base.reduces_ffn and base.hollow else \
             "enable both reductions (ffn_keep < 1 and a finite hollow_window), "
-        raise BudgetUnreachableError(
+        error = BudgetUnreachableError(
             f"flops_budget={budget} cannot be met: with every decoder layer reduced down to the floors "
             f"(ffn_keep {floor['ffn_keep']}, window {floor['window']}) the lowest reachable decoder FLOPs ratio is "
             f"{ratio:.4f}.{cause} Raise flops_budget to at least {math.ceil(ratio * 1000) / 1000}, {enable}"
             "or prune visual tokens (prune=...)."
         )
+        error.lowest_ratio = ratio  # what plan_keep_and_layers compares across keeps
+        raise error
     plan = ReductionPlan(settings={i: ladder[lv - 1] for i, lv in level.items() if lv}, order=order, steps=steps,
-                         predicted_ratio=ratio, moves=moves)
+                         predicted_ratio=ratio, moves=moves,
+                         predicted_damage=sum(damage(i, lv) for i, lv in level.items() if lv))
     logger.info("plan: layers %s, predicted ratio %.4f", list(plan.layers), ratio)
     return plan
+
+
+def keep_candidates(config: RedLensConfig) -> list[float]:
+    """The keeps `plan_keep` chooses among, largest first: PLAN_KEEPS up to prune_keep (downsample:
+    the first keep of each pool side, since the side alone sets what it keeps)."""
+    keeps = [k for k in PLAN_KEEPS if k <= config.prune_keep + 1e-12]
+    if config.prune == "downsample":
+        keeps = [k for k in keeps if k <= 0.3]
+        keeps = [k for n, k in enumerate(keeps) if pool_factor(k) not in {pool_factor(j) for j in keeps[:n]}]
+    return keeps
+
+
+@dataclass
+class KeepTrial:
+    """One candidate keep as the joint planner sees it: what pruning alone costs and damages."""
+
+    keep: float
+    damage: float  # divergence of the pruned (unreduced) model's next token from the original's, calibration mean
+    before: Mapping[int, float]  # each layer's unreduced cost on this keep's pruned sequence
+    costs: LayerCosts | None  # settings -> each layer's cost on it; None: no per-layer reduction to plan
+    extra: float = 0.0  # the pruning stage's scoring FLOPs at this keep
+    not_reduced: dict[int, str] | None = None
+
+
+def plan_keep_and_layers(
+    config: RedLensConfig,
+    trials: list[KeepTrial],
+    scores: Mapping[int, float] | None,
+    floor_scores: Mapping[int, float] | None,
+    reference_total: float,
+) -> ReductionPlan:
+    """The keep and the per-layer settings of least total estimated damage with ratio <= flops_budget.
+
+    Per candidate keep: pruning alone costs sum(before) + extra of `reference_total`; where that
+    is above the budget the layers are planned on that keep's costs (plan_to_budget, the same
+    damage-per-FLOP rule; `scores` in the same divergence as the keeps' damage). A candidate's
+    total damage is its keep's damage plus the layers' estimated damage; the least total wins
+    (ties: the larger keep). No candidate under the budget: BudgetUnreachableError naming the
+    lowest ratio any candidate reaches. Candidates are tried in order of their own damage, and
+    one whose damage alone reaches the best total so far is skipped ("skipped" in its outcome).
+    """
+    budget = config.flops_budget
+    outcomes: dict[float, dict] = {}
+    plans: dict[float, ReductionPlan] = {}
+    lowest = math.inf
+    best: dict | None = None
+    # Least pruning damage first: a keep whose damage alone is above the best total so far cannot
+    # win (a layer adds damage >= 0), so its layers are never planned (nor their costs counted).
+    for trial in sorted(trials, key=lambda t: (t.damage, -t.keep)):
+        alone = (sum(trial.before.values()) + trial.extra) / reference_total
+        outcome = outcomes[trial.keep] = {"keep": trial.keep, "damage": trial.damage, "pruning_ratio": alone}
+        if best is not None and trial.damage >= best["total_damage"]:
+            outcome["skipped"] = True
+            continue
+        if alone <= budget or trial.costs is None or scores is None:
+            plan = ReductionPlan(settings={}, predicted_ratio=alone)
+            reached = alone <= budget
+            lowest = min(lowest, alone)
+        else:
+            try:
+                plan = plan_to_budget(config, trial.before, scores, trial.costs, floor_scores,
+                                      reference_total=reference_total, extra=trial.extra,
+                                      not_reduced=trial.not_reduced)
+                reached = True
+            except BudgetUnreachableError as error:
+                lowest = min(lowest, getattr(error, "lowest_ratio", alone))
+                reached = False
+        if not reached:
+            outcome["unreachable"] = True
+            continue
+        plans[trial.keep] = plan
+        outcome.update(layers=list(plan.layers), layer_damage=plan.predicted_damage, ratio=plan.predicted_ratio,
+                       total_damage=trial.damage + plan.predicted_damage)
+        if best is None or (outcome["total_damage"], -trial.keep) < (best["total_damage"], -best["keep"]):
+            best = outcome
+    outcomes = [outcomes[t.keep] for t in trials]
+    if best is None:
+        raise BudgetUnreachableError(
+            f"flops_budget={budget} cannot be met with plan_keep: at every candidate keep "
+            f"{[t.keep for t in trials]} with every decoder layer down to the floors the lowest decoder FLOPs "
+            f"ratio is {lowest:.4f}. Raise flops_budget to at least {math.ceil(lowest * 1000) / 1000}, or set "
+            "plan_keep=False and a prune_keep below the candidates."
+        )
+    chosen = best
+    plan = plans[chosen["keep"]]
+
+    def line(o: dict) -> str:
+        head = f"keep {o['keep']}: pruning alone ratio {o['pruning_ratio']:.4f}, damage {o['damage']:.4g}"
+        if o.get("unreachable"):
+            return head + "; unreachable with every layer at the floors"
+        if o.get("skipped"):
+            return head + ": not planned (its damage alone reaches the best total)"
+        return (head + f"; layers {o['layers']} (estimated damage {o['layer_damage']:.4g}) to ratio {o['ratio']:.4f}: "
+                f"total damage {o['total_damage']:.4g}")
+
+    steps = [line(o) for o in outcomes]
+    steps.append(f"chosen keep {chosen['keep']}: least total estimated damage {chosen['total_damage']:.4g} "
+                 f"at ratio {chosen['ratio']:.4f}")
+    move = {"action": "prune", "keep": chosen["keep"], "ratio": chosen["pruning_ratio"],
+            "damage": chosen["damage"]}
+    logger.info("plan_keep: keep %s, layers %s, predicted ratio %.4f", chosen["keep"], list(plan.layers),
+                plan.predicted_ratio)
+    return dataclasses.replace(plan, steps=steps + plan.steps, moves=[move, *plan.moves],
+                               prune_keep=chosen["keep"], keep_candidates=outcomes)

@@ -79,6 +79,8 @@ def plan_config(opt) -> RedLensConfig:
     settings = opt.report.plan.get("settings", {})
     layers = {int(i): {"ffn_keep": s["ffn_keep"], "hollow_window": s["window"]} for i, s in settings.items()}
     data = dict(opt.config.to_dict(), layers=layers)
+    if data.get("plan_keep"):  # the keep the planner chose, as an explicit one
+        data.update(prune_keep=opt.report.plan["prune_keep"], plan_keep=False)
     if opt.config.prune == "codebook":
         data["codebook"] = CODEBOOK  # relative to the folder: the copy saved beside plan.json
     return RedLensConfig.from_dict(data)

@@ -181,7 +181,9 @@ class AuditReport:
                              f"layer {row['layer']} {layer_settings_text(row.get('settings'))}" for row in reduced)))
             p = self.pruning
             lines.append("pruned: nothing (no token pruning)" if not p else
-                         f"pruned: {p['method']} {p['where']}: visual tokens per sample "
+                         f"pruned: {p['method']} {p['where']}"
+                         f"{', keep ' + fmt(p['keep']) + ' (chosen by the planner)' if p.get('keep_planned') else ''}"
+                         ": visual tokens per sample "
                          f"{', '.join(map(str, p['visual_before']))} -> {', '.join(map(str, p['visual_after']))} "
                          f"(sequence {p['seq_len_before']} -> {p['seq_len_after']})")
             budget = (self.config or {}).get("flops_budget")
@@ -253,7 +255,9 @@ class AuditReport:
         lines.append(f"- reduced layers: {self.chosen_layers if self.chosen_layers else 'none'}")
         if self.pruning:
             p = self.pruning
-            lines.append(f"- token pruning: {p['method']} {p['where']}, visual tokens per sample {p['visual_before']} -> "
+            chosen = " (chosen by the planner: plan_keep)" if p.get("keep_planned") else ""
+            lines.append(f"- token pruning: {p['method']} {p['where']}, keep {fmt(p['keep'])}{chosen}, visual tokens "
+                         f"per sample {p['visual_before']} -> "
                          f"{p['visual_after']}, sequence {p['seq_len_before']} -> {p['seq_len_after']}; scoring "
                          f"{fmt(p['scoring_flops'])} FLOPs (counted in the decoder prefill after)")
         if self.is_audit:

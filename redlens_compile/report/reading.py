@@ -91,9 +91,14 @@ def planner_steps_by_layer(plan: Mapping[str, Any]) -> list[str]:
     if not moves:  # a plan without search (layers given) or a report of schema 1: its steps as they are
         return list(plan.get("steps") or [])
     per_layer: dict[int, list[Mapping[str, Any]]] = {}
-    for move in moves:
-        per_layer.setdefault(int(move["layer"]), []).append(move)
     lines = []
+    for move in moves:
+        if move["action"] == "prune":  # plan_keep: the keep the planner chose, before any layer
+            lines.append(f"token pruning: keep {fmt(move['keep'])} chosen by the planner among "
+                         f"{[c['keep'] for c in plan.get('keep_candidates') or []]} (damage {fmt(move['damage'])}); "
+                         f"ratio with pruning alone {fmt(move['ratio'])}")
+            continue
+        per_layer.setdefault(int(move["layer"]), []).append(move)
     for layer, steps in per_layer.items():
         counts = {action: sum(1 for m in steps if m["action"] == action)
                   for action in ("reduce", "tighten", "relax", "take off")}

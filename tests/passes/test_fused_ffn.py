@@ -28,19 +28,33 @@ def glm(family_models):
     return model, example, rc.capture_decoder(model, example)
 
 
-def reduce_all(captured, keep, probes=0.25):
+def reduce_all(captured, keep, probes=0.25, rule="stride"):
     layers = len(captured.decoder.language_model.layers)
     passes = [StripAssertsPass(), DynamicFFNPass(keep={i: keep for i in range(layers)}, probe_tokens=probes,
-                                                  probe_rule="stride"),
+                                                  probe_rule=rule),
               DeadCodeEliminationPass()]
     gm, records = run_passes(clone_graph_module(captured.graph_module), passes)
     return gm, records, passes[1], layers
 
 
-def naive_ffn(mlp, x: torch.Tensor, visual: torch.Tensor, keep: float, probes: float) -> torch.Tensor:
+def naive_probe_rows(rows: list[torch.Tensor], probes: float, rule: str) -> list[int]:
+    """One sample's probe rows by the rule's definition, a loop over its visual rows: evenly spaced
+    (stride), the largest (norm), or the farthest from the sample's mean visual row (outlier)."""
+    n = len(rows)
+    m = max(1, min(n, math.ceil(probes * n)))
+    base = rule.split("+")[0]
+    if base == "stride":
+        return [j * n // m for j in range(m)]
+    mean = sum(rows) / n
+    score = [float((r * r).sum()) if base == "norm" else float(((r - mean) ** 2).sum()) for r in rows]
+    return sorted(range(n), key=lambda i: -score[i])[:m]
+
+
+def naive_ffn(mlp, x: torch.Tensor, visual: torch.Tensor, keep: float, probes: float,
+              rule: str = "stride") -> torch.Tensor:
     """Row by row: text rows through the whole FFN; each sample's visual rows through the K channels
-    its evenly spaced probe rows activate most (the gate and up row blocks of the fused weight
-    sliced at the same channels)."""
+    its probe rows (by `rule`) activate most (the gate and up row blocks of the fused weight
+    sliced at the same channels); with "+route" the probe rows themselves through the whole FFN."""
     w, down = mlp.gate_up_proj.weight, mlp.down_proj.weight
     width = down.shape[1]
     k = kept_channels(keep, width)
@@ -54,11 +68,12 @@ def naive_ffn(mlp, x: torch.Tensor, visual: torch.Tensor, keep: float, probes: f
     every = list(range(width))
     for b in range(x.shape[0]):
         rows = [i for i in range(x.shape[1]) if visual[b, i]]
-        m = max(1, min(len(rows), math.ceil(probes * len(rows))))
-        score = sum(hidden(x[b, rows[j * len(rows) // m]], every).abs() for j in range(m))
+        chosen = [rows[j] for j in naive_probe_rows([x[b, i] for i in rows], probes, rule)]
+        score = sum(hidden(x[b, i], every).abs() for i in chosen)
         kept = sorted(torch.topk(score, k).indices.tolist())
         for i in range(x.shape[1]):
-            channels = kept if visual[b, i] else every
+            routed = rule.endswith("+route") and i in chosen
+            channels = kept if visual[b, i] and not routed else every
             h = hidden(x[b, i], channels)
             out[b, i] = torch.stack([down[d, channels] @ h for d in range(down.shape[0])])
     return out
@@ -93,6 +108,35 @@ def test_sliced_fused_ffn_equals_a_naive_reference(glm):
         full = mlp(x)
     assert (out - want).abs().max().item() <= TOL
     assert (out[visual] - full[visual]).abs().max().item() > 1e-3  # the visual rows did change
+
+
+@pytest.mark.parametrize("rule", ["outlier+route", "norm+route"])
+def test_fused_ffn_with_routed_probes_equals_a_naive_reference(glm, rule):
+    """The probe rules that pick rows by content and route them to the full FFN, on the fused form:
+    against the loop over rows above (probes picked, channels scored, probe rows routed by hand)."""
+    model, _, captured = glm
+    keep, probes, layer = 0.25, 0.25, 1
+    gm, records, _, _ = reduce_all(captured, keep, probes, rule)
+    assert records[1].modified
+    match, _ = ffn_of_layer(captured.graph_module, layer)
+    inputs = captured.example.repeat_batch(2)
+    visual = inputs.visual_mask.clone()
+    visual[1, -12:-8] = False  # ragged visual counts
+    inputs.visual_mask = visual
+    mlp = captured.decoder.language_model.layers[layer].mlp
+    x = torch.randn(2, inputs.seq_len, mlp.gate_up_proj.in_features, generator=torch.Generator().manual_seed(0))
+    obj = int(visual[0].nonzero()[3])
+    x[0, obj] *= 8  # one object row in sample 0: both rules pick it as a probe
+    entry = next(n for n in gm.graph.nodes if n.name == match.entry.name)
+    merged = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "merge_rows"
+                  and n.meta["redlens"].layer == layer)
+    out = ffn_output(gm, entry, merged, x, inputs.as_args())
+    with torch.no_grad():
+        want = naive_ffn(mlp, x, visual, keep, probes, rule)
+        full = mlp(x)
+    assert (out - want).abs().max().item() <= TOL
+    assert (out[0, obj] - full[0, obj]).abs().max().item() <= TOL  # the routed object row is exact
+    assert (out[visual] - full[visual]).abs().max().item() > 1e-3  # the other visual rows are reduced
 
 
 def test_keep_all_channels_is_exact_on_the_fused_form(glm):
