@@ -368,7 +368,6 @@ def _write_graphs(compiled: CompiledDecoder, model: nn.Module, adapter: FamilyAd
             "hollow_attention, blockwise (looks-ahead decided by the family's masks)": lowering.hollow_blockwise,
             "key bias masks with the lowest finite score for blocked keys": lowering.finite_key_bias,
             "dynamic FFN down weights stored transposed (row gathers, plain MatMul)": lowering.transposed_down_weights,
-            "dynamic FFN layers reading one stacked [gate; up; down^T] buffer (one Gather)": lowering.stacked_ffn_weights,
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},

@@ -20,10 +20,6 @@ computation in exportable ops, and records what it did for the manifest:
   cost as much as a third of the sliced matmul it feeds), and the text rows' projection reads
   the same [F, D] weight as a plain MatMul (and so do the routed probe rows' full projection),
   so the file holds that weight once.
-- Where the dynamic FFN stacked a layer's weights into one buffer [gate; up; down^T]
-  (passes/dynamic_ffn.py: one Gather of every kept row per layer), the text rows' linears and the
-  routed probes read row blocks of that buffer too (the down block as a plain MatMul), so the
-  file holds the layer's FFN weights once, in that buffer.
 """
 
 from __future__ import annotations
@@ -57,12 +53,6 @@ def rows_of_transposed(weight_t: torch.Tensor, channels: torch.Tensor) -> torch.
     return weight_t.index_select(0, channels.reshape(-1)).view(*channels.shape, weight_t.shape[1])
 
 
-def stacked_block(stacked: torch.Tensor, start: int, length: int) -> torch.Tensor:
-    """Rows [start, start + length) of a stacked FFN buffer: one weight of the layer (a Slice of the
-    initializer, which onnxruntime folds at load)."""
-    return stacked.narrow(0, start, length)
-
-
 def linear_transposed(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
                       *_text_rows) -> torch.Tensor:
     """F.linear(x, weight_t.T, bias) as x @ weight_t (weight_t [in, out])."""
@@ -82,7 +72,6 @@ class LoweringRecord:
     hollow_blockwise: int = 0
     finite_key_bias: int = 0
     transposed_down_weights: int = 0
-    stacked_ffn_weights: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -125,7 +114,6 @@ class LowerForOnnxPass(RedLensPass):
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             modified = True
-        modified |= self._read_stacked_blocks(graph_module, record)
         modified |= self._transpose_down_weights(graph_module, record)
         for node in list(graph.nodes):  # the causal checks and layouts nothing reads any more
             if (node.op == "call_function" and node.target in (is_causal_mask, mask_looks_ahead, operator.getitem)
@@ -172,56 +160,3 @@ class LowerForOnnxPass(RedLensPass):
             record.transposed_down_weights += 1
             done = True
         return done
-
-    def _read_stacked_blocks(self, graph_module: fx.GraphModule, record: LoweringRecord) -> bool:
-        """The text rows' up-side linears and down linear (and the routed probes) of a layer whose FFN
-        weights the dynamic FFN stacked, reading that buffer's row blocks instead of the model's
-        weights (the same numbers), so the model's copies drop out of the file."""
-        from ..passes.dynamic_ffn import STACKED_FROM
-
-        graph = graph_module.graph
-        attrs = {n.target: n for n in graph.nodes if n.op == "get_attr"}
-        done = False
-        for gather in [n for n in graph.nodes if n.op == "call_function" and n.target is ffn_ops.gather_rows
-                       and STACKED_FROM in n.meta]:
-            buffer, layout = gather.args[0], gather.meta[STACKED_FROM]
-            blocks = [(target, start, length, False) for target, start, length in layout["up"]]
-            blocks.append((*layout["down"], True))
-            rewired = False
-            for target, start, length, is_down in blocks:
-                weight = attrs.get(target)
-                if weight is None or not weight.users:
-                    continue
-                users = list(weight.users)
-                if not all(_reads_as_weight(u, weight, is_down) for u in users):
-                    continue  # another reader of the model's layout: leave it (the numbers are the same)
-                for user in users:
-                    with graph.inserting_before(user):
-                        # a get_attr of its own: the pass put the buffer's after the text rows' linears
-                        block = call_like(graph, user, stacked_block, (graph.get_attr(buffer.target), start, length))
-                        if not is_down:
-                            user.args = (user.args[0], block, *user.args[2:])
-                            continue
-                        if user.target is ffn_ops.route_probes:
-                            args = list(user.args)
-                            args[2] = block
-                            new = call_like(graph, user, route_probes_transposed, tuple(args))
-                        else:
-                            bias = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
-                            new = call_like(graph, user, linear_transposed, (user.args[0], block, bias))
-                    user.replace_all_uses_with(new)
-                    graph.erase_node(user)
-                graph.erase_node(weight)
-                rewired = done = True
-            record.stacked_ffn_weights += rewired
-        return done
-
-
-def _reads_as_weight(user: fx.Node, weight: fx.Node, is_down: bool) -> bool:
-    """`user` reads `weight` only as a linear's weight (or, for a down weight, as the routed probes')."""
-    if user.op != "call_function":
-        return False
-    if is_down and user.target is ffn_ops.route_probes:
-        return user.args[2] is weight and weight not in (user.args[:2] + user.args[3:])
-    return (user.target in _LINEARS and len(user.args) > 1 and user.args[1] is weight and user.args[0] is not weight
-            and weight not in user.args[2:] and weight not in user.kwargs.values())

@@ -3,8 +3,7 @@
 Per sample: M probe rows, chosen by a probe rule from the sample's own visual rows (PROBE_RULES),
 run the full FFN up to its down projection; each channel's score is the mean |activation| over the probes; the top
 K channels are kept, and that sample's visual rows run through weights sliced to those K
-channels (gate, up and down alike): one gather of all the kept weight rows, one batched matmul for the
-up-side weights and one for the down weight.
+channels (gate, up and down alike), as one batched matmul per weight.
 """
 
 from __future__ import annotations
@@ -190,58 +189,13 @@ def _batched_matmul_flops(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return float(x.shape[0] * x.shape[1] * weight.shape[1] * weight.shape[2]), 0.0
 
 
-def _bmm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # bmm is one dispatched op where matmul's broadcasting takes six (expand, views, bmm)
-    out = torch.bmm(x, weight) if x.dim() == 3 and weight.dim() == 3 else torch.matmul(x, weight)
+@counted(_batched_matmul_flops)
+def batched_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, N, D_in] @ a per-sample weight [B, D_in, D_out] (+ bias [B, D_out] or [D_out])."""
+    out = torch.matmul(x, weight)
     if bias is None:
         return out
     return out + (bias[:, None, :] if bias.dim() == 2 else bias)
 
 
-@counted(_batched_matmul_flops)
-def batched_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, N, D_in] @ a per-sample weight [B, D_in, D_out] (+ bias [B, D_out] or [D_out])."""
-    return _bmm(x, weight, bias)
-
-
-# One gather for all of a layer's FFN weights. passes/dynamic_ffn.py stores each reduced layer's
-# up-side weights and its down weight transposed as one row-stacked buffer [(U + 1) F, D] (U F-wide
-# up-side blocks: gate and up, or one fused gate-up weight, or fc1 alone; then down^T), once at
-# compile time. Per call, the kept channels of every block are one index_select of whole rows
-# (`gather_rows`): one op where there were U + 1 gathers, the up-side blocks one matmul (`fused_up`)
-# where there were U, and the down rows [B, K, D] are already the matmul's right operand.
-
-def stacked_ffn_weights(up_weights: list[torch.Tensor], down_weight: torch.Tensor) -> torch.Tensor:
-    """[up_1; ...; up_n; down^T]: the up-side weights [b_i F, D] and the down weight [D, F] as one
-    contiguous [(sum b_i + 1) F, D] buffer."""
-    return torch.cat([*(w.detach() for w in up_weights), down_weight.detach().t()]).contiguous()
-
-
-def gather_rows(stacked: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows of `stacked` [R, D] at rows [B, J] -> [B, J, D] (one index_select of whole rows)."""
-    return stacked.index_select(0, rows.reshape(-1)).view(*rows.shape, stacked.shape[-1])
-
-
-def row_block(t: torch.Tensor, start: int, length: int) -> torch.Tensor:
-    """t[:, start:start + length] along dim 1 (a view): one block of gathered rows [B, J, D], or of a
-    per-sample bias [B, J]."""
-    return t.narrow(1, start, length)
-
-
-def column_block(t: torch.Tensor, start: int, length: int) -> torch.Tensor:
-    """t[..., start:start + length] (a view): one up-side linear's output in the fused one's."""
-    return t.narrow(-1, start, length)
-
-
-def _fused_up_flops(x: torch.Tensor, kept: torch.Tensor, width: int, bias: torch.Tensor | None = None):
-    return float(x.shape[0] * x.shape[1] * width * kept.shape[2]), 0.0
-
-
-@counted(_fused_up_flops)
-def fused_up(x: torch.Tensor, kept: torch.Tensor, width: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, N, D] through the first `width` gathered rows of kept [B, J, D] (the up-side blocks'
-    kept channels, J >= width) as one matmul -> [B, N, width] (+ a per-sample bias [B, width])."""
-    return _bmm(x, kept.narrow(1, 0, width).transpose(1, 2), bias)
-
-
-__all__ = ["DEFAULT_PROBE_RULE", "PROBE_RULES", "batched_matmul", "column_block", "fused_channels", "fused_up", "gather_padded", "gather_rows", "row_block", "stacked_ffn_weights", "probe_index", "probe_rows", "put_probe_rows", "route_probes", "slice_in_features", "slice_out_features", "top_channels"]
+__all__ = ["DEFAULT_PROBE_RULE", "PROBE_RULES", "batched_matmul", "fused_channels", "gather_padded", "probe_index", "probe_rows", "put_probe_rows", "route_probes", "slice_in_features", "slice_out_features", "top_channels"]

@@ -6,10 +6,7 @@ For each reduced layer the FFN subgraph (entry -> up-side linears and their elem
   rows per sample are stacked under them up to the down projection (one full-width GEMM),
   and their activations score the channels (ops.dynamic_ffn.top_channels);
 - the visual rows run through a copy of the glue whose linears use weights sliced to the K kept
-  channels, per sample (gate, up and down all shrink: that is the saved work): the layer's FFN
-  weights are stored once as one row-stacked buffer [gate; up; down^T] (ops.dynamic_ffn.
-  stacked_ffn_weights, a copy beside the model's own, which the text rows keep reading), so the
-  kept rows of all three are one gather and the up-side products one matmul; with a "+route"
+  channels, per sample (gate, up and down all shrink: that is the saved work); with a "+route"
   probe rule the probe rows' full-width hidden also runs the whole down weight, and those rows
   take the full FFN's output;
 - both halves go back into one [B, S, D] tensor.
@@ -111,13 +108,9 @@ class DynamicFFNPass(RedLensPass):
 
         with graph.inserting_before(down.next):
             channels = call_like(graph, down, ops.top_channels, (probe_hidden, probe_valid, kept), token_kind="visual")
+            sliced = _copy_inner(graph, match, stacked, hidden, visual_rows, channels, width, kept)
             weight, bias = _weight_and_bias(down)
-            if _stackable(match, stacked):
-                sliced, down_w = _copy_inner_stacked(gm, match, stacked, hidden, visual_rows, channels, width, kept,
-                                                     weight)
-            else:  # an up-side linear reads another's output, or has a bias: the per-weight slices
-                sliced = _copy_inner(graph, match, stacked, hidden, visual_rows, channels, width, kept)
-                down_w = call_like(graph, down, ops.slice_in_features, (weight, channels), token_kind="visual")
+            down_w = call_like(graph, down, ops.slice_in_features, (weight, channels), token_kind="visual")
             visual_out = call_like(graph, down, ops.batched_matmul, (sliced, down_w, bias), token_kind="visual")
             if ops.split_rule(self.probe_rule)[1]:
                 visual_out = call_like(graph, down, ops.route_probes,
@@ -197,56 +190,3 @@ def _copy_inner(graph: fx.Graph, match: FFNMatch, stacked: fx.Node, hidden: fx.N
         new.meta[META_KEY] = annotation(node).with_token_kind("visual")
         env[node] = new
     return env[hidden]
-
-
-STACKED_FROM = "redlens_stacked_from"  # gather_rows node meta: which weights its buffer's row blocks hold
-
-
-def _stackable(match: FFNMatch, stacked: fx.Node) -> bool:
-    """Every up-side linear reads the FFN input itself (so one matmul serves them all), with no bias
-    (the families' SwiGLU and fused gate-up FFNs; a biased one keeps the per-weight slices)."""
-    return all(n.args[0] is stacked and _weight_and_bias(n)[1] is None for n in match.up_linears)
-
-
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
-def _copy_inner_stacked(gm: fx.GraphModule, match: FFNMatch, stacked: fx.Node, hidden: fx.Node, rows: fx.Node,
-                        channels: fx.Node, width: int, kept: int, down_weight: fx.Node) -> tuple[fx.Node, fx.Node]:
-    """_copy_inner over one row-stacked buffer of the layer's weights -> (the down projection's input
-    for the visual rows, the kept down rows [B, K, D]): one gather of every kept weight row, one
-    matmul for all the up-side blocks, each up-side linear's output a block of its columns."""
-    graph = gm.graph
-    ups = [n for n in match.inner if n in match.up_linears]
-    blocks = [match.fused.get(n, 1) for n in ups]
-    up_blocks = sum(blocks)
-    name = _free_name(gm, f"redlens_ffn_rows_{match.layer}")
-    gm.register_buffer(name, ops.stacked_ffn_weights([attr_value(gm, n.args[1]) for n in ups],
-                                                     attr_value(gm, down_weight)))
-    buffer = graph.get_attr(name)
-    first = ups[0]
-    rows_of = call_like(graph, first, ops.fused_channels, (channels, width, up_blocks + 1), token_kind="visual")
-    kept_rows = call_like(graph, first, ops.gather_rows, (buffer, rows_of), token_kind="visual")
-    starts = [sum(blocks[:i]) for i in range(len(ups))]
-    kept_rows.meta[STACKED_FROM] = {  # for exporters/onnx_lowering.py: the text rows may read these blocks
-        "up": [(str(n.args[1].target), start * width, b * width) for n, start, b in zip(ups, starts, blocks)],
-        "down": (str(down_weight.target), up_blocks * width, width)}
-    up_out = call_like(graph, first, ops.fused_up, (rows, kept_rows, up_blocks * kept), token_kind="visual")
-    env: dict[fx.Node, fx.Node] = {stacked: rows}
-    for node in match.inner:
-        if node in match.up_linears:
-            i = ups.index(node)
-            env[node] = call_like(graph, node, ops.column_block, (up_out, starts[i] * kept, blocks[i] * kept),
-                                  token_kind="visual")
-            continue
-        new = graph.node_copy(node, lambda n: env.get(n, n))
-        if node in match.splits:
-            new.args = _split_args(node, width, kept, source=new.args[0])
-        new.meta[META_KEY] = annotation(node).with_token_kind("visual")
-        env[node] = new
-    down_rows = call_like(graph, match.down, ops.row_block, (kept_rows, up_blocks * kept, kept), token_kind="visual")
-    return env[hidden], down_rows

@@ -156,15 +156,18 @@ def test_the_exported_prefill_carries_the_rewrites(family_models, tmp_path):
     graph = onnx.load(str(out / "decoder_prefill.onnx"), load_external_data=False).graph
     weights = {i.name for i in graph.initializer}
     gathered = [node.input[0] for node in graph.node if node.op_type == "Gather" and node.input[0] in weights]
+    sliced = [name for name in gathered if ".mlp." in name]
+    # the down weights are stored transposed once by the lowering (exporters/onnx_lowering.py): row gathers
+    transposed_down = [name for name in gathered if name.split(".")[-1].startswith("redlens_onnx_transposed_")]
     settings = opt.report.plan["settings"]
     ffn_layers = [i for i in opt.report.chosen_layers if settings[str(i)]["ffn_keep"] < 1]
     hollow_layers = [i for i in opt.report.chosen_layers if settings[str(i)]["window"] is not None]
     assert ffn_layers and hollow_layers
-    # one Gather per FFN-reduced layer: the kept rows of its stacked [gate; up; down^T] buffer
-    # (passes/dynamic_ffn.py), which the text rows read too, so the model's own FFN weights are gone
-    stacked = [name for name in gathered if name.split(".")[-1].startswith("redlens_ffn_rows_")]
-    assert sorted(stacked) == sorted(gathered) and len(set(stacked)) == len(stacked) == len(ffn_layers)
-    assert not any(f"layers.{i}.mlp." in name for name in weights for i in ffn_layers)
+    # the gate, up and down weights sliced to the probe-selected channels in every FFN-reduced layer
+    assert sorted(sliced) == sorted(f"graph_module.language_model.layers.{i}.mlp.{w}_proj.weight"
+                                    for i in ffn_layers for w in ("gate", "up"))
+    assert len(set(transposed_down)) == len(ffn_layers)
+    assert not any(f"layers.{i}.mlp.down_proj.weight" in name for name in weights for i in ffn_layers)
     # hollow attention stays blockwise: text queries and visual query blocks are two softmaxes in a
     # hollow layer, one softmax over all keys elsewhere
     layers = opt.num_layers

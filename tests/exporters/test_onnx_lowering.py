@@ -62,28 +62,23 @@ def test_key_bias_masks_get_a_finite_floor(family_models):
 
 def test_reduced_layers_lower_to_onnx_friendly_forms(family_models):
     """Window 12 (blocks of 6: the SDPA path) over 4 query heads and 2 key heads, and the dynamic FFN:
-    the blocks stack the heads of a key head; each layer's FFN weights are one stacked
-    [gate; up; down^T] buffer, gathered once for the visual rows, whose row blocks the text rows'
-    linears read (the down block as a plain matmul), the model's own copies gone; the real rows'
-    numbers stay."""
-    from redlens_compile.exporters.onnx_lowering import linear_transposed, rows_of_transposed, stacked_block
-    from redlens_compile.ops.dynamic_ffn import gather_rows, slice_in_features, slice_out_features
+    the blocks stack the heads of a key head, each down weight is stored once, transposed, and
+    read by row gathers and matmuls; the real rows' numbers stay."""
+    from redlens_compile.exporters.onnx_lowering import linear_transposed, rows_of_transposed
+    from redlens_compile.ops.dynamic_ffn import slice_in_features
 
     model = family_models("llava")
     opt = rc.optimize(model, make_inputs("llava", model),
                       config=rc.RedLensConfig(layers="all", hollow_window=12, ffn_keep=0.5))
     layers = opt.num_layers
-    assert len(targets(opt.graph_module, gather_rows)) == layers
-    assert targets(opt.graph_module, slice_in_features) == targets(opt.graph_module, slice_out_features) == []
+    assert len(targets(opt.graph_module, slice_in_features)) == layers
     lowered, record = lower_and_compare(model, opt)
-    assert record.stacked_ffn_weights == layers and record.transposed_down_weights == 0
-    assert targets(lowered, rows_of_transposed) == []
-    # per layer: gate and up blocks (text rows), the down block read by the text rows and the routed probes
-    assert len(targets(lowered, stacked_block)) == 4 * layers and len(targets(lowered, linear_transposed)) == layers
+    assert record.transposed_down_weights == layers
+    assert targets(lowered, slice_in_features) == []
+    assert len(targets(lowered, rows_of_transposed)) == layers and len(targets(lowered, linear_transposed)) == layers
     assert all(n.kwargs["stack_heads"] is True for n in targets(lowered, hollow_attention))
-    stacked = [n.args[0] for n in targets(lowered, gather_rows)]
-    text = model.config.text_config
-    for node in stacked:  # [3F, D]: gate, up and the down weight transposed
-        assert getattr(lowered, node.target).shape == (3 * text.intermediate_size, text.hidden_size)
-    assert len({n.target for n in stacked}) == layers
-    assert not any(n.op == "get_attr" and ".mlp." in n.target for n in lowered.graph.nodes)
+    down = [n.args[0] for n in targets(lowered, rows_of_transposed)]
+    for node in down:  # [F, D]: the model's [D, F] down weight, transposed
+        weight = getattr(lowered, node.target)
+        assert weight.shape == (model.config.text_config.intermediate_size, model.config.text_config.hidden_size)
+    assert len({n.target for n in down}) == layers
