@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/onnx_runtime.py [--layers 2] [--repeats 5] [--rows identity budget-0.5 random-0.25]
         [--out benchmarks/results/onnx_runtime.json] [--profile-out benchmarks/results/onnx_profile.json]
+        [--geometry 2b|smolvlm]
 
 The decoder of benchmarks/prefill.py (Qwen2-VL-2B geometry: hidden 1536, FFN 8960, 12 heads,
 2 KV heads; `--layers` layers), case (a): one image of 1024 visual tokens and 64 text tokens,
@@ -142,12 +143,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", nargs="+", default=["identity", "budget-0.5", "random-0.25"])
     parser.add_argument("--profile-runs", type=int, default=5)
+    parser.add_argument("--geometry", default="2b", choices=["2b", "smolvlm"],
+                        help="the decoder's geometry (redlens_compile/models/geometries.py)")
     parser.add_argument("--out", type=Path, default=RESULTS / "onnx_runtime.json")
     parser.add_argument("--profile-out", type=Path, default=RESULTS / "onnx_profile.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     tmp = tempfile.TemporaryDirectory()
-    model = build_model(args.layers, Path(tmp.name) / "model")
+    model = build_model(args.layers, Path(tmp.name) / "model", args.geometry)
     inputs = make_inputs(1, 64)
     original = None
     runners = {}
@@ -222,7 +225,8 @@ def main() -> None:
             "lowering": runner.manifest["lowering"],
         })
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    report = {"command": " ".join(["benchmarks/onnx_runtime.py", *sys.argv[1:]]), "layers": args.layers,
+    report = {"command": " ".join(["benchmarks/onnx_runtime.py", *sys.argv[1:]]), "geometry": args.geometry,
+              "layers": args.layers,
               "threads": torch.get_num_threads(), "repeats": args.repeats, "provider": identity_runner.provider,
               "onnxruntime": ort.__version__, "rows": results}
     shares = {"command": report["command"], "layers": args.layers, "intra_op_threads": 1,

@@ -4,10 +4,17 @@
     python benchmarks/prefill.py --cases a --rows codebook-0.125 random-0.125 fastv-0.125 vtw --decode
     python benchmarks/prefill.py --geometry smolvlm --cases a --rows identity budget-0.5 codebook-0.125 --compile \
         --out benchmarks/results/prefill_smolvlm.json
+    python benchmarks/prefill.py --geometry bundled --cases a --rows identity budget-0.5 --onnx --repeats 20 \
+        --out benchmarks/results/prefill_bundled.json
 
 A LlavaForConditionalGeneration whose decoder has Qwen2-VL-2B geometry (hidden 1536, FFN 8960,
 12 heads, 2 KV heads; `--layers` decoder layers), or with `--geometry smolvlm` SmolVLM-256M's
-(hidden 576, FFN 1536, 9 heads, 3 KV heads), random weights, fp32, 2 threads. `--compile` adds
+(hidden 576, FFN 1536, 9 heads, 3 KV heads), random weights, fp32, 2 threads (the geometry code is
+redlens_compile/models/geometries.py, which the CLI's speed line reuses). `--geometry bundled` is the
+bundled proof model itself (hidden 128, FFN 352, 4 layers, its trained weights and codebook) on
+the proof task's prompt with one (a) or four (b) of its pictures, 256 visual tokens each. `--onnx`
+adds onnxruntime original (the identity export's decoder_prefill.onnx) and optimized (the row's),
+on the decoder inputs the ONNX runner makes (`onnx_latency_ratio`, `onnx_latency_over_flops`). `--compile` adds
 compiled original (torch.compile of the eager decoder, dynamic) and compiled optimized
 (`OptimizedModel.compile()`, inductor) to the interleaved runs; both compile on a first call
 outside the timed runs (`*_compile_s`), and a prompt 7 text tokens longer then runs the compiled
@@ -39,62 +46,63 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 import redlens_compile as rc
 from redlens_compile.analysis.codebook_file import Codebook
 from redlens_compile.analysis.timing import interleaved_medians
 from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
-
-IMAGE_TOKEN = 1000
-VOCAB = 1024  # small: the lm_head of one position is negligible either way, and init stays fast
+from redlens_compile.models.geometries import GEOMETRIES, bundled_inputs, eager_prefill, geometry
+from redlens_compile.models.geometries import build_model as build_geometry_model
+from redlens_compile.models.geometries import make_inputs as make_geometry_inputs
 
 DEFAULT_ROWS = ("identity", "budget-0.75", "budget-0.5", "ffn-only", "hollow-only")
 PRUNING_ROWS = ("codebook-0.25", "codebook-0.125", "random-0.25", "random-0.125", "fastv-0.25", "fastv-0.125", "vtw-1")
 ROWS = {name: rc.RedLensConfig.preset(name) for name in DEFAULT_ROWS + PRUNING_ROWS}
-CASES = {"a": (1, 64), "b": (4, 64)}  # images of 1024 tokens, text tokens
-
-
-# Decoder geometries: Qwen2-VL-2B's, and SmolVLM-256M's (its decoder: 30 layers of these).
-GEOMETRIES = {"2b": dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2),
-              "smolvlm": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)}
+CASES = {"a": (1, 64), "b": (4, 64)}  # images of 1024 tokens (the bundled model's: 256), text tokens
+GEOMETRY_NAMES = (*GEOMETRIES, "bundled")
 
 
 def build_model(layers: int, directory: Path, geometry: str = "2b"):
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=64, patch_size=2, projection_dim=64)  # 32 x 32 = 1024 patches
-    text = LlamaConfig(**GEOMETRIES[geometry], num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=8192)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                         vision_feature_layer=-1, vision_feature_select_strategy="default")  # drop CLS: 1024 tokens
-    model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
-    model.save_pretrained(directory)
-    return AutoModelForImageTextToText.from_pretrained(directory, attn_implementation="sdpa").eval()
+    """The benchmark's model: random weights at a geometry, or the bundled proof model itself
+    (its trained weights and its own depth: `layers` is ignored)."""
+    if geometry == "bundled":
+        from redlens_compile.loading import load_model
+        from redlens_compile.models import PROOF_MODEL_DIR
+
+        return load_model(PROOF_MODEL_DIR)
+    return build_geometry_model(layers, directory, geometry)
 
 
-def make_inputs(images: int, text: int) -> dict:
-    g = torch.Generator().manual_seed(images)
-    words = lambda n: torch.randint(3, 900, (n,), generator=g)  # noqa: E731
-    parts = [words(text // 2)]
-    for i in range(images):
-        parts.append(torch.full((1024,), IMAGE_TOKEN))
-        if i < images - 1:
-            parts.append(words(4))
-    parts.append(words(text - text // 2))
-    ids = torch.cat(parts)[None]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.randn(images, 3, 64, 64, generator=g)}
+def make_inputs(images: int, text: int, geometry: str = "2b") -> dict:
+    """Case inputs: random ids around images of 1024 tokens, or (bundled) the proof task's prompt
+    with `images` of its held-out pictures, through its processor (256 tokens each)."""
+    if geometry == "bundled":
+        from redlens_compile.loading import load_processor
+        from redlens_compile.models import PROOF_MODEL_DIR
+
+        return bundled_inputs(load_processor(PROOF_MODEL_DIR), images)
+    return make_geometry_inputs(images, text)
 
 
-def eager_prefill(model, adapter):
-    language_model, lm_head = adapter.language_model(model), adapter.lm_head(model)
+def onnx_prefills(opt, model, inputs, directory: Path, identity_opt) -> dict:
+    """onnxruntime original / optimized prefill callables: the identity export (the original
+    graph in onnxruntime) and this row's export, each on its own decoder inputs (the pruned rows
+    where the row prunes), 2 intra-op threads."""
+    import onnxruntime as ort
 
-    def run(inputs):
-        out = language_model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                             position_ids=inputs.position_ids, use_cache=True)
-        return lm_head(out.last_hidden_state[:, -1:])
+    from redlens_compile.exporters.ort_runner import OnnxRunner
 
-    return run
+    timed = {}
+    for key, o in (("onnx_original", identity_opt), ("onnx_optimized", opt)):
+        out = o.export_onnx(directory / key)
+        runner = OnnxRunner(out, model)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+        graph = runner.manifest["graphs"]["decoder_prefill"]
+        session = ort.InferenceSession(str(out / graph["file"]), options, providers=["CPUExecutionProvider"])
+        feeds = {n: a.numpy() for n, a in zip(graph["inputs"], runner.decoder_inputs(inputs).as_args())}
+        timed[key] = lambda s=session, f=feeds: s.run(None, f)
+    return timed
 
 
 def main() -> None:
@@ -104,7 +112,10 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=list(ROWS))
     parser.add_argument("--decode", action="store_true", help="also time generated tokens after the prefill")
-    parser.add_argument("--geometry", default="2b", choices=list(GEOMETRIES), help="the decoder's geometry")
+    parser.add_argument("--geometry", default="2b", choices=GEOMETRY_NAMES,
+                        help="the decoder's geometry (bundled: the bundled proof model itself, trained weights)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also time onnxruntime original (the identity export) and optimized (this row's export)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the original decoder and the optimized prefill under torch.compile (inductor)")
     parser.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/prefill_smolvlm.json)")
@@ -112,16 +123,17 @@ def main() -> None:
     torch.set_num_threads(2)
     tmp = tempfile.TemporaryDirectory()
     model = build_model(args.layers, Path(tmp.name), args.geometry)
+    identity_opt = None
     codebook = Codebook(torch.randn(64, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0)),
                         {"model_type": model.config.model_type}).save(Path(tmp.name) / "random_codebook.safetensors")
     results = []
     for case in args.cases:
-        inputs = make_inputs(*CASES[case])
+        inputs = make_inputs(*CASES[case], geometry=args.geometry)
         for row in args.rows:
             print(f"case {case}, {row} ...", file=sys.stderr, flush=True)
             config = ROWS[row]
             compile_error, compile_info = None, {}
-            if config.prune == "codebook":
+            if config.prune == "codebook" and args.geometry != "bundled":  # the bundled model has its own
                 config = rc.RedLensConfig.from_dict(dict(config.to_dict(), codebook=str(codebook)))
             opt = rc.optimize(model, inputs, config=config)
             decoder_inputs = capture_decoder_inputs(model, opt.adapter, inputs)
@@ -146,6 +158,10 @@ def main() -> None:
                     compile_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                     print(f"compiled rows skipped: {compile_error}", file=sys.stderr, flush=True)
                     del timed["compiled_original"], timed["compiled_optimized"]
+            if args.onnx:
+                if identity_opt is None or identity_opt[0] != case:
+                    identity_opt = (case, rc.optimize(model, inputs, config=rc.RedLensConfig.identity()))
+                timed.update(onnx_prefills(opt, model, inputs, Path(tmp.name) / f"onnx_{case}_{row}", identity_opt[1]))
             with torch.no_grad():
                 medians = interleaved_medians(timed, args.repeats)
             latency = medians["optimized"] / medians["original"]
@@ -162,6 +178,12 @@ def main() -> None:
                 if "compiled_original" in medians else None,
                 "compile_error": compile_error,
                 **compile_info,
+                # onnxruntime optimized / original (the identity export), and its latency / FLOPs
+                "onnx_latency_ratio": round(medians["onnx_optimized"] / medians["onnx_original"], 4)
+                if "onnx_original" in medians else None,
+                "onnx_latency_over_flops": round(medians["onnx_optimized"] / medians["onnx_original"] / flops, 4)
+                if "onnx_original" in medians else None,
+                "medians_s": {k: round(v, 5) for k, v in medians.items()},
                 "compiled_original_over_eager": round(medians["compiled_original"] / medians["original"], 4)
                 if "compiled_original" in medians else None,
                 "reduced_layers": opt.report.chosen_layers,
@@ -173,7 +195,9 @@ def main() -> None:
                 results[-1].update(decode_per_token(model, opt, inputs, args.repeats))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
             del opt  # the next row's optimize must not hold this one's graphs (peak RSS column)
-    record = {"geometry": args.geometry, **GEOMETRIES[args.geometry], "layers": args.layers,
+    layers = model.config.text_config.num_hidden_layers
+    record = {"command": " ".join(["benchmarks/prefill.py", *sys.argv[1:]]), "geometry": args.geometry,
+              **geometry(args.geometry), "layers": layers,
               "threads": torch.get_num_threads(), "repeats": args.repeats, "results": results}
     print(json.dumps(record, indent=2))
     if args.out:

@@ -138,7 +138,7 @@ def _optimize_or_load(model, inputs, config, saved, progress=None, engine="local
 
 def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: int, repeats: int,
                   questions: int = 0, onnx: bool = False, command: str = "optimize", saved=None,
-                  engine: Any = "local") -> dict:
+                  engine: Any = "local", speed_geometry: str | None = None) -> dict:
     """optimize (or --from: load), the checks against the original (artifact/verify.py; with
     `questions` models/evaluate.py, with `onnx` exporters/verify.py), then every output staged."""
     from tqdm import tqdm
@@ -189,6 +189,8 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
         "plan_from": str(saved.directory) if saved is not None else None,
     }
     checked.record(report)
+    if speed_geometry is not None:
+        summary["expected_speed"] = geometry_speed(config, speed_geometry)
     if questions:
         from .models.evaluate import task_accuracy
 
@@ -206,6 +208,65 @@ def _run_optimize(model, processor, inputs, config, out: Path, max_new_tokens: i
         opt.save_pretrained(staging / OPTIMIZED_DIR)  # the loadable folder: --from, rc.load
         (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+SPEED_LAYERS = 1
+SPEED_IMAGE_SIZE = 32  # (32 / 2)^2 = 256 visual tokens, as many as the bundled model: a few seconds at 2B width
+SPEED_VISUAL_TOKENS = (SPEED_IMAGE_SIZE // 2) ** 2
+SPEED_TEXT_TOKENS = 64
+SPEED_REPEATS = 3
+GEOMETRY_LABELS = {"2b": "Qwen2-VL-2B", "smolvlm": "SmolVLM-256M"}
+
+
+def geometry_speed(config, geometry: str = "2b", layers: int = SPEED_LAYERS, image_size: int = SPEED_IMAGE_SIZE,
+                   repeats: int = SPEED_REPEATS, overrides: dict | None = None) -> dict:
+    """The prefill latency ratio of `config`'s reductions on a random-weight decoder of `geometry`
+    (models/geometries.py; `overrides` replace its fields: tests use a tiny one), `layers` layers,
+    one image of (image_size / 2)^2 tokens, optimized / original eager decoder, interleaved medians.
+    A small model is dispatch-bound where a real one is not: this is what a model of that size
+    should expect."""
+    import torch
+
+    from .analysis.timing import interleaved_medians
+    from .api import optimize
+    from .capture.decoder_inputs import capture_decoder_inputs
+    from .config import RedLensConfig
+    from .models.geometries import build_model, eager_prefill, geometry as geometry_of, make_inputs
+
+    # The config's own reductions on every layer (no ranking, no planning: a 2B layer's trials would
+    # take a minute); the line gives the FLOPs ratio they reach. No codebook of this width exists.
+    settings = {**config.to_dict(), "layers": "all", "flops_budget": 1.0}
+    if config.prune == "codebook":
+        settings.update(prune=None, codebook=None)
+    timed_config = RedLensConfig.from_dict(settings)
+    model = build_model(layers, name=geometry, image_size=image_size, overrides=overrides)
+    inputs = make_inputs(1, SPEED_TEXT_TOKENS, image_size)
+    opt = optimize(model, inputs, config=timed_config)
+    decoder_inputs = capture_decoder_inputs(model, opt.adapter, inputs)
+    original = eager_prefill(model, opt.adapter)
+    with torch.no_grad():
+        medians = interleaved_medians({"original": lambda: original(decoder_inputs),
+                                       "optimized": lambda: opt.run_decoder(decoder_inputs, True)}, repeats)
+    shape = {**geometry_of(geometry), **(overrides or {})}
+    return {"geometry": geometry, "label": GEOMETRY_LABELS.get(geometry, geometry), **shape, "layers": layers,
+            "visual_tokens": int(decoder_inputs.visual_mask.sum()), "seq_len": decoder_inputs.seq_len,
+            "config": timed_config.to_dict(), "repeats": repeats, "flops_ratio": opt.report.flops_ratio,
+            "latency_ratio": medians["optimized"] / medians["original"]}
+
+
+def _reductions_text(config: dict) -> str:
+    parts = [f"ffn_keep {config['ffn_keep']:g}", f"window {config['hollow_window']}"]
+    if config.get("prune"):
+        parts.append(f"{config['prune']} pruning to {config['prune_keep']:g}")
+    return ", ".join(parts)
+
+
+def speed_line(speed: dict) -> str:
+    return (f"expected speed   {speed['label']}-geometry decoder (hidden {speed['hidden_size']}, FFN "
+            f"{speed['intermediate_size']}; random weights, {speed['layers']} layer(s), {speed['visual_tokens']} visual "
+            f"tokens, {_reductions_text(speed['config'])} on every layer): prefill ratio {speed['latency_ratio']:.3f} for FLOPs ratio {speed['flops_ratio']:.3f} "
+            f"(eager torch, this machine, median of {speed['repeats']} interleaved runs; the line above is this small "
+            "model's own)")
 
 
 def _print_summary(summary: dict) -> None:
@@ -229,6 +290,8 @@ def _print_summary(summary: dict) -> None:
           "interleaved runs, whole model, this machine)")
     if summary.get("reductions_do_not_pay"):
         print(f"note             {summary['reductions_do_not_pay']}")
+    if summary.get("expected_speed"):
+        print(speed_line(summary["expected_speed"]))
     print(f"logits           last position (what generate reads) max abs diff "
           f"{summary['last_position_max_abs_logit_diff']:.3g}, greedy next token the same in "
           f"{100 * summary['greedy_next_token_agreement']:.3g}% of rows")
@@ -325,7 +388,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     questions = args.questions if meta["weights"] == "trained" else 0  # random weights: accuracy means nothing
     saved = _saved_from_args(args) if args.from_dir is not None else None
     summary = _run_optimize(model, processor, inputs, config, out, args.max_new_tokens, args.repeats, questions,
-                            onnx=not args.no_onnx, command="demo", saved=saved, engine=engine)
+                            onnx=not args.no_onnx, command="demo", saved=saved, engine=engine,
+                            speed_geometry=None if args.speed_geometry == "none" else args.speed_geometry)
     _print_summary(summary)
     return 0
 
@@ -497,6 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--questions", type=_int_at_least(0), default=200,
                         help="held-out questions for the accuracy check (0: none)")
     p_demo.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (written to OUT/onnx)")
+    p_demo.add_argument("--speed-geometry", choices=("2b", "smolvlm", "none"), default="2b",
+                        help="also time the same reduction on a random-weight decoder of this geometry (1 layer, "
+                             f"{SPEED_VISUAL_TOKENS} visual tokens; a few seconds): the speed a model of that size "
+                             "should expect (none: skip)")
     p_demo.set_defaults(func=cmd_demo)
     p_export = sub.add_parser("export", help="optimize a model and write ONNX files for onnxruntime",
                               parents=[verbose])

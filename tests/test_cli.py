@@ -323,3 +323,25 @@ def test_console_script_audits_and_optimizes_a_saved_directory_of_every_family(t
     text_config = json.loads((model_dir / "config.json").read_text()).get("text_config", {})
     if "sliding_attention" in (text_config.get("layer_types") or []):  # the prompt (one image) is longer than the window
         assert report["inputs"]["seq_len"] > text_config["sliding_window"]
+
+
+def test_the_demo_speed_line_times_a_geometry_decoder():
+    """The demo's 'expected speed' line: the config's reductions on a random-weight decoder of a
+    named geometry (here shrunk by an override so the test is fast), measured and labelled."""
+    import re
+
+    from redlens_compile.cli import build_parser, geometry_speed, speed_line
+    from redlens_compile.config import RedLensConfig
+
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+    speed = geometry_speed(RedLensConfig(hollow_window=8), "2b", layers=1, image_size=8, repeats=1, overrides=tiny)
+    assert (speed["hidden_size"], speed["intermediate_size"], speed["layers"]) == (32, 64, 1)
+    assert speed["visual_tokens"] == 16 and speed["config"]["layers"] == "all"
+    assert 0 < speed["flops_ratio"] < 1 and speed["latency_ratio"] > 0
+    line = speed_line(speed)
+    assert re.fullmatch(r"expected speed   Qwen2-VL-2B-geometry decoder \(hidden 32, FFN 64; random weights, 1 layer\(s\), "
+                        r"16 visual tokens, ffn_keep 0\.5, window 8 on every layer\): prefill ratio \d+\.\d{3} for "
+                        r"FLOPs ratio 0\.\d{3} \(eager torch, this machine, median of 1 interleaved runs; .*\)", line), line
+    assert f"FLOPs ratio {speed['flops_ratio']:.3f}" in line
+    assert build_parser().parse_args(["demo", "--out", "x", "--speed-geometry", "none"]).speed_geometry == "none"
+    assert build_parser().parse_args(["demo", "--out", "x"]).speed_geometry == "2b"

@@ -192,7 +192,8 @@ def _batched_matmul_flops(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 @counted(_batched_matmul_flops)
 def batched_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, N, D_in] @ a per-sample weight [B, D_in, D_out] (+ bias [B, D_out] or [D_out])."""
-    out = torch.matmul(x, weight)
+    # bmm is one dispatched op where matmul's broadcasting takes six (expand, views, bmm)
+    out = torch.bmm(x, weight) if x.dim() == 3 and weight.dim() == 3 else torch.matmul(x, weight)
     if bias is None:
         return out
     return out + (bias[:, None, :] if bias.dim() == 2 else bias)
