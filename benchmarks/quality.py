@@ -197,7 +197,9 @@ def main() -> None:
             continue
         answers = answer_questions(opt.generate, processor, items)
         rows.append({"name": row_name(spec, config), "config": config.to_dict(),
-                     "flops_ratio": opt.report.flops_ratio, "accuracy": accuracy_by_type(items, answers)})
+                     "flops_ratio": opt.report.flops_ratio, "accuracy": accuracy_by_type(items, answers),
+                     # what the planner chose: per-layer settings, and the keep where it plans it
+                     "plan": opt.report.plan.get("settings", {}), "planned_keep": opt.report.plan.get("prune_keep")})
         if args.onnx:
             import tempfile
 
