@@ -197,7 +197,9 @@ def main() -> None:
             continue
         answers = answer_questions(opt.generate, processor, items)
         rows.append({"name": row_name(spec, config), "config": config.to_dict(),
-                     "flops_ratio": opt.report.flops_ratio, "accuracy": accuracy_by_type(items, answers)})
+                     "flops_ratio": opt.report.flops_ratio, "accuracy": accuracy_by_type(items, answers),
+                     # what the planner chose and why: per-layer settings and the ranking's scores
+                     "plan_settings": opt.report.plan.get("settings"), "ranking": opt.report.ranking or None})
         if args.onnx:
             import tempfile
 
