@@ -79,3 +79,26 @@ def test_separate_axes_on_a_tiny_model_meet_the_budget_deterministically(family_
     assert set(first.ranking["axes"]) == {"ffn", "hollow"}
     moved = [m for m in first.plan["moves"] if m["action"] != "take off"]
     assert moved and all(m["axis"] in ("ffn", "hollow") for m in moved)
+
+
+def test_a_layers_saving_is_the_sum_of_its_two_axes_savings(captured_family):
+    """The planner adds the axes' savings per layer: the FFN and the attention are separate ops."""
+    from redlens_compile.analysis.budget import ReductionPlan
+    from redlens_compile.analysis.flops import count_graph_flops
+    from redlens_compile.passes import apply_plan
+
+    _, _, captured = captured_family("llava")
+    layers = range(len(captured.decoder.language_model.layers))
+
+    def count(settings):
+        plan = ReductionPlan({i: settings for i in layers}) if settings.changes_numbers else ReductionPlan({})
+        counted = count_graph_flops(apply_plan(captured.graph_module, plan, 0.25, copy=True).graph_module,
+                                    captured.example)
+        return {i: counted.layer_total(i) for i in layers}
+
+    unreduced = count(LayerSettings(1.0, UNBOUNDED_WINDOW))
+    ffn, hollow, both = count(LayerSettings(0.25, UNBOUNDED_WINDOW)), count(LayerSettings(1.0, 4)), \
+        count(LayerSettings(0.25, 4))
+    for i in layers:
+        assert ffn[i] < unreduced[i] and hollow[i] != unreduced[i]
+        assert both[i] == pytest.approx(ffn[i] + hollow[i] - unreduced[i], rel=1e-12, abs=0)
