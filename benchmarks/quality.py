@@ -198,8 +198,9 @@ def main() -> None:
         answers = answer_questions(opt.generate, processor, items)
         rows.append({"name": row_name(spec, config), "config": config.to_dict(),
                      "flops_ratio": opt.report.flops_ratio, "accuracy": accuracy_by_type(items, answers),
-                     # what the planner chose: per-layer settings, and the keep where it plans it
-                     "plan": opt.report.plan.get("settings", {}), "planned_keep": opt.report.plan.get("prune_keep")})
+                     # what the planner chose and why: per-layer settings, the keep where it plans it, the scores
+                     "plan_settings": opt.report.plan.get("settings"), "planned_keep": opt.report.plan.get("prune_keep"),
+                     "ranking": opt.report.ranking or None})
         if args.onnx:
             import tempfile
 

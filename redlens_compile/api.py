@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .analysis.budget import (ReductionPlan, drop_unpaying, needs_ranking, paying_costs, plan_fixed, plan_to_budget,
-                              settings_ladder, validate_layers)
+from .analysis.budget import (LayerSettings, ReductionPlan, axis_ladders, drop_unpaying, needs_ranking, paying_costs,
+                              plan_fixed, plan_to_budget, validate_layers)
 from .analysis.flops import count_graph_flops, merge_flops
 from .analysis.ranking import SENSITIVITY_METRICS, LayerRanking, activation_scores, sensitivity_scores
 from .artifact.optimized_model import OptimizedModel
@@ -45,16 +45,21 @@ def _noop_progress(_: str) -> None:
 
 def _rank(captured: CapturedDecoder, model: nn.Module, calibration: list[DecoderInputs], config: RedLensConfig,
           layers: list[int], reference, key_bias: bool, engine=None, example_inputs=None) -> LayerRanking:
-    if config.ranking in SENSITIVITY_METRICS and engine is not None:
+    if config.ranking not in SENSITIVITY_METRICS:
+        decoder_layers = list(captured.adapter.language_model(model).layers)
+        return LayerRanking(config.ranking,
+                            activation_scores(captured.decoder, decoder_layers, calibration, config.ranking))
+    # each axis at its base rung and at its floor (together: one axis, both reductions at once)
+    levels: list[tuple[str, LayerSettings]] = []
+    for axis, (ladder, base) in axis_ladders(config).items():
+        levels += [(axis, ladder[base])] + ([(axis, ladder[-1])] if len(ladder) > base + 1 else [])
+    if engine is not None:
         from .analysis.ray_engine import sensitivity_scores_ray
 
-        ladder, base = settings_ladder(config)
-        levels = [ladder[base]] + ([ladder[-1]] if len(ladder) > base + 1 else [])
-        scores = sensitivity_scores_ray(engine, model, example_inputs, reference, calibration, layers, levels,
-                                        config.probe_tokens, key_bias, config.ranking,
-                                        functools.partial(apply_plan, probe_rule=config.probe_rule))
-        return LayerRanking(config.ranking, scores[0], scores[1] if len(scores) > 1 else None)
-    if config.ranking in SENSITIVITY_METRICS:
+        found = sensitivity_scores_ray(engine, model, example_inputs, reference, calibration, layers,
+                                       [s for _, s in levels], config.probe_tokens, key_bias, config.ranking,
+                                       functools.partial(apply_plan, probe_rule=config.probe_rule))
+    else:
         def at(settings):
             def reduce_one(layer: int):
                 plan = ReductionPlan(settings={layer: settings})
@@ -62,11 +67,16 @@ def _rank(captured: CapturedDecoder, model: nn.Module, calibration: list[Decoder
                                   key_bias=key_bias, probe_rule=config.probe_rule).graph_module
             return sensitivity_scores(reference, calibration, layers, reduce_one, config.ranking)
 
-        ladder, base = settings_ladder(config)
-        floor = at(ladder[-1]) if len(ladder) > base + 1 else None
-        return LayerRanking(config.ranking, at(ladder[base]), floor)
-    decoder_layers = list(captured.adapter.language_model(model).layers)
-    return LayerRanking(config.ranking, activation_scores(captured.decoder, decoder_layers, calibration, config.ranking))
+        found = [at(s) for _, s in levels]
+    axes: dict[str, list[dict[int, float]]] = {}
+    for (axis, _), scores in zip(levels, found):
+        axes.setdefault(axis, []).append(scores)
+    if config.plan_axes == "together":
+        (base, *floor), = axes.values()
+        return LayerRanking(config.ranking, base, floor[0] if floor else None)
+    pairs = {axis: (got[0], got[1] if len(got) > 1 else None) for axis, got in axes.items()}
+    total = {i: sum(base[i] for base, _ in pairs.values()) for i in layers}
+    return LayerRanking(config.ranking, total, None, axes=pairs)
 
 
 def _probe_note(config: RedLensConfig, example: DecoderInputs, plan: ReductionPlan) -> list[str]:
@@ -194,7 +204,7 @@ def _rank_and_plan(model: nn.Module, captured: CapturedDecoder, before, config: 
         reference_total = sum(before.layer_total(i) for i in before.layers)
         plan = plan_to_budget(config, layers_unreduced, ranking.scores, paying_costs(layer_costs, layers_unreduced),
                               ranking.floor_scores, reference_total=reference_total, extra=scoring,
-                              not_reduced=not_reduced)
+                              not_reduced=not_reduced, axis_scores=ranking.axes)
     else:
         plan = plan_fixed(config, adapter.num_layers(model))
     # Reductions that save no FLOPs on this example (or that a pass cannot apply) are taken off.
@@ -249,7 +259,8 @@ def _plan_keep(model: nn.Module, captured: CapturedDecoder, before, config: RedL
                                 not_reduced))
     plan = plan_keep_and_layers(config, trials, ranking.scores if ranking else None,
                                 ranking.floor_scores if ranking else None,
-                                reference_total=sum(before.layer_total(i) for i in layers))
+                                reference_total=sum(before.layer_total(i) for i in layers),
+                                axis_scores=ranking.axes if ranking else None)
     chosen = next(t for t in trials if t.keep == plan.prune_keep)
     plan_costs, example = plan_costs_of[chosen.keep]
     plan, unpaid = drop_unpaying(plan, plan_costs, chosen.before, chosen.not_reduced)

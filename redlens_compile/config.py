@@ -16,6 +16,10 @@ RANKING_METRICS = ("jsd", "kl", "activation", "variance", "gradient")
 PRUNE_METHODS = ("codebook", "fastv", "vtw", "random", "downsample", "diverse")
 # The keeps `plan_keep` chooses among (those <= prune_keep), largest first (analysis/budget.py).
 PLAN_KEEPS = (0.5, 0.35, 0.25, 0.18, 0.125, 0.09)
+# How the budget planner's ladder moves the two per-layer reductions (analysis/budget.py):
+# "together" (one rung tightens ffn_keep and the hollow window at once) or "separate" (each
+# reduction its own rungs, ranked and moved alone per layer).
+PLAN_AXES = ("together", "separate")
 # How the dynamic FFN picks each sample's probe rows (ops/dynamic_ffn.py): "stride" (evenly spaced),
 # "norm" (largest rows), "outlier" (farthest from the image's mean row); "+route" also gives the
 # probe rows the full FFN's output. Measured on the proof task: benchmarks/probe_rules.py.
@@ -72,6 +76,11 @@ class RedLensConfig:
         estimated damage under flops_budget (analysis/budget.py plan_keep_and_layers). Needs a
         pruning method before the first layer, layers="auto", flops_budget < 1 and ranking
         "jsd" or "kl" (a keep's damage is the same divergence as a layer's score).
+    plan_axes: how layers="auto" moves the two reductions, one of PLAN_AXES. "together": each
+        rung of a layer's ladder sets ffn_keep and the window at once, ranked at the config's
+        settings and at the floors. "separate": the dynamic FFN and hollow attention are two axes
+        with their own rungs (the same values), each ranked alone per layer (at its base and its
+        floor) and moved alone, so a layer can take FFN floors without the window it cannot bear.
     """
 
     flops_budget: float = 0.5
@@ -88,6 +97,7 @@ class RedLensConfig:
     prune_seed: int = 0
     prune_proportional: bool = True
     plan_keep: bool = False
+    plan_axes: str = "together"
 
     def __post_init__(self) -> None:
         if not _is_number(self.flops_budget) or not 0.0 < self.flops_budget <= 1.0:
@@ -122,6 +132,9 @@ class RedLensConfig:
         if self.prune == "codebook" and self.codebook is None:
             raise ConfigError("prune='codebook' needs codebook=PATH (a redundancy codebook .safetensors)")
         self._validate_plan_keep()
+        if self.plan_axes not in PLAN_AXES:
+            raise ConfigError(f"plan_axes={self.plan_axes!r}: must be one of {', '.join(PLAN_AXES)} (whether the "
+                              "planner moves ffn_keep and the hollow window together or as separate axes)")
 
     def _validate_plan_keep(self) -> None:
         if not isinstance(self.plan_keep, bool):

@@ -252,6 +252,47 @@ def settings_ladder(config: RedLensConfig) -> tuple[list[LayerSettings], int]:
     return rungs, len(looser)
 
 
+AxisScores = Mapping[str, tuple[Mapping[int, float], Mapping[int, float] | None]]
+
+
+def axis_ladders(config: RedLensConfig) -> dict[str, tuple[list[LayerSettings], int]]:
+    """The ladder of each axis the planner moves, by name, with the config's own rung's index.
+
+    plan_axes="together": one axis "both", settings_ladder itself. "separate": "ffn" (the ladder's
+    ffn_keep values, no hollow window) and "hollow" (its window values, the full FFN); an axis the
+    config leaves off (ffn_keep 1, or an unbounded window) has no rungs and is not listed.
+    """
+    ladder, base_index = settings_ladder(config)
+    if config.plan_axes == "together":
+        return {"both": (ladder, base_index)}
+    base = base_settings(config)
+    projections = {"ffn": lambda s: LayerSettings(ffn_keep=s.ffn_keep, window=UNBOUNDED_WINDOW),
+                   "hollow": lambda s: LayerSettings(ffn_keep=1.0, window=s.window)}
+    ladders = {}
+    for axis, project in projections.items():
+        if not project(base).changes_numbers:
+            continue
+        rungs: list[LayerSettings] = []
+        for rung in map(project, ladder):  # the other axis keeps tightening: its rungs repeat this one's floor
+            if not rungs or rungs[-1] != rung:
+                rungs.append(rung)
+        ladders[axis] = (rungs, rungs.index(project(base)))
+    return ladders
+
+
+def combine_axes(settings: Mapping[str, LayerSettings | None]) -> LayerSettings:
+    """One layer's settings from each axis's rung (None: that axis unreduced)."""
+    keep, window = 1.0, UNBOUNDED_WINDOW
+    for axis, s in settings.items():
+        if s is None:
+            continue
+        if axis in ("both", "ffn"):
+            keep = s.ffn_keep
+        if axis in ("both", "hollow"):
+            window = s.window
+    return LayerSettings(ffn_keep=keep, window=window)
+
+
 def plan_to_budget(
     config: RedLensConfig,
     before: Mapping[int, float],
@@ -261,6 +302,7 @@ def plan_to_budget(
     reference_total: float | None = None,
     extra: float = 0.0,
     not_reduced: Mapping[int, str] | None = None,
+    axis_scores: AxisScores | None = None,
 ) -> ReductionPlan:
     """Reductions in order of least damage per FLOP saved, until the decoder FLOPs ratio <= flops_budget.
 
@@ -274,6 +316,12 @@ def plan_to_budget(
     matter is tightened to the floors before a critical one is touched, and a critical layer
     that must be reduced is reduced as little as the budget allows.
 
+    With plan_axes="separate" every layer has one ladder per reduction (axis_ladders): a move is
+    one layer one rung up on one axis, a layer's damage is the sum of its axes' damages (each
+    from that axis's own scores in `axis_scores`, {axis: (scores at its base, at its floor)};
+    missing: `scores`/`floor_scores`), and its cost the sum of each axis's saving (the FFN and
+    the attention are separate ops), counted as "every layer at that axis's rung".
+
     `before` holds each layer's unreduced cost on the sequence the graph runs on (after token
     pruning, when the config prunes); `reference_total` is the unpruned decoder's cost the
     budget is a fraction of (default: the sum of `before`), and `extra` work added outside the
@@ -282,85 +330,106 @@ def plan_to_budget(
     """
     budget = config.flops_budget
     total = sum(before.values()) if reference_total is None else reference_total
-    ladder, base_index = settings_ladder(config)
-    rungs = len(ladder)
-    base_level = base_index + 1
-    level_costs: dict[int, Mapping[int, float]] = {}
+    ladders = axis_ladders(config)
+    separate = config.plan_axes == "separate"
+    level_costs: dict[tuple[str, int], Mapping[int, float]] = {}
 
-    def cost(layer: int, level: int) -> float:
+    def cost(axis: str, layer: int, level: int) -> float:
         if level == 0:
             return before[layer]
-        if level not in level_costs:
-            level_costs[level] = costs(ladder[level - 1])
-        return level_costs[level][layer]
+        if (axis, level) not in level_costs:
+            level_costs[axis, level] = costs(ladders[axis][0][level - 1])
+        return level_costs[axis, level][layer]
 
-    def damage(layer: int, level: int) -> float:
-        base = max(0.0, scores[layer])
-        if level <= base_level:
-            return base * level / base_level
-        if floor_scores is None:
-            return base * level / base_level
-        floor = max(base, floor_scores[layer])
-        return base + (floor - base) * (level - base_level) / (rungs - base_level)
+    def layer_cost(layer: int) -> float:
+        # each axis's saving adds up (written so one axis gives its own count exactly)
+        return sum(cost(a, layer, level[a, layer]) for a in ladders) - (len(ladders) - 1) * before[layer]
+
+    def ratio_now() -> float:
+        return (sum(layer_cost(i) for i in before) + extra) / total
+
+    def axis_score(axis: str) -> tuple[Mapping[int, float], Mapping[int, float] | None]:
+        return axis_scores[axis] if axis_scores and axis in axis_scores else (scores, floor_scores)
+
+    def damage(axis: str, layer: int, lv: int) -> float:
+        rungs = len(ladders[axis][0])
+        base_level = ladders[axis][1] + 1
+        base_scores, floors = axis_score(axis)
+        base = max(0.0, base_scores[layer])
+        if lv <= base_level or floors is None:
+            return base * lv / base_level
+        floor = max(base, floors[layer])
+        return base + (floor - base) * (lv - base_level) / (rungs - base_level)
+
+    def settings_of(layer: int) -> LayerSettings:
+        return combine_axes({a: ladders[a][0][level[a, layer] - 1] if level[a, layer] else None for a in ladders})
+
+    def describe(axis: str, layer: int, verb: str) -> tuple[str, dict]:
+        to = settings_of(layer).to_dict() if any(level[a, layer] for a in ladders) else None
+        text = f"{verb} layer {layer}{f' {axis}' if separate else ''} to {to if to is not None else 'unreduced'}"
+        move = {"action": verb, "layer": layer, **({"axis": axis} if separate else {}), "to": to}
+        return text, move
 
     order = sorted(before, key=lambda i: (scores[i], i))
-    level = {i: 0 for i in before}
-    ratio = (sum(before.values()) + extra) / total
+    units = [(a, i) for i in order for a in ladders]  # layer-major: ties go to the least critical layer
+    level = {u: 0 for u in units}
+    ratio = ratio_now()
     steps: list[str] = []
     moves: list[dict] = []
 
-    def next_saving(layer: int) -> int | None:
+    def next_saving(axis: str, layer: int) -> int | None:
         """The nearest tighter rung that costs fewer FLOPs (a loose rung can cost more than none)."""
-        for nxt in range(level[layer] + 1, rungs + 1):
-            if cost(layer, nxt) < cost(layer, level[layer]):
+        now = cost(axis, layer, level[axis, layer])
+        for nxt in range(level[axis, layer] + 1, len(ladders[axis][0]) + 1):
+            if cost(axis, layer, nxt) < now:
                 return nxt
         return None
 
     while ratio > budget:
         best, best_key = None, None
-        for rank, layer in enumerate(order):
-            nxt = next_saving(layer)
+        for rank, (axis, layer) in enumerate(units):
+            nxt = next_saving(axis, layer)
             if nxt is None:
                 continue
-            saved = cost(layer, level[layer]) - cost(layer, nxt)
-            key = ((damage(layer, nxt) - damage(layer, level[layer])) / saved, rank)
+            saved = cost(axis, layer, level[axis, layer]) - cost(axis, layer, nxt)
+            key = ((damage(axis, layer, nxt) - damage(axis, layer, level[axis, layer])) / saved, rank)
             if best_key is None or key < best_key:
-                best, best_key = (layer, nxt), key
+                best, best_key = (axis, layer, nxt), key
         if best is None:
             break  # every layer at the floors
-        layer = best[0]
-        verb = "reduce" if level[layer] == 0 else "tighten"
-        level[layer] = best[1]
-        ratio = (sum(cost(i, level[i]) for i in before) + extra) / total
-        steps.append(f"{verb} layer {layer} to {ladder[level[layer] - 1].to_dict()}: ratio {ratio:.4f}")
-        moves.append({"action": verb, "layer": layer, "to": ladder[level[layer] - 1].to_dict(), "ratio": ratio})
+        axis, layer, nxt = best
+        verb = "reduce" if not any(level[a, layer] for a in ladders) else "tighten"
+        level[axis, layer] = nxt
+        ratio = ratio_now()
+        text, move = describe(axis, layer, verb)
+        steps.append(f"{text}: ratio {ratio:.4f}")
+        moves.append({**move, "ratio": ratio})
     # The last move may overshoot (a whole layer added at once): give back the rungs that
     # cost most damage per FLOP while the budget still holds.
     while ratio <= budget:
         best, best_key = None, None
-        for rank, layer in enumerate(order):
-            if level[layer] == 0:
+        for rank, (axis, layer) in enumerate(units):
+            if level[axis, layer] == 0:
                 continue
-            back = level[layer] - 1
-            if back and cost(layer, back) >= before[layer]:
+            back = level[axis, layer] - 1
+            if back and cost(axis, layer, back) >= before[layer]:
                 back = 0  # a rung that costs more than no reduction is never worth stepping back to
-            added = cost(layer, back) - cost(layer, level[layer])
+            added = cost(axis, layer, back) - cost(axis, layer, level[axis, layer])
             if added <= 0 or ratio + added / total > budget:
                 continue
-            key = (-(damage(layer, level[layer]) - damage(layer, back)) / added, -rank)
+            key = (-(damage(axis, layer, level[axis, layer]) - damage(axis, layer, back)) / added, -rank)
             if best_key is None or key < best_key:
-                best, best_key = (layer, back), key
+                best, best_key = (axis, layer, back), key
         if best is None or best_key[0] >= 0:
             break
-        level[best[0]] = best[1]
-        best = best[0]
-        ratio = (sum(cost(i, level[i]) for i in before) + extra) / total
-        steps.append(f"relax layer {best} to {ladder[level[best] - 1].to_dict() if level[best] else 'unreduced'}: "
-                     f"ratio {ratio:.4f}")
-        moves.append({"action": "relax", "layer": best, "to": ladder[level[best] - 1].to_dict() if level[best] else None,
-                      "ratio": ratio})
+        axis, layer, back = best
+        level[axis, layer] = back
+        ratio = ratio_now()
+        text, move = describe(axis, layer, "relax")
+        steps.append(f"{text}: ratio {ratio:.4f}")
+        moves.append({**move, "ratio": ratio})
     if ratio > budget:
-        floor = ladder[-1].to_dict()
+        floor = combine_axes({a: ladder[-1] for a, (ladder, _) in ladders.items()}).to_dict()
         base = base_settings(config)
         by_reason: dict[str, list[int]] = {}
         for layer, why in sorted((not_reduced or {}).items()):
@@ -376,9 +445,10 @@ def plan_to_budget(
         )
         error.lowest_ratio = ratio  # what plan_keep_and_layers compares across keeps
         raise error
-    plan = ReductionPlan(settings={i: ladder[lv - 1] for i, lv in level.items() if lv}, order=order, steps=steps,
-                         predicted_ratio=ratio, moves=moves,
-                         predicted_damage=sum(damage(i, lv) for i, lv in level.items() if lv))
+    reduced = [i for i in order if any(level[a, i] for a in ladders)]
+    plan = ReductionPlan(settings={i: settings_of(i) for i in sorted(reduced, key=list(before).index)}, order=order,
+                         steps=steps, predicted_ratio=ratio, moves=moves,
+                         predicted_damage=sum(damage(a, i, lv) for (a, i), lv in level.items() if lv))
     logger.info("plan: layers %s, predicted ratio %.4f", list(plan.layers), ratio)
     return plan
 
@@ -411,6 +481,7 @@ def plan_keep_and_layers(
     scores: Mapping[int, float] | None,
     floor_scores: Mapping[int, float] | None,
     reference_total: float,
+    axis_scores: AxisScores | None = None,
 ) -> ReductionPlan:
     """The keep and the per-layer settings of least total estimated damage with ratio <= flops_budget.
 
@@ -443,7 +514,7 @@ def plan_keep_and_layers(
             try:
                 plan = plan_to_budget(config, trial.before, scores, trial.costs, floor_scores,
                                       reference_total=reference_total, extra=trial.extra,
-                                      not_reduced=trial.not_reduced)
+                                      not_reduced=trial.not_reduced, axis_scores=axis_scores)
                 reached = True
             except BudgetUnreachableError as error:
                 lowest = min(lowest, getattr(error, "lowest_ratio", alone))

@@ -33,6 +33,9 @@ class LayerRanking:
     metric: str
     scores: dict[int, float]  # at the config's settings
     floor_scores: dict[int, float] | None = None  # at the planner's floors (sensitivity metrics)
+    # plan_axes="separate": each reduction scored alone, {axis: (scores at its base, at its floor or None)};
+    # `scores` then holds the sum of the axes' base scores (the order)
+    axes: dict[str, tuple[dict[int, float], dict[int, float] | None]] | None = None
 
     @property
     def order(self) -> list[int]:
@@ -44,6 +47,10 @@ class LayerRanking:
                "order": self.order}
         if self.floor_scores is not None:
             out["floor_scores"] = {str(i): s for i, s in sorted(self.floor_scores.items())}
+        if self.axes is not None:
+            out["axes"] = {axis: {"scores": {str(i): s for i, s in sorted(base.items())},
+                                  **({"floor_scores": {str(i): s for i, s in sorted(floor.items())}} if floor else {})}
+                           for axis, (base, floor) in self.axes.items()}
         return out
 
 

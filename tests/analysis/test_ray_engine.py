@@ -166,7 +166,8 @@ def test_a_stopped_ray_build_resumes_from_its_shards(builds, small_model, tmp_pa
     assert_same_codebook(resumed, builds["local"])
 
 
-def test_ranking_on_ray_gives_the_local_layer_scores(local_ray):
+@pytest.mark.parametrize("plan_axes", ["together", "separate"])
+def test_ranking_on_ray_gives_the_local_layer_scores(local_ray, plan_axes):
     from redlens_compile.loading import load_model_dir
 
     model, processor = load_model_dir(SHIPPED_MODEL_DIR)
@@ -174,7 +175,8 @@ def test_ranking_on_ray_gives_the_local_layer_scores(local_ray):
     example = encode_questions(processor, [items[0][0]], [items[0][1].question])
     calibration = [encode_questions(processor, [image], [qa.question]) for image, qa in items[1:]]
     # settings at the floors: one trial per (layer, input), no floor rung (the same function scores both)
-    config = rc.RedLensConfig(flops_budget=0.5, ffn_keep=0.0625, hollow_window=8)
+    # (separate: each axis alone at its floor, two trials per (layer, input))
+    config = rc.RedLensConfig(flops_budget=0.5, ffn_keep=0.0625, hollow_window=8, plan_axes=plan_axes)
     local = rc.optimize(model, example, config=config, calibration=calibration).report
     on_ray = rc.optimize(model, example, config=config, calibration=calibration, engine=TWO_WORKERS).report
     want, got = local.ranking, on_ray.ranking
@@ -182,6 +184,10 @@ def test_ranking_on_ray_gives_the_local_layer_scores(local_ray):
     assert max(abs(got["scores"][k] - want["scores"][k]) for k in want["scores"]) <= 1e-6
     assert got["order"] == want["order"] and on_ray.plan == local.plan
     assert max(want["scores"].values()) > 0  # the trials did reduce something
+    if plan_axes == "separate":
+        assert sorted(got["axes"]) == ["ffn", "hollow"]
+        assert max(abs(got["axes"][a]["scores"][k] - want["axes"][a]["scores"][k])
+                   for a in want["axes"] for k in want["scores"]) <= 1e-6
 
 
 def test_engine_ray_without_ray_is_an_error_naming_the_extra(small_model, tmp_path):
