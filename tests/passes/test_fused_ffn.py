@@ -87,22 +87,33 @@ def test_the_fused_gate_up_is_recognised_from_the_graph(glm):
     assert list(match.fused.values()) == [2] and [n.target for n in match.splits] == [torch.ops.aten.chunk.default]
 
 
-def test_sliced_fused_ffn_equals_a_naive_reference(glm):
-    model, _, captured = glm
-    keep, probes, layer = 0.25, 0.25, 1
-    gm, records, _, _ = reduce_all(captured, keep, probes)
-    assert records[1].modified
-    match, _ = ffn_of_layer(captured.graph_module, layer)
+def ragged_batch(captured, layer: int):
+    """Two samples with ragged visual counts, the layer's FFN and a random FFN input for them."""
     inputs = captured.example.repeat_batch(2)
     visual = inputs.visual_mask.clone()
     visual[1, -12:-8] = False  # ragged visual counts
     inputs.visual_mask = visual
     mlp = captured.decoder.language_model.layers[layer].mlp
     x = torch.randn(2, inputs.seq_len, mlp.gate_up_proj.in_features, generator=torch.Generator().manual_seed(0))
+    return inputs, visual, mlp, x
+
+
+def reduced_ffn_output(captured, gm, layer: int, inputs, x):
+    """The rewritten graph's FFN of `layer` run on x: from its entry node to the rows' merge."""
+    match, _ = ffn_of_layer(captured.graph_module, layer)
     entry = next(n for n in gm.graph.nodes if n.name == match.entry.name)
     merged = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "merge_rows"
                   and n.meta["redlens"].layer == layer)
-    out = ffn_output(gm, entry, merged, x, inputs.as_args())
+    return ffn_output(gm, entry, merged, x, inputs.as_args())
+
+
+def test_sliced_fused_ffn_equals_a_naive_reference(glm):
+    model, _, captured = glm
+    keep, probes, layer = 0.25, 0.25, 1
+    gm, records, _, _ = reduce_all(captured, keep, probes)
+    assert records[1].modified
+    inputs, visual, mlp, x = ragged_batch(captured, layer)
+    out = reduced_ffn_output(captured, gm, layer, inputs, x)
     with torch.no_grad():
         want = naive_ffn(mlp, x, visual, keep, probes)
         full = mlp(x)
@@ -118,19 +129,10 @@ def test_fused_ffn_with_routed_probes_equals_a_naive_reference(glm, rule):
     keep, probes, layer = 0.25, 0.25, 1
     gm, records, _, _ = reduce_all(captured, keep, probes, rule)
     assert records[1].modified
-    match, _ = ffn_of_layer(captured.graph_module, layer)
-    inputs = captured.example.repeat_batch(2)
-    visual = inputs.visual_mask.clone()
-    visual[1, -12:-8] = False  # ragged visual counts
-    inputs.visual_mask = visual
-    mlp = captured.decoder.language_model.layers[layer].mlp
-    x = torch.randn(2, inputs.seq_len, mlp.gate_up_proj.in_features, generator=torch.Generator().manual_seed(0))
+    inputs, visual, mlp, x = ragged_batch(captured, layer)
     obj = int(visual[0].nonzero()[3])
     x[0, obj] *= 8  # one object row in sample 0: both rules pick it as a probe
-    entry = next(n for n in gm.graph.nodes if n.name == match.entry.name)
-    merged = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "merge_rows"
-                  and n.meta["redlens"].layer == layer)
-    out = ffn_output(gm, entry, merged, x, inputs.as_args())
+    out = reduced_ffn_output(captured, gm, layer, inputs, x)
     with torch.no_grad():
         want = naive_ffn(mlp, x, visual, keep, probes, rule)
         full = mlp(x)
