@@ -147,8 +147,10 @@ def main() -> None:
                         help="the decoder's geometry (redlens_compile/models/geometries.py)")
     parser.add_argument("--out", type=Path, default=RESULTS / "onnx_runtime.json")
     parser.add_argument("--profile-out", type=Path, default=RESULTS / "onnx_profile.json")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch and onnxruntime intra-op threads (1: a run pinned to one core beside other work)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
     model = build_model(args.layers, Path(tmp.name) / "model", args.geometry)
     inputs = make_inputs(1, 64)

@@ -119,8 +119,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time the original decoder and the optimized prefill under torch.compile (inductor)")
     parser.add_argument("--out", help="also write the JSON here (e.g. benchmarks/results/prefill_smolvlm.json)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch and onnxruntime intra-op threads (1: a run pinned to one core beside other work)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
     model = build_model(args.layers, Path(tmp.name), args.geometry)
     identity_opt = None
