@@ -240,7 +240,7 @@ def geometry_speed(config, geometry: str = "2b", layers: int = SPEED_LAYERS, ima
         settings.update(prune=None, codebook=None)
     timed_config = RedLensConfig.from_dict(settings)
     model = build_model(layers, name=geometry, image_size=image_size, overrides=overrides)
-    inputs = make_inputs(1, SPEED_TEXT_TOKENS, image_size)
+    inputs = make_inputs(1, SPEED_TEXT_TOKENS, image_size, device=next(model.parameters()).device)
     opt = optimize(model, inputs, config=timed_config)
     decoder_inputs = capture_decoder_inputs(model, opt.adapter, inputs)
     original = eager_prefill(model, opt.adapter)

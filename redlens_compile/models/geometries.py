@@ -64,8 +64,9 @@ def build_model(layers: int, directory: str | os.PathLike | None = None, name: s
     return AutoModelForImageTextToText.from_pretrained(directory, attn_implementation="sdpa").eval()
 
 
-def make_inputs(images: int, text: int, image_size: int = 64) -> dict:
-    """input_ids with `images` images of (image_size / 2)^2 tokens among `text` text tokens, and pixels."""
+def make_inputs(images: int, text: int, image_size: int = 64, device="cpu") -> dict:
+    """input_ids with `images` images of (image_size / 2)^2 tokens among `text` text tokens, and pixels,
+    on `device` (drawn on the CPU generator, so every device gets the same numbers)."""
     import torch
 
     g = torch.Generator().manual_seed(images)
@@ -78,8 +79,9 @@ def make_inputs(images: int, text: int, image_size: int = 64) -> dict:
             parts.append(words(4))
     parts.append(words(text - text // 2))
     ids = torch.cat(parts)[None]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.randn(images, 3, image_size, image_size, generator=g)}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "pixel_values": torch.randn(images, 3, image_size, image_size, generator=g)}
+    return {name: value.to(device) for name, value in inputs.items()}
 
 
 def bundled_inputs(processor, images: int, question: str = "what colour is the circle ?") -> dict:
