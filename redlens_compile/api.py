@@ -157,6 +157,27 @@ def optimize(
     return opt
 
 
+def _reference_graph(captured: CapturedDecoder, config: RedLensConfig, key_bias: bool):
+    """The unreduced graph the reductions are measured against (with the key-bias input when pruning sets one)."""
+    if not key_bias:
+        return captured.graph_module
+    return apply_plan(captured.graph_module, ReductionPlan(settings={}), config.probe_tokens, copy=True,
+                      key_bias=True).graph_module
+
+
+def _plan_costs(captured: CapturedDecoder, config: RedLensConfig, key_bias: bool, example: DecoderInputs,
+                layers, not_reduced: dict[int, str]) -> Callable[[ReductionPlan], dict[int, float]]:
+    """plan -> each layer's FLOPs with it applied, on `example`; what a pass could not rewrite goes
+    into not_reduced (layer -> why)."""
+    def plan_costs(plan: ReductionPlan) -> dict[int, float]:
+        trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True, key_bias=key_bias,
+                           probe_rule=config.probe_rule)
+        not_reduced.update(trial.skipped)
+        counted = count_graph_flops(trial.graph_module, example)
+        return {i: counted.layer_total(i) for i in layers}
+    return plan_costs
+
+
 def _rank_and_plan(model: nn.Module, captured: CapturedDecoder, before, config: RedLensConfig,
                    pruning: TokenPruning | None, split, calibration, ray_engine, example_inputs,
                    progress: Progress) -> tuple[ReductionPlan, LayerRanking | None, list[str]]:
@@ -174,19 +195,10 @@ def _rank_and_plan(model: nn.Module, captured: CapturedDecoder, before, config: 
     example = pruned.inputs if pruned is not None else captured.example
     scoring = float(pruning.scoring_flops(captured.example)) if pruning is not None else 0.0
     key_bias = pruning is not None and pruning.key_bias
-    # The unreduced graph the reductions are measured against (with the key-bias input when pruning sets one).
-    reference_graph = captured.graph_module if not key_bias else apply_plan(
-        captured.graph_module, ReductionPlan(settings={}), config.probe_tokens, copy=True, key_bias=True).graph_module
+    reference_graph = _reference_graph(captured, config, key_bias)
     unreduced = count_graph_flops(reference_graph, example) if pruned is not None else before
-
     not_reduced: dict[int, str] = {}  # layer -> why a pass could not rewrite it, from the trials
-
-    def plan_costs(plan: ReductionPlan) -> dict[int, float]:
-        trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True, key_bias=key_bias,
-                           probe_rule=config.probe_rule)
-        not_reduced.update(trial.skipped)
-        counted = count_graph_flops(trial.graph_module, example)
-        return {i: counted.layer_total(i) for i in before.layers}
+    plan_costs = _plan_costs(captured, config, key_bias, example, before.layers, not_reduced)
 
     layers_unreduced = {i: unreduced.layer_total(i) for i in before.layers}
     ranking = None
@@ -224,8 +236,7 @@ def _plan_keep(model: nn.Module, captured: CapturedDecoder, before, config: RedL
     adapter, key_bias = captured.adapter, pruning.key_bias
     calib = [capture_decoder_inputs(model, adapter, x) for x in calibration] if calibration else [captured.example]
     original = [next_token_log_probs(captured.graph_module, x) for x in calib]
-    reference_graph = captured.graph_module if not key_bias else apply_plan(
-        captured.graph_module, ReductionPlan(settings={}), config.probe_tokens, copy=True, key_bias=True).graph_module
+    reference_graph = _reference_graph(captured, config, key_bias)
     layers = sorted(before.layers)
     ranking, trials, plan_costs_of = None, [], {}
     for keep in keep_candidates(config):
@@ -236,14 +247,7 @@ def _plan_keep(model: nn.Module, captured: CapturedDecoder, before, config: RedL
                              for ref, x in zip(original, pruned_calib)])
         example = stage(captured.example).inputs
         not_reduced: dict[int, str] = {}
-
-        def plan_costs(plan: ReductionPlan, example=example, not_reduced=not_reduced) -> dict[int, float]:
-            trial = apply_plan(captured.graph_module, plan, config.probe_tokens, copy=True, key_bias=key_bias,
-                               probe_rule=config.probe_rule)
-            not_reduced.update(trial.skipped)
-            counted = count_graph_flops(trial.graph_module, example)
-            return {i: counted.layer_total(i) for i in layers}
-
+        plan_costs = _plan_costs(captured, config, key_bias, example, layers, not_reduced)
         unreduced = count_graph_flops(reference_graph, example)
         layers_unreduced = {i: unreduced.layer_total(i) for i in layers}
         costs = None
