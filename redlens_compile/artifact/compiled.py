@@ -5,9 +5,13 @@ another length runs the same compiled code. The runtime ops read a few sizes fro
 longest sample's visual rows, a layer's probe count, the text keys a visual block sees): those
 are traced as unbacked sizes (dynamo's capture_scalar_outputs and dynamic-output-shape ops,
 patched on around every call, since tracing can happen on any call), not graph breaks. The two
-once-per-forward mask checks, which pick kernel paths in Python (a graph break each, and the
-pieces after a break recompiled for the next length), are lowered away first as for the ONNX
-export (OptimizedModel.compile): a forward is one compiled graph.
+once-per-forward mask checks (is the mask exactly causal? do image tokens see later ones?) pick
+kernel paths in Python; inside the compiled graph each would be a graph break, and the pieces
+after a break recompile for the next length. So they run first, eagerly, in a small graph of
+their own (the nodes they read, cut out of the prefill graph), and each answer gets a graph with
+the answers as constants, compiled on first use: a forward is one compiled graph, and the exactly
+causal mask of a prompt without padding keeps the eager graph's fast paths (the causal SDPA
+kernel, hollow attention's masks from positions instead of gathers from the S x S mask).
 
 Inductor's CPU lowering of a batched matmul asks whether an operand's row count is 1 (a layout
 preference), which it cannot answer for a size read from data (GuardOnDataDependentSymNode): a
@@ -24,6 +28,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import CompileError
+from ..ops.causal_attention import is_causal_mask
+from ..ops.hollow_attention import mask_looks_ahead
 
 logger = logging.getLogger(__name__)
 
@@ -88,23 +94,77 @@ def _extern_bmm_pass():
     return ExternBmmPass()
 
 
+# Ops that decide a kernel path from data, once per forward, returning a Python bool.
+MASK_CHECKS = (is_causal_mask, mask_looks_ahead)
+
+
+def mask_check_nodes(graph_module: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target in MASK_CHECKS]
+
+
+def checks_graph(graph_module: torch.fx.GraphModule, checks: list[torch.fx.Node]) -> torch.fx.GraphModule:
+    """The checks and the nodes they read, as a graph of the same inputs returning their answers."""
+    needed, stack = set(), list(checks)
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    graph, env = torch.fx.Graph(), {}
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder" or node in needed:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(tuple(env[c] for c in checks))
+    return torch.fx.GraphModule(graph_module, graph)
+
+
+def with_answers(graph_module: torch.fx.GraphModule, answers: dict[str, bool]) -> torch.fx.GraphModule:
+    """A copy of the graph (same parameters) with each check node (by name) replaced by its answer."""
+    from ..passes.selectors import clone_graph_module
+
+    clone = clone_graph_module(graph_module)
+    for node in mask_check_nodes(clone):
+        answer = answers[node.name]
+        for user in list(node.users):
+            user.args = torch.fx.node.map_arg(user.args, lambda n: answer if n is node else n)
+            user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda n: answer if n is node else n)
+        clone.graph.erase_node(node)
+    clone.graph.eliminate_dead_code()
+    clone.recompile()
+    return clone
+
+
 class CompiledGraph:
     """A graph module compiled with torch.compile; called like the graph, with TRACE_CONFIG on
-    and ExternBmmPass among inductor's post-grad passes (compiling happens on a call)."""
+    and ExternBmmPass among inductor's post-grad passes (compiling happens on a call). The graph's
+    mask checks run eagerly first; each set of answers has its own compiled graph."""
 
-    def __init__(self, graph_module: torch.nn.Module, **compile_kwargs: Any):
+    def __init__(self, graph_module: torch.fx.GraphModule, **compile_kwargs: Any):
         self.graph_module = graph_module
-        self.compiled: Callable = torch.compile(graph_module, **compile_kwargs)
+        self.compile_kwargs = compile_kwargs
+        checks = mask_check_nodes(graph_module)
+        self._check_names = [c.name for c in checks]
+        self._checks = checks_graph(graph_module, checks) if checks else None
+        self._compiled: dict[tuple[bool, ...], Callable] = {}
         self._bmm_pass = _extern_bmm_pass()
+
+    def _for_answers(self, args: tuple) -> Callable:
+        answers = () if self._checks is None else tuple(bool(a) for a in self._checks(*args))
+        if answers not in self._compiled:
+            graph = self.graph_module if not answers else with_answers(
+                self.graph_module, dict(zip(self._check_names, answers)))
+            self._compiled[answers] = torch.compile(graph, **self.compile_kwargs)
+        return self._compiled[answers]
 
     def __call__(self, *args: torch.Tensor):
         import torch._inductor.config as inductor_config
 
+        compiled = self._for_answers(args)
         passes = inductor_config.post_grad_custom_pre_pass
         passes = () if passes is None else tuple(passes) if isinstance(passes, (list, tuple)) else (passes,)
         with torch._dynamo.config.patch(**TRACE_CONFIG), \
                 inductor_config.patch(post_grad_custom_pre_pass=passes + (self._bmm_pass,)):
-            return self.compiled(*args)
+            return compiled(*args)
 
 
 def compile_graphs(graphs: dict[str, torch.nn.Module], device: torch.device, backend: Any = "inductor",

@@ -88,21 +88,11 @@ class OptimizedModel(nn.Module):
         cannot work (inductor on a CPU without a C++ compiler) the prefill stays eager with a logged
         warning, or with fallback=False a CompileError. The decode steps stay eager (one row a step:
         transformers' own layers). Returns self; `torch_compiled` says whether the graphs are compiled."""
-        from ..exporters.onnx_lowering import LowerForOnnxPass
-        from ..passes.infra import run_passes
-        from ..passes.selectors import clone_graph_module
         from .compiled import compile_graphs
 
         graphs = {"graph": self.graph_module, "prefill": self.prefill_graph}
         if self.tail_graph_module is not None:
             graphs["tail"] = self.tail_graph_module
-        # The export lowering, as for ONNX: the two once-per-forward mask checks (exactly causal? image
-        # tokens see later ones?) pick kernel paths in Python, which would break the compiled graph
-        # into pieces; lowered, the masked kernels serve every mask and the look-ahead is the family's.
-        masks = self.adapter.decoder_masks(self.model)
-        looks_ahead = masks is not None and masks.image_blocks
-        graphs = {name: run_passes(clone_graph_module(gm), [LowerForOnnxPass(looks_ahead=looks_ahead)])[0]
-                  for name, gm in graphs.items()}
         device = next(iter(self.graph_module.parameters()), torch.empty(0)).device
         self._torch_compiled = compile_graphs(graphs, device, backend=backend, dynamic=dynamic, fallback=fallback,
                                         **torch_compile_kwargs)

@@ -283,7 +283,8 @@ def _write_graphs(compiled: CompiledDecoder, model: nn.Module, adapter: FamilyAd
     unpruned, example = _examples(compiled, model, adapter, example_inputs)
     masks = adapter.decoder_masks(model)
     lowered, records = run_passes(clone_graph_module(compiled.graph_module),
-                                  [LowerForOnnxPass(looks_ahead=masks is not None and masks.image_blocks)])
+                                  [LowerForOnnxPass(looks_ahead=masks is not None and masks.image_blocks,
+                                                    example_args=example.as_args())])
     lowering = records[0].findings["lowering"]
 
     # prefill: the rewritten graph
@@ -364,7 +365,9 @@ def _write_graphs(compiled: CompiledDecoder, model: nn.Module, adapter: FamilyAd
             "decode steps": "onnxruntime",
         },
         "lowering": {
-            "sdpa_causal_fast_path -> masked SDPA": lowering.causal_fast_path,
+            "sdpa_causal_fast_path -> masked SDPA": lowering.causal_fast_path - lowering.causal_chunks,
+            "sdpa_causal_fast_path -> causal query chunks (the example's mask sees no later key)":
+                lowering.causal_chunks,
             "hollow_attention, blockwise (looks-ahead decided by the family's masks)": lowering.hollow_blockwise,
             "key bias masks with the lowest finite score for blocked keys": lowering.finite_key_bias,
             "dynamic FFN down weights stored transposed (row gathers, plain MatMul)": lowering.transposed_down_weights,

@@ -6,7 +6,10 @@ shapes are symbolic. This pass replaces them, in a copy of the graph, with the e
 computation in exportable ops, and records what it did for the manifest:
 
 - `sdpa_causal_fast_path` -> SDPA over the mask (the same numbers; ORT has no is_causal switch
-  driven by data).
+  driven by data); where the family's image tokens do not look ahead and the example's mask at
+  that call lets no query see a later key (causal, padded, sliding), `sdpa_causal_chunks`: query
+  blocks against the keys up to their last row, 5/8 of the full S x S scores (onnxruntime computes
+  every score of a masked SDPA, and the full mask's Add cost as much as the QK matmul in its profile).
 - `hollow_attention` keeps its blockwise computation; its two run-time decisions become static:
   the mask is read entry by entry (no causal shortcut), and whether an image's tokens look
   ahead is what the family's masks say (image blocks attending both ways, or causal), not a
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..ops import dynamic_ffn as ffn_ops
-from ..ops.causal_attention import is_causal_mask, sdpa_causal_fast_path
+from ..ops.causal_attention import is_causal_mask, sdpa_causal_chunks, sdpa_causal_fast_path, sees_no_later_key
 from ..ops.hollow_attention import hollow_attention, mask_looks_ahead
 from ..ops.token_pruning import key_biased_mask
 from ..passes.infra import RedLensPass, RedLensPassResult
@@ -66,8 +69,29 @@ def route_probes_transposed(visual_out: torch.Tensor, probe_hidden: torch.Tensor
     return ffn_ops.put_probe_rows(visual_out, linear_transposed(probe_hidden, weight_t, bias), index, valid)
 
 
+def masks_without_later_keys(graph_module: fx.GraphModule, example_args: tuple) -> set[str]:
+    """Names of the mask nodes of the causal fast path calls whose example value lets no query see a
+    later key (one run of the graph on the example)."""
+    masks = {n.args[3] for n in graph_module.graph.nodes
+             if n.op == "call_function" and n.target is sdpa_causal_fast_path and isinstance(n.args[3], fx.Node)}
+    found: set[str] = set()
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            if node in masks and isinstance(value, torch.Tensor) and value.dim() == 4 and sees_no_later_key(value):
+                found.add(node.name)
+            return value
+
+    if masks:
+        with torch.no_grad():
+            Recorder(graph_module).run(*example_args)
+    return found
+
+
 @dataclass
 class LoweringRecord:
+    causal_chunks: int = 0
     causal_fast_path: int = 0
     hollow_blockwise: int = 0
     finite_key_bias: int = 0
@@ -76,23 +100,30 @@ class LoweringRecord:
 
 
 class LowerForOnnxPass(RedLensPass):
-    def __init__(self, looks_ahead: bool):
+    def __init__(self, looks_ahead: bool, example_args: tuple | None = None):
         super().__init__()
         self.looks_ahead = looks_ahead  # the family's image tokens see later image tokens (masks both ways)
+        # the decoder inputs the graph is exported at: which masks let no query see a later key
+        self.example_args = example_args
 
     def call(self, graph_module: fx.GraphModule) -> RedLensPassResult:
         """findings: "lowering", a LoweringRecord counting what was lowered."""
         graph = graph_module.graph
         modified = False
         record = LoweringRecord()
+        no_later_keys = set() if self.looks_ahead or self.example_args is None else \
+            masks_without_later_keys(graph_module, self.example_args)
         for node in list(graph.nodes):
             if node.op != "call_function":
                 continue
             if node.target is sdpa_causal_fast_path:
                 q, k, v, mask, _causal = node.args
+                chunked = isinstance(mask, fx.Node) and mask.name in no_later_keys
                 with graph.inserting_before(node):
-                    new = call_like(graph, node, sdpa_masked, (q, k, v, mask), dict(node.kwargs))
+                    new = call_like(graph, node, sdpa_causal_chunks if chunked else sdpa_masked, (q, k, v, mask),
+                                    dict(node.kwargs))
                 record.causal_fast_path += 1
+                record.causal_chunks += chunked
             elif node.target is key_biased_mask and "blocked" not in node.kwargs:
                 # The lowest finite score instead of -inf for blocked keys: a padded query row with no
                 # key to attend stays finite (onnxruntime's softmax makes an all -inf row NaN, which

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .rows import counted, data_size, fraction_of, gather_padded
+from .rows import counted, data_size, flat_positions, fraction_of, gather_padded
 from .thin_linear import thin_linear
 
 PROBE_RULES = tuple(f"{base}{route}" for route in ("", "+route") for base in ("stride", "norm", "outlier"))
@@ -113,12 +113,15 @@ def put_probe_rows(visual_out: torch.Tensor, full: torch.Tensor, index: torch.Te
                    valid: torch.Tensor) -> torch.Tensor:
     """visual_out [B, V, D] with the valid probe rows (at index [B, M]) replaced by full [B, M, D]."""
     full = full.to(visual_out.dtype)
-    # invalid probes write to a spare row past the end (so they never clash with a real one), dropped after
-    spare = visual_out.shape[1]
-    target = torch.where(valid, index, torch.full_like(index, spare))
-    padded = torch.cat([visual_out, visual_out.new_zeros(visual_out.shape[0], 1, visual_out.shape[2])], dim=1)
-    padded = padded.scatter(1, target[..., None].expand(-1, -1, visual_out.shape[2]), full)
-    return padded[:, :spare]
+    batch, rows, width = visual_out.shape
+    # invalid probes write to a spare row past the end (so they never clash with a real one), dropped
+    # after; whole rows into the one copy the spare row needs (a scatter over an expanded index
+    # copied the output once more and indexed every element)
+    spare = batch * rows
+    target = torch.where(valid.reshape(-1), flat_positions(index, rows), torch.full_like(index.reshape(-1), spare))
+    padded = torch.cat([visual_out.reshape(spare, width), visual_out.new_zeros(1, width)])
+    padded.index_copy_(0, target, full.reshape(-1, width))
+    return padded[:spare].view(batch, rows, width)
 
 
 def stack_rows(text_rows: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:

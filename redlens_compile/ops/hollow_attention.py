@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .rows import counted, data_size, masked_rows
+from .rows import counted, data_size, flat_positions, masked_rows, select_rows
 
 
 SMALL_BLOCK = 4  # query blocks of up to this many rows take _block_attention, larger ones SDPA
@@ -34,11 +34,6 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
     return mask > torch.finfo(mask.dtype).min / 2
 
 
-def _flat(positions: torch.Tensor, seq: int) -> torch.Tensor:
-    """Positions [B, N] as row indices into the flattened [B * S] rows."""
-    return (positions + torch.arange(positions.shape[0], device=positions.device)[:, None] * seq).reshape(-1)
-
-
 def _gather_heads(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """x [B, H, S, d] at positions [B, N] -> [B, H, N, d].
 
@@ -46,7 +41,7 @@ def _gather_heads(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     q, k and v in, so the reshape is a view): far faster than a gather with an expanded index.
     """
     batch, heads, seq, dim = x.shape
-    rows = x.transpose(1, 2).reshape(batch * seq, heads, dim).index_select(0, _flat(positions, seq))
+    rows = select_rows(x.transpose(1, 2).reshape(batch * seq, heads, dim), flat_positions(positions, seq))
     return rows.view(batch, -1, heads, dim).transpose(1, 2)
 
 
@@ -214,12 +209,14 @@ def hollow_attention(
     def put(rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Write rows [B, H, N, d] at positions [B, N] (valid ones only) into `out`."""
         rows = masked_rows(rows.transpose(1, 2), valid)
-        out.index_copy_(0, masked_rows(_flat(positions, seq), valid.reshape(-1)), rows)
+        out.index_copy_(0, masked_rows(flat_positions(positions, seq), valid.reshape(-1)), rows)
 
     # Text queries: unchanged, every key the mask allows. With an exactly causal mask the leading
     # text rows [0, P) see only keys before P: one causal SDPA over those (no S-wide scores for them).
+    # (Not under torch.compile: an SDPA over a data-sized prefix that may be empty guards on its size;
+    # there the text rows all take the next SDPA, a few rows against all S keys.)
     query_pos, query_valid = txt_pos, txt_valid
-    if mask_is_causal and txt_pos.shape[1]:
+    if mask_is_causal and txt_pos.shape[1] and not torch.compiler.is_compiling():
         prefix = _size_min(text_prefix(vis_pos, vis_valid, seq), txt_pos.shape[1])
         if prefix and key_bias is None:
             lead = F.scaled_dot_product_attention(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix],
@@ -284,7 +281,7 @@ def hollow_attention(
         q_blk = _gather_heads(q, query_pos.reshape(batch, -1)).view(batch, heads, blocks, block, -1).transpose(1, 2)
         kv_heads = k.shape[1]
         mask = biased(mask, None if key_bias_at is None else key_bias_at[:, :, None, :])
-        if stack_heads and kv_heads != heads:
+        if (stack_heads or torch.compiler.is_compiling()) and kv_heads != heads:
             # query head h reads key head h // G: the G heads of a key head as G * block rows
             group = heads // kv_heads
             stacked = F.scaled_dot_product_attention(

@@ -42,12 +42,41 @@ def test_compiled_prefill_compiles_once_for_two_lengths(reduced):
         eager, logits = _eager_and_compiled(opt, model, make_inputs("llava", model, text_before=3))
         assert (logits - eager).abs().max().item() < 1e-4
         first = len(graphs)
-        # the mask checks are lowered away and the sizes read from data are unbacked symbols: one
-        # graph for the 2 reduced layers (counted so that a new break in our ops fails this)
+        # the mask checks run before the compiled graph and the sizes read from data are unbacked
+        # symbols: one graph for the 2 reduced layers (counted so that a new break in our ops fails this)
         assert opt.report.chosen_layers and first == 1
         eager, logits = _eager_and_compiled(opt, model, make_inputs("llava", model, text_before=9, text_after=2))
         assert logits.shape[1] == 9 + 2 + 1 + 64 and (logits - eager).abs().max().item() < 1e-4
         assert len(graphs) == first  # no recompile for another prompt length
+    finally:
+        opt._torch_compiled = {}
+
+
+def test_a_padded_batch_gets_its_own_graph_for_a_mask_that_is_not_causal(reduced):
+    """Left padding makes the mask not exactly causal: the checks' other answer, a second graph
+    (masked kernels), exact against eager; the causal prompt after it reuses the first graph."""
+    model, opt = reduced
+    graphs = []
+
+    def counting(gm, example):
+        graphs.append(gm)
+        return gm.forward
+
+    opt.compile(backend=counting)
+    try:
+        eager, logits = _eager_and_compiled(opt, model, make_inputs("llava", model))
+        assert (logits - eager).abs().max().item() < 1e-4 and len(graphs) == 1
+        padded = make_inputs("llava", model, batch=2, pad_left=(0, 3))
+        eager, logits = _eager_and_compiled(opt, model, padded)
+        real = padded["attention_mask"].bool()
+        assert (logits - eager)[real].abs().max().item() < 1e-4 and len(graphs) == 2
+        # the second sample's answer is its own: the same prompt alone gives the same real rows
+        alone = {k: v[1:] for k, v in padded.items()}
+        _, alone_logits = _eager_and_compiled(opt, model, alone)
+        assert (alone_logits[0][real[1]] - logits[1][real[1]]).abs().max().item() < 1e-4
+        # its mask is still not causal (its padding), but batch 1 is a size dynamo specializes (0 and
+        # 1 are): the masked graph compiles once more, for batch 1
+        assert len(graphs) == 3
     finally:
         opt._torch_compiled = {}
 

@@ -169,10 +169,14 @@ def test_the_exported_prefill_carries_the_rewrites(family_models, tmp_path):
     assert len(set(transposed_down)) == len(ffn_layers)
     assert not any(f"layers.{i}.mlp.down_proj.weight" in name for name in weights for i in ffn_layers)
     # hollow attention stays blockwise: text queries and visual query blocks are two softmaxes in a
-    # hollow layer, one softmax over all keys elsewhere
-    layers = opt.num_layers
-    assert [node.op_type for node in graph.node].count("Softmax") == layers + len(hollow_layers)
+    # hollow layer; elsewhere the causal family's attention is CAUSAL_CHUNKS query chunks, a softmax each
+    from redlens_compile.ops.causal_attention import CAUSAL_CHUNKS
+
+    full = opt.num_layers - len(hollow_layers)
+    assert [node.op_type for node in graph.node].count("Softmax") == full * CAUSAL_CHUNKS + 2 * len(hollow_layers)
     manifest = json.loads((out / "redlens.json").read_text())
+    assert manifest["lowering"]["sdpa_causal_fast_path -> causal query chunks (the example's mask sees no later key)"] \
+        == full and manifest["lowering"]["sdpa_causal_fast_path -> masked SDPA"] == 0
     assert manifest["lowering"]["hollow_attention, blockwise (looks-ahead decided by the family's masks)"] == \
         len(hollow_layers)
     assert [i.name for i in graph.input] == ["inputs_embeds", "attention_mask", "position_ids", "visual_mask"]

@@ -17,8 +17,9 @@ def targets(gm, target):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
 
 
-def lower_and_compare(model, opt, looks_ahead=False):
-    lowered, records = run_passes(clone_graph_module(opt.graph_module), [LowerForOnnxPass(looks_ahead)])
+def lower_and_compare(model, opt, looks_ahead=False, example=None):
+    example_args = None if example is None else capture_decoder_inputs(model, opt.adapter, example).as_args()
+    lowered, records = run_passes(clone_graph_module(opt.graph_module), [LowerForOnnxPass(looks_ahead, example_args)])
     inputs = capture_decoder_inputs(model, opt.adapter, make_inputs("llava", model, batch=2, pad_left=(2,), seed=3))
     if opt.pruning is not None:
         inputs = opt.pruning(inputs).inputs
@@ -26,7 +27,7 @@ def lower_and_compare(model, opt, looks_ahead=False):
         want, got = opt.graph_module(*inputs.as_args())[0], lowered(*inputs.as_args())[0]
     real = inputs.attention_mask.bool()
     assert (got - want).abs()[real].max() <= 1e-5
-    again = LowerForOnnxPass(looks_ahead)
+    again = LowerForOnnxPass(looks_ahead, example_args)
     assert not again(lowered).modified  # a second run changes nothing
     return lowered, records[0].findings["lowering"]
 
@@ -39,6 +40,41 @@ def test_causal_fast_path_becomes_a_masked_sdpa(identity_optimized):
     assert record.causal_fast_path == fast
     assert targets(lowered, sdpa_causal_fast_path) == [] and targets(lowered, is_causal_mask) == []
     assert len(targets(lowered, sdpa_masked)) == fast
+
+
+def test_causal_fast_path_becomes_query_chunks_where_the_example_sees_no_later_key(identity_optimized):
+    """With the export's example (a causal family, one prompt): every fast path call becomes query
+    chunks; the padded batch of other lengths gets the masked SDPA's numbers. Where the family's
+    image tokens look ahead, the masked SDPA stays."""
+    from redlens_compile.ops.causal_attention import sdpa_causal_chunks
+
+    model, _, opt = identity_optimized("llava")
+    fast = len(targets(opt.graph_module, sdpa_causal_fast_path))
+    lowered, record = lower_and_compare(model, opt, example=make_inputs("llava", model))
+    assert record.causal_chunks == record.causal_fast_path == fast
+    assert len(targets(lowered, sdpa_causal_chunks)) == fast and targets(lowered, sdpa_masked) == []
+    lowered, record = lower_and_compare(model, opt, looks_ahead=True, example=make_inputs("llava", model))
+    assert record.causal_chunks == 0 and len(targets(lowered, sdpa_masked)) == fast
+
+
+def test_causal_chunks_equal_the_masked_sdpa_and_a_look_ahead_mask_is_seen():
+    from redlens_compile.ops.causal_attention import sdpa_causal_chunks, sees_no_later_key
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 11, 8, generator=g) for _ in range(3))
+    causal = torch.ones(11, 11, dtype=torch.bool).tril()
+    padded = causal[None, None].repeat(2, 1, 1, 1)
+    padded[1, :, :, :3] = False  # the second sample's first 3 keys are padding
+    padded[1, :, :3, :] = True  # (its padded queries see everything before them: finite rows)
+    padded[1] &= causal
+    for mask in (causal[None, None], padded):
+        assert sees_no_later_key(mask)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert (sdpa_causal_chunks(q, k, v, mask) - want).abs().max() <= 1e-6
+    ahead = padded.clone()
+    ahead[0, 0, 4, 6] = True  # an image token seeing a later one
+    assert not sees_no_later_key(ahead)
+    assert not sees_no_later_key(torch.zeros(1, 1, 4, 4))  # additive: 0 everywhere allows every key
 
 
 def test_hollow_attention_stays_blockwise_with_static_decisions(family_models):
