@@ -61,6 +61,9 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    # no spin-waiting after a run: interleaved, a session's spinning threads take the cores from the
+    # next callable (benchmarks/prefill.py measured two identical files 1.13-1.30x apart with it)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

@@ -14,7 +14,8 @@ redlens_compile/models/geometries.py, which the CLI's speed line reuses). `--geo
 bundled proof model itself (hidden 128, FFN 352, 4 layers, its trained weights and codebook) on
 the proof task's prompt with one (a) or four (b) of its pictures, 256 visual tokens each. `--onnx`
 adds onnxruntime original (the identity export's decoder_prefill.onnx) and optimized (the row's),
-on the decoder inputs the ONNX runner makes (`onnx_latency_ratio`, `onnx_latency_over_flops`). `--compile` adds
+on the decoder inputs the ONNX runner makes (`onnx_latency_ratio`, `onnx_latency_over_flops`; the
+sessions do not spin-wait between runs, `session.intra_op.allow_spinning` 0). `--compile` adds
 compiled original (torch.compile of the eager decoder, dynamic) and compiled optimized
 (`OptimizedModel.compile()`, inductor) to the interleaved runs; both compile on a first call
 outside the timed runs (`*_compile_s`), and a prompt 7 text tokens longer then runs the compiled
@@ -98,6 +99,9 @@ def onnx_prefills(opt, model, inputs, directory: Path, identity_opt) -> dict:
         runner = OnnxRunner(out, model)
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+        # no spin-waiting after a run: interleaved with the other rows' runs, a session's spinning
+        # threads took the cores from the next callable (two identical identity files 1.13-1.30x apart)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         graph = runner.manifest["graphs"]["decoder_prefill"]
         session = ort.InferenceSession(str(out / graph["file"]), options, providers=["CPUExecutionProvider"])
         feeds = {n: a.numpy() for n, a in zip(graph["inputs"], runner.decoder_inputs(inputs).as_args())}
