@@ -19,7 +19,8 @@ sessions do not spin-wait between runs, `session.intra_op.allow_spinning` 0). `-
 compiled original (torch.compile of the eager decoder, dynamic) and compiled optimized
 (`OptimizedModel.compile()`, inductor) to the interleaved runs; both compile on a first call
 outside the timed runs (`*_compile_s`), and a prompt 7 text tokens longer then runs the compiled
-optimized prefill (`recompiles_for_another_length`: graphs compiled for it, 0 expected). Cases:
+optimized prefill (`recompiles_for_another_length`: graphs compiled for it, 0 expected; the bundled model: a
+longer question). Cases:
 (a) one image of 1024 visual tokens and 64 text tokens; (b) four images, 4096 visual tokens.
 
 For each row (a config) the decoder prefill is timed as generate runs it
@@ -76,12 +77,14 @@ def build_model(layers: int, directory: Path, geometry: str = "2b"):
 
 def make_inputs(images: int, text: int, geometry: str = "2b") -> dict:
     """Case inputs: random ids around images of 1024 tokens, or (bundled) the proof task's prompt
-    with `images` of its held-out pictures, through its processor (256 tokens each)."""
+    with `images` of its held-out pictures, through its processor (256 tokens each); there a
+    `text` beyond the case's asks a longer question (another prompt length)."""
     if geometry == "bundled":
         from redlens_compile.loading import load_processor
         from redlens_compile.models import PROOF_MODEL_DIR
 
-        return bundled_inputs(load_processor(PROOF_MODEL_DIR), images)
+        question = "what colour is the circle ?" if text <= CASES["a"][1] else "what colour is the circle in the picture ?"
+        return bundled_inputs(load_processor(PROOF_MODEL_DIR), images, question)
     return make_geometry_inputs(images, text)
 
 
@@ -159,7 +162,7 @@ def main() -> None:
                 try:  # compile now (the first call, outside the timed runs), so a failure is recorded
                     compile_info = warm_up_compiled(timed, compiled_opt,
                                                     capture_decoder_inputs(model, opt.adapter, make_inputs(
-                                                        CASES[case][0], CASES[case][1] + 7)))
+                                                        CASES[case][0], CASES[case][1] + 7, geometry=args.geometry)))
                 except Exception as exc:  # noqa: BLE001 - the row records what failed
                     compile_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                     print(f"compiled rows skipped: {compile_error}", file=sys.stderr, flush=True)

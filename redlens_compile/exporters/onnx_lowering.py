@@ -79,7 +79,9 @@ def masks_without_later_keys(graph_module: fx.GraphModule, example_args: tuple) 
     class Recorder(fx.Interpreter):
         def run_node(self, node):
             value = super().run_node(node)
-            if node in masks and isinstance(value, torch.Tensor) and value.dim() == 4 and sees_no_later_key(value):
+            # square: the queries are the keys' rows (chunk j's keys end where its queries do)
+            if (node in masks and isinstance(value, torch.Tensor) and value.dim() == 4
+                    and value.shape[-1] == value.shape[-2] and sees_no_later_key(value)):
                 found.add(node.name)
             return value
 
