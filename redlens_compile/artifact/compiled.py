@@ -8,7 +8,7 @@ patched on around every call, since tracing can happen on any call), not graph b
 once-per-forward mask checks (is the mask exactly causal? do image tokens see later ones?) pick
 kernel paths in Python; inside the compiled graph each would be a graph break, and the pieces
 after a break recompile for the next length. So they run first, eagerly, in a small graph of
-their own (the nodes they read, cut out of the prefill graph), and each answer gets a graph with
+their own (the nodes they read, cut out of the prefill graph: selectors.nodes_graph), and each answer gets a graph with
 the answers as constants, compiled on first use: a forward is one compiled graph, and the exactly
 causal mask of a prompt without padding keeps the eager graph's fast paths (the causal SDPA
 kernel, hollow attention's masks from positions instead of gathers from the S x S mask).
@@ -30,6 +30,7 @@ import torch
 from ..errors import CompileError
 from ..ops.causal_attention import is_causal_mask
 from ..ops.hollow_attention import mask_looks_ahead
+from ..passes.selectors import clone_graph_module, nodes_graph
 
 logger = logging.getLogger(__name__)
 
@@ -102,26 +103,8 @@ def mask_check_nodes(graph_module: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target in MASK_CHECKS]
 
 
-def checks_graph(graph_module: torch.fx.GraphModule, checks: list[torch.fx.Node]) -> torch.fx.GraphModule:
-    """The checks and the nodes they read, as a graph of the same inputs returning their answers."""
-    needed, stack = set(), list(checks)
-    while stack:
-        node = stack.pop()
-        if node not in needed:
-            needed.add(node)
-            stack.extend(node.all_input_nodes)
-    graph, env = torch.fx.Graph(), {}
-    for node in graph_module.graph.nodes:
-        if node.op == "placeholder" or node in needed:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(tuple(env[c] for c in checks))
-    return torch.fx.GraphModule(graph_module, graph)
-
-
 def with_answers(graph_module: torch.fx.GraphModule, answers: dict[str, bool]) -> torch.fx.GraphModule:
     """A copy of the graph (same parameters) with each check node (by name) replaced by its answer."""
-    from ..passes.selectors import clone_graph_module
-
     clone = clone_graph_module(graph_module)
     for node in mask_check_nodes(clone):
         answer = answers[node.name]
@@ -144,7 +127,7 @@ class CompiledGraph:
         self.compile_kwargs = compile_kwargs
         checks = mask_check_nodes(graph_module)
         self._check_names = [c.name for c in checks]
-        self._checks = checks_graph(graph_module, checks) if checks else None
+        self._checks = nodes_graph(graph_module, checks) if checks else None
         self._compiled: dict[tuple[bool, ...], Callable] = {}
         self._bmm_pass = _extern_bmm_pass()
 

@@ -39,7 +39,7 @@ from ..ops.causal_attention import is_causal_mask, sdpa_causal_chunks, sdpa_caus
 from ..ops.hollow_attention import hollow_attention, mask_looks_ahead
 from ..ops.token_pruning import key_biased_mask
 from ..passes.infra import RedLensPass, RedLensPassResult
-from ..passes.selectors import attr_value, call_like
+from ..passes.selectors import attr_value, call_like, nodes_graph
 from ..ops.thin_linear import thin_linear
 
 _LINEARS = (torch.ops.aten.linear.default, F.linear, thin_linear, ffn_ops.split_linear)
@@ -71,24 +71,17 @@ def route_probes_transposed(visual_out: torch.Tensor, probe_hidden: torch.Tensor
 
 def masks_without_later_keys(graph_module: fx.GraphModule, example_args: tuple) -> set[str]:
     """Names of the mask nodes of the causal fast path calls whose example value lets no query see a
-    later key (one run of the graph on the example)."""
-    masks = {n.args[3] for n in graph_module.graph.nodes
-             if n.op == "call_function" and n.target is sdpa_causal_fast_path and isinstance(n.args[3], fx.Node)}
-    found: set[str] = set()
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, node):
-            value = super().run_node(node)
-            # square: the queries are the keys' rows (chunk j's keys end where its queries do)
-            if (node in masks and isinstance(value, torch.Tensor) and value.dim() == 4
-                    and value.shape[-1] == value.shape[-2] and sees_no_later_key(value)):
-                found.add(node.name)
-            return value
-
-    if masks:
-        with torch.no_grad():
-            Recorder(graph_module).run(*example_args)
-    return found
+    later key (the masks alone computed on the example, not the whole graph)."""
+    masks = list(dict.fromkeys(n.args[3] for n in graph_module.graph.nodes if n.op == "call_function"
+                               and n.target is sdpa_causal_fast_path and isinstance(n.args[3], fx.Node)))
+    if not masks:
+        return set()
+    with torch.no_grad():
+        values = nodes_graph(graph_module, masks)(*example_args)
+    # square: the queries are the keys' rows (chunk j's keys end where its queries do)
+    return {mask.name for mask, value in zip(masks, values)
+            if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[-1] == value.shape[-2]
+            and sees_no_later_key(value)}
 
 
 @dataclass

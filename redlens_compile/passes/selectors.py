@@ -240,6 +240,23 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+def nodes_graph(gm: fx.GraphModule, nodes: list[fx.Node]) -> fx.GraphModule:
+    """`nodes` and the nodes they read, as a graph of the same inputs returning their values: what
+    they compute on given inputs, without running the rest of the graph."""
+    needed, stack = set(), list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    graph, env = fx.Graph(), {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or node in needed:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(tuple(env[n] for n in nodes))
+    return fx.GraphModule(gm, graph)
+
+
 # Graph signature: an exported graph's codegen carries pytree specs that must follow its
 # placeholders and outputs.
 
