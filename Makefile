@@ -20,8 +20,9 @@ setup: $(BIN)/redlens-compile
 demo: setup
 	$(BIN)/redlens-compile demo --out $(OUT)
 
+# a worker per core (pytest-xdist, whole files per worker: module fixtures built once); -n0 runs serially
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n logical --maxprocesses 4 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) out

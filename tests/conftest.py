@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,11 @@ from tiny_families import FIRST_FAMILIES, build_and_reload, make_inputs  # noqa:
 
 import redlens_compile as rc  # noqa: E402
 
-torch.set_num_threads(2)
+# Two threads per process; under pytest-xdist (`make test` runs a worker per core) the cores are
+# shared out among the workers instead of every worker oversubscribing them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+torch.set_num_threads(max(1, min(2, _CORES // _WORKERS)))
 
 
 @pytest.fixture(scope="session")
