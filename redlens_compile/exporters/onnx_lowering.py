@@ -21,7 +21,7 @@ computation in exportable ops, and records what it did for the manifest:
 - The dynamic FFN's down weight [D, F] is stored transposed ([F, D], once, at export): the
   per-call channel slice becomes a gather of whole rows (a Gather along the columns of [D, F]
   cost as much as a third of the sliced matmul it feeds), and the text rows' projection reads
-  the same [F, D] weight as a plain MatMul (and so do the routed probe rows' full projection),
+  the same [F, D] weight as a plain MatMul (the text rows stacked over the routed probe rows),
   so the file holds that weight once.
 """
 
@@ -61,12 +61,6 @@ def linear_transposed(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tenso
     """F.linear(x, weight_t.T, bias) as x @ weight_t (weight_t [in, out])."""
     out = torch.matmul(x, weight_t)
     return out if bias is None else out + bias
-
-
-def route_probes_transposed(visual_out: torch.Tensor, probe_hidden: torch.Tensor, weight_t: torch.Tensor,
-                            bias: torch.Tensor | None, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """ops.route_probes reading the down weight transposed ([F, D]): the probes' full FFN output."""
-    return ffn_ops.put_probe_rows(visual_out, linear_transposed(probe_hidden, weight_t, bias), index, valid)
 
 
 def masks_without_later_keys(graph_module: fx.GraphModule, example_args: tuple) -> set[str]:
@@ -160,8 +154,6 @@ class LowerForOnnxPass(RedLensPass):
             if not any(u.op == "call_function" and u.target is ffn_ops.slice_in_features for u in users):
                 continue
             if not all(u.op == "call_function" and (u.target is ffn_ops.slice_in_features or
-                                                    (u.target is ffn_ops.route_probes and u.args[2] is weight
-                                                     and weight not in (u.args[:2] + u.args[3:])) or
                                                     (u.target in _LINEARS and len(u.args) > 1 and u.args[1] is weight
                                                      and u.args[0] is not weight)) for u in users):
                 continue  # another reader of the [D, F] layout: leave it (the numbers are the same)
@@ -173,10 +165,6 @@ class LowerForOnnxPass(RedLensPass):
                 with graph.inserting_before(user):
                     if user.target is ffn_ops.slice_in_features:
                         new = call_like(graph, user, rows_of_transposed, (transposed, user.args[1]))
-                    elif user.target is ffn_ops.route_probes:  # the routed probes read the whole weight
-                        args = list(user.args)
-                        args[2] = transposed
-                        new = call_like(graph, user, route_probes_transposed, tuple(args))
                     else:
                         bias = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
                         new = call_like(graph, user, linear_transposed, (user.args[0], transposed, bias))

@@ -96,19 +96,6 @@ def probe_rows(visual_rows: torch.Tensor, vis_count: torch.Tensor, probes: int |
     return gather_padded(visual_rows, index), valid, index
 
 
-def _full_down_flops(visual_out, probe_hidden, weight, bias, index, valid):
-    return float(probe_hidden.shape[0] * probe_hidden.shape[1] * weight.shape[0] * weight.shape[1]), 0.0
-
-
-@counted(_full_down_flops)
-def route_probes(visual_out: torch.Tensor, probe_hidden: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The visual FFN output [B, V, D] with each valid probe row replaced by the full FFN's output:
-    its full-width hidden [B, M, F] through the whole down weight [D, F]."""
-    full = torch.nn.functional.linear(probe_hidden, weight, bias)
-    return put_probe_rows(visual_out, full, index, valid)
-
-
 def put_probe_rows(visual_out: torch.Tensor, full: torch.Tensor, index: torch.Tensor,
                    valid: torch.Tensor) -> torch.Tensor:
     """visual_out [B, V, D] with the valid probe rows (at index [B, M]) replaced by full [B, M, D]."""
@@ -202,4 +189,4 @@ def batched_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out + (bias[:, None, :] if bias.dim() == 2 else bias)
 
 
-__all__ = ["DEFAULT_PROBE_RULE", "PROBE_RULES", "batched_matmul", "fused_channels", "gather_padded", "probe_index", "probe_rows", "put_probe_rows", "route_probes", "slice_in_features", "slice_out_features", "top_channels"]
+__all__ = ["DEFAULT_PROBE_RULE", "PROBE_RULES", "batched_matmul", "fused_channels", "gather_padded", "probe_index", "probe_rows", "put_probe_rows", "slice_in_features", "slice_out_features", "top_channels"]

@@ -7,8 +7,8 @@ For each reduced layer the FFN subgraph (entry -> up-side linears and their elem
   and their activations score the channels (ops.dynamic_ffn.top_channels);
 - the visual rows run through a copy of the glue whose linears use weights sliced to the K kept
   channels, per sample (gate, up and down all shrink: that is the saved work); with a "+route"
-  probe rule the probe rows' full-width hidden also runs the whole down weight, and those rows
-  take the full FFN's output;
+  probe rule the probe rows stay stacked under the text rows through the down projection too (one
+  GEMM over the whole weight), and those rows take the full FFN's output;
 - both halves go back into one [B, S, D] tensor.
 The glue is copied, not recognised, so any activation (SiLU, GELU, gated or not) works. A fused
 gate-up linear (one [2F, D] weight whose output the graph splits into gate and up) is sliced at the
@@ -98,25 +98,32 @@ class DynamicFFNPass(RedLensPass):
                 weight, bias = _weight_and_bias(node)
                 node.target, node.args, node.kwargs = ops.split_linear, (node.args[0], weight, bias, text_rows), {}
         hidden = down.args[0]
+        weight, bias = _weight_and_bias(down)
+        route = ops.split_rule(self.probe_rule)[1]
         with graph.inserting_before(down):
-            text_hidden = call_like(graph, down, ops.text_part, (hidden, text_rows), token_kind="text")
             probe_hidden = call_like(graph, down, ops.probe_part, (hidden, text_rows, probe_x), token_kind="visual")
-        down.replace_input_with(hidden, text_hidden)
+            if not route:
+                down.replace_input_with(hidden, call_like(graph, down, ops.text_part, (hidden, text_rows),
+                                                          token_kind="text"))
+        if route:
+            # The routed probes take the full down projection too: one GEMM over the stacked rows (one
+            # read of the whole weight, a larger product than two thin ones), cut into text and probes.
+            down.target, down.args, down.kwargs = ops.split_linear, (hidden, weight, bias, text_rows), {}
         for node in (*match.inner, down):
             node.meta[META_KEY] = annotation(node).with_token_kind("text")
         down.meta[REWRITTEN] = "dynamic_ffn"
 
         with graph.inserting_before(down.next):
+            text_out = call_like(graph, down, ops.text_part, (down, text_rows), token_kind="text") if route else down
             channels = call_like(graph, down, ops.top_channels, (probe_hidden, probe_valid, kept), token_kind="visual")
             sliced = _copy_inner(graph, match, stacked, hidden, visual_rows, channels, width, kept)
-            weight, bias = _weight_and_bias(down)
             down_w = call_like(graph, down, ops.slice_in_features, (weight, channels), token_kind="visual")
             visual_out = call_like(graph, down, ops.batched_matmul, (sliced, down_w, bias), token_kind="visual")
-            if ops.split_rule(self.probe_rule)[1]:
-                visual_out = call_like(graph, down, ops.route_probes,
-                                       (visual_out, probe_hidden, weight, bias, probe_index, probe_valid),
+            if route:
+                probe_out = call_like(graph, down, ops.probe_part, (down, text_rows, probe_x), token_kind="visual")
+                visual_out = call_like(graph, down, ops.put_probe_rows, (visual_out, probe_out, probe_index, probe_valid),
                                        token_kind="visual")
-            merged = call_like(graph, down, merge_rows, (entry, down, layout["txt_flat"], visual_out,
+            merged = call_like(graph, down, merge_rows, (entry, text_out, layout["txt_flat"], visual_out,
                                                          layout["vis_valid"], layout["vis_flat"]))
         for user in users:
             user.replace_input_with(down, merged)

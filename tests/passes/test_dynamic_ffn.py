@@ -7,6 +7,7 @@ from tiny_families import ffn_output, make_inputs
 
 from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
 from redlens_compile.ops.dynamic_ffn import batched_matmul, top_channels
+from redlens_compile.ops.rows import merge_rows
 from redlens_compile.passes import DeadCodeEliminationPass, DynamicFFNPass, StripAssertsPass, run_passes
 from redlens_compile.passes.dynamic_ffn import kept_channels
 from redlens_compile.passes.selectors import clone_graph_module, ffn_of_layer
@@ -50,6 +51,7 @@ def test_text_rows_equal_the_original_ffn_bit_for_bit(captured_family):
     model, _, captured = captured_family("llava")
     gm = clone_graph_module(captured.graph_module)
     match, _ = ffn_of_layer(gm, 1)
+    reader = next(iter(match.down.users))  # reads the FFN's output: after the rewrite, the merged rows
     gm, _, _ = reduced(captured, keep=0.25, gm=gm)
     ffn = captured.decoder.language_model.layers[1].mlp
     x = torch.randn(2, captured.example.seq_len, ffn.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
@@ -57,7 +59,7 @@ def test_text_rows_equal_the_original_ffn_bit_for_bit(captured_family):
     visual[1, :5] = False  # ragged visual counts
     # Feed x to the FFN's entry node; everything else runs as the rewritten graph says.
 
-    merged = next(iter(match.down.users))  # the node that puts text and visual rows back together
+    merged, = (n for n in reader.all_input_nodes if n.target is merge_rows)  # text and visual rows back together
     inputs = captured.example.repeat_batch(2)
     inputs.visual_mask = visual
     out = ffn_output(gm, match.entry, merged, x, inputs.as_args())

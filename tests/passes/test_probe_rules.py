@@ -10,6 +10,7 @@ from tiny_families import ffn_output
 from redlens_compile.config import PROBE_RULES, RedLensConfig
 from redlens_compile.errors import ConfigError
 from redlens_compile.ops.dynamic_ffn import probe_index
+from redlens_compile.ops.rows import merge_rows
 from redlens_compile.passes import DeadCodeEliminationPass, DynamicFFNPass, StripAssertsPass, run_passes
 from redlens_compile.passes.dynamic_ffn import kept_channels
 from redlens_compile.passes.selectors import clone_graph_module, ffn_of_layer
@@ -57,6 +58,7 @@ def test_reduced_ffn_equals_a_naive_per_sample_reference(captured_family, rule):
     _, _, captured = captured_family("llava")
     gm = clone_graph_module(captured.graph_module)
     match, _ = ffn_of_layer(gm, 1)
+    reader = next(iter(match.down.users))  # reads the FFN's output: after the rewrite, the merged rows
     keep, probes = 0.25, 0.25
     gm, _ = run_passes(gm, [StripAssertsPass(), DynamicFFNPass(keep={1: keep}, probe_tokens=probes, probe_rule=rule),
                             DeadCodeEliminationPass()])
@@ -67,7 +69,7 @@ def test_reduced_ffn_equals_a_naive_per_sample_reference(captured_family, rule):
     inputs.visual_mask = visual
     x = torch.randn(2, inputs.seq_len, ffn.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
     x[0, int(visual[0].nonzero()[3])] *= 8  # one object row in sample 0
-    merged = next(iter(match.down.users))
+    merged, = (n for n in reader.all_input_nodes if n.target is merge_rows)
     out = ffn_output(gm, match.entry, merged, x, inputs.as_args())
     with torch.no_grad():
         act = torch.nn.functional.silu(x @ ffn.gate_proj.weight.T) * (x @ ffn.up_proj.weight.T)
