@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", nargs="+", default=["identity", "budget-0.5", "random-0.25"])
-    parser.add_argument("--profile-runs", type=int, default=5)
+    parser.add_argument("--profile-runs", type=int, default=5, help="onnxruntime profiler runs per file (0: none)")
     parser.add_argument("--geometry", default="2b", choices=["2b", "smolvlm"],
                         help="the decoder's geometry (redlens_compile/models/geometries.py)")
     parser.add_argument("--out", type=Path, default=RESULTS / "onnx_runtime.json")
@@ -206,9 +206,10 @@ def main() -> None:
             medians = interleaved_medians(timed, args.repeats)
         standard_logits = runner.sessions["decoder_prefill"].run(None, feeds)[0]
         optimized_diff = float(np.abs(optimized.run(None, feeds)[0] - standard_logits).max())
-        profiles[row] = {"decoder_prefill": profile(out / "decoder_prefill.onnx", feeds, args.profile_runs,
-                                                    Path(tmp.name) / f"profile_{row}")}
-        if pruned_feeds is not None:
+        if args.profile_runs > 0:  # 0: timings only, no profile file
+            profiles[row] = {"decoder_prefill": profile(out / "decoder_prefill.onnx", feeds, args.profile_runs,
+                                                        Path(tmp.name) / f"profile_{row}")}
+        if pruned_feeds is not None and args.profile_runs > 0:
             profiles[row]["prune"] = profile(out / "prune.onnx", pruned_feeds, args.profile_runs,
                                              Path(tmp.name) / f"profile_prune_{row}")
         results.append({
@@ -236,7 +237,9 @@ def main() -> None:
               "onnxruntime": ort.__version__, "rows": results}
     shares = {"command": report["command"], "layers": args.layers, "intra_op_threads": 1,
               "onnxruntime": ort.__version__, "rows": profiles}
-    for path, data in ((args.out, report), (args.profile_out, shares)):
+    for path, data in ((args.out, report), (args.profile_out, shares) if profiles else (None, None)):
+        if path is None:
+            continue
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp, data=data: tmp.write_text(json.dumps(data, indent=2) + "\n"))
     print(json.dumps(report, indent=2))

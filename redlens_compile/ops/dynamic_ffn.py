@@ -52,7 +52,9 @@ def row_scores(visual_rows: torch.Tensor, vis_count: torch.Tensor, rule: str) ->
     if rule == "norm":
         score = (x * x).sum(-1)
     elif rule == "outlier":
-        mean = (x * real[..., None]).sum(1) / vis_count.clamp(min=1)[:, None].to(x.dtype)
+        # the sum over rows as a [1, V] x [V, D] product per sample: onnxruntime's ReduceSum over a
+        # middle axis took 4.5 ms of a 630 ms 2B-geometry prefill (1 thread), the MatMul a fraction
+        mean = torch.matmul(real.to(x.dtype)[:, None, :], x)[:, 0] / vis_count.clamp(min=1)[:, None].to(x.dtype)
         centred = x - mean[:, None, :]
         score = (centred * centred).sum(-1)
     else:
