@@ -143,9 +143,32 @@ def merge_rows(
     visual_rows: torch.Tensor,
     vis_valid: torch.Tensor,
     vis_flat: torch.Tensor,
+    probe_index: torch.Tensor | None = None,
+    probe_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Put text rows [Nt, D] and the valid padded visual rows [B, Vmax, D] back in a [B, S, D] tensor."""
-    out = like.new_empty(like.shape[:-1] + text_rows.shape[-1:]).view(-1, text_rows.shape[-1])
-    out.index_copy_(0, txt_flat, text_rows.to(out.dtype))
-    out.index_copy_(0, vis_flat, masked_rows(visual_rows, vis_valid).to(out.dtype))
-    return out.view(like.shape[:-1] + text_rows.shape[-1:])
+    """Text rows and the valid padded visual rows [B, Vmax, D] back in a [B, S, D] tensor like `like`.
+
+    text_rows [N, D]: the first len(txt_flat) rows are the text rows; with probe_index [B, M] (and
+    probe_valid) the next B * M rows are each sample's probe rows, which take the place of its
+    visual rows at probe_index where valid (the routed probes' full FFN output). One concatenation
+    and one gather of whole rows by a source index computed on ints: writing the text rows, the
+    visual rows and the probes each into a copy of the output cost onnxruntime a pass over the
+    whole output per write (ScatterND copies its input).
+    """
+    batch, vmax, width = visual_rows.shape
+    text, stacked = txt_flat.shape[0], text_rows.shape[0]
+    device = txt_flat.device
+    # where each padded visual row [B * Vmax] sits in cat([text_rows, visual rows])
+    vis_source = torch.arange(batch * vmax, device=device) + stacked
+    if probe_index is not None:
+        # invalid probes write to a spare entry past the end, dropped after (no clash with a real row)
+        spare = batch * vmax
+        target = torch.where(probe_valid.reshape(-1), flat_positions(probe_index, vmax),
+                             torch.full_like(probe_index.reshape(-1), spare))
+        probe_rows = torch.arange(probe_index.numel(), device=device) + text
+        vis_source = torch.cat([vis_source, vis_source.new_zeros(1)]).index_copy(0, target, probe_rows)[:spare]
+    source = torch.empty(like.shape[:-1], dtype=torch.int64, device=device).view(-1)
+    source.index_copy_(0, txt_flat, torch.arange(text, device=device))
+    source.index_copy_(0, vis_flat, masked_rows(vis_source.view(batch, vmax), vis_valid))
+    rows = torch.cat([text_rows.to(like.dtype), visual_rows.reshape(-1, width).to(like.dtype)])
+    return select_rows(rows, source).view(like.shape[:-1] + text_rows.shape[-1:])

@@ -114,17 +114,14 @@ class DynamicFFNPass(RedLensPass):
         down.meta[REWRITTEN] = "dynamic_ffn"
 
         with graph.inserting_before(down.next):
-            text_out = call_like(graph, down, ops.text_part, (down, text_rows), token_kind="text") if route else down
             channels = call_like(graph, down, ops.top_channels, (probe_hidden, probe_valid, kept), token_kind="visual")
             sliced = _copy_inner(graph, match, stacked, hidden, visual_rows, channels, width, kept)
             down_w = call_like(graph, down, ops.slice_in_features, (weight, channels), token_kind="visual")
             visual_out = call_like(graph, down, ops.batched_matmul, (sliced, down_w, bias), token_kind="visual")
-            if route:
-                probe_out = call_like(graph, down, ops.probe_part, (down, text_rows, probe_x), token_kind="visual")
-                visual_out = call_like(graph, down, ops.put_probe_rows, (visual_out, probe_out, probe_index, probe_valid),
-                                       token_kind="visual")
-            merged = call_like(graph, down, merge_rows, (entry, text_out, layout["txt_flat"], visual_out,
-                                                         layout["vis_valid"], layout["vis_flat"]))
+            # down's rows: the text rows, then (routed) the probes' full outputs, which replace theirs
+            probes_of = (probe_index, probe_valid) if route else ()
+            merged = call_like(graph, down, merge_rows, (entry, down, layout["txt_flat"], visual_out,
+                                                         layout["vis_valid"], layout["vis_flat"], *probes_of))
         for user in users:
             user.replace_input_with(down, merged)
         logger.info("dynamic FFN on layer %d: %d of %d channels for visual rows", match.layer, kept, width)

@@ -24,9 +24,10 @@ def closed_form_reduced(cfg, visual: torch.Tensor, keep: float, probes: float, w
     k = math.ceil(keep * f)
     m = min(n_v, math.ceil(probes * n_v))
     # choosing the probes: one multiply-add per visual element to score a row ("norm"), two with the
-    # image's mean ("outlier"); "+route": the probes' full-width hidden through the whole down weight
+    # image's mean ("outlier"); the channels' scores: one per probe activation; "+route": the probes'
+    # full-width hidden through the whole down weight
     base, _, route = rule.partition("+")
-    selection = {"stride": 0, "norm": 1, "outlier": 2}[base] * n_v * d + (m * d * f if route else 0)
+    selection = {"stride": 0, "norm": 1, "outlier": 2}[base] * n_v * d + m * f + (m * d * f if route else 0)
     # Hollow attention as computed (DESIGN.md: O(N_v (P + 2w))): the visual span is cut into blocks
     # of c = ceil(w / 2) queries; a block computes its text keys (those before the image: P) and a
     # run of visual keys reaching w - 1 back, ceil((w - 1) / c) blocks plus its own.

@@ -170,7 +170,8 @@ def test_fused_ffn_flops_are_the_closed_form(glm):
     k, m = kept_channels(keep, f), math.ceil(probes * n_v)
     assert report.chosen_layers == [0, 1, 2]
     for row in report.layers:
-        assert row["after"]["ffn"]["visual"] == 3 * n_v * d * k + 2 * m * d * f  # sliced + full-width probes
+        # sliced + full-width probes + the channels' scores (a multiply-add per probe activation)
+        assert row["after"]["ffn"]["visual"] == 3 * n_v * d * k + 2 * m * d * f + m * f
         assert row["after"]["ffn"]["text"] == pytest.approx(3 * n_t * d * f, rel=1e-12)
     assert report.flops_ratio < 1.0
 
