@@ -23,6 +23,9 @@ Files (weights as external data beside each graph):
   onnx.checker-clean; the standard files stay beside them, and the manifest names both
   (`graphs.<name>.optimized.CPUExecutionProvider`). `OnnxRunner(..., optimized=True)` runs them.
 
+Every written graph then goes through onnx_rewrites.py (x * rsqrt(v) as x / sqrt(v): onnxruntime
+fuses the RMS norms of that form into one kernel); the manifest's `lowering` counts them.
+
 The manifest says what runs where. Everything is written into a scratch folder
 beside the target and renamed into place once every file passed the ONNX checker: a failed
 export leaves nothing behind.
@@ -54,6 +57,7 @@ from ..passes.selectors import clone_graph_module
 from .decoder_step import DecoderStep
 from . import prune_graph
 from .onnx_lowering import LowerForOnnxPass
+from .onnx_rewrites import rewrite_file
 from .vision_front import VISION, export_front
 
 logger = logging.getLogger(__name__)
@@ -141,7 +145,8 @@ def _quiet_exporter():
 
 
 def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-            dynamic_shapes) -> None:
+            dynamic_shapes) -> dict[str, int]:
+    """Write `module` to `path` (weights as external data beside it); returns onnx_rewrites' counts."""
     try:
         with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(module, args, input_names=input_names, output_names=output_names,
@@ -156,6 +161,7 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
         raise ExportError(f"{path.name}: torch.onnx could not export the graph ({type(exc).__name__}: "
                           f"{summary.strip()[:400]})") from exc
     program.save(str(path), external_data=True)
+    return rewrite_file(path)
 
 
 def _staged_sessions(staging: Path):
@@ -297,8 +303,8 @@ def _write_graphs(compiled: CompiledDecoder, model: nn.Module, adapter: FamilyAd
     if example.key_bias is not None:
         names.append("key_bias")
         shapes.append({0: batch, 1: seq})
-    _export(_NamedGraph(lowered).eval(), example.as_args(), staging / PREFILL, names, ["logits", *kv_names("present", layers)],
-            dict(zip(names, shapes)))
+    prefill_rewrites = _export(_NamedGraph(lowered).eval(), example.as_args(), staging / PREFILL, names,
+                               ["logits", *kv_names("present", layers)], dict(zip(names, shapes)))
 
     # decode step: the original layers over the cache, a mask and a key bias per step
     biased = set(compiled.key_bias_layers) if example.key_bias is not None else set()
@@ -315,7 +321,8 @@ def _write_graphs(compiled: CompiledDecoder, model: nn.Module, adapter: FamilyAd
     auto = Dim.AUTO
     step_shapes = {"input_ids": {0: auto}, "position_ids": {pos_axis: auto}, "attention_mask": {0: auto, 1: auto},
                    "key_bias": {0: auto, 1: auto}, "past": tuple({0: auto, 2: auto} for _ in past)}
-    _export(step, step_args, staging / STEP, step_names, ["logits", *kv_names("present", layers)], step_shapes)
+    step_rewrites = _export(step, step_args, staging / STEP, step_names, ["logits", *kv_names("present", layers)],
+                            step_shapes)
 
     # token embedding
     embed = model.get_input_embeddings()
@@ -371,6 +378,9 @@ def _write_graphs(compiled: CompiledDecoder, model: nn.Module, adapter: FamilyAd
             "hollow_attention, blockwise (looks-ahead decided by the family's masks)": lowering.hollow_blockwise,
             "key bias masks with the lowest finite score for blocked keys": lowering.finite_key_bias,
             "dynamic FFN down weights stored transposed (row gathers, plain MatMul)": lowering.transposed_down_weights,
+            # onnx_rewrites.py, on the written files: the RMS norms in the form onnxruntime fuses
+            "x * rsqrt(v) as x / sqrt(v), prefill": prefill_rewrites["reciprocal products as divisions"],
+            "x * rsqrt(v) as x / sqrt(v), decode step": step_rewrites["reciprocal products as divisions"],
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},
