@@ -6,7 +6,8 @@ shapes are symbolic. This pass replaces them, in a copy of the graph, with the e
 computation in exportable ops, and records what it did for the manifest:
 
 - `sdpa_causal_fast_path` -> SDPA over the mask (the same numbers; ORT has no is_causal switch
-  driven by data); where the family's image tokens do not look ahead and the example's mask at
+  driven by data), decomposed by `sdpa_decomposed` (a bool mask as the lowest finite score, no NaN
+  guard over the scores, no keys expanded to every query head); where the family's image tokens do not look ahead and the example's mask at
   that call lets no query see a later key (causal, padded, sliding), `sdpa_causal_chunks`: query
   blocks against the keys up to their last row, 5/8 of the full S x S scores (onnxruntime computes
   every score of a masked SDPA, and the full mask's Add cost as much as the QK matmul in its profile).
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..ops import dynamic_ffn as ffn_ops
-from ..ops.causal_attention import is_causal_mask, sdpa_causal_chunks, sdpa_causal_fast_path, sees_no_later_key
+from ..ops.causal_attention import (is_causal_mask, sdpa_causal_chunks, sdpa_causal_fast_path, sdpa_decomposed,
+                                     sees_no_later_key)
 from ..ops.hollow_attention import hollow_attention, mask_looks_ahead
 from ..ops.token_pruning import key_biased_mask
 from ..passes.infra import RedLensPass, RedLensPassResult
@@ -43,11 +45,6 @@ from ..passes.selectors import attr_value, call_like, nodes_graph
 from ..ops.thin_linear import thin_linear
 
 _LINEARS = (torch.ops.aten.linear.default, F.linear, thin_linear, ffn_ops.split_linear)
-
-
-def sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
-                scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
 
 
 def rows_of_transposed(weight_t: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
@@ -109,8 +106,11 @@ class LowerForOnnxPass(RedLensPass):
                 q, k, v, mask, _causal = node.args
                 chunked = isinstance(mask, fx.Node) and mask.name in no_later_keys
                 with graph.inserting_before(node):
-                    new = call_like(graph, node, sdpa_causal_chunks if chunked else sdpa_masked, (q, k, v, mask),
-                                    dict(node.kwargs))
+                    if chunked:
+                        new = call_like(graph, node, sdpa_causal_chunks, (q, k, v, mask),
+                                        dict(node.kwargs, decomposed=True))
+                    else:
+                        new = call_like(graph, node, sdpa_decomposed, (q, k, v, mask), dict(node.kwargs))
                 record.causal_fast_path += 1
                 record.causal_chunks += chunked
             elif node.target is key_biased_mask and "blocked" not in node.kwargs:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .causal_attention import sdpa_decomposed
 from .rows import counted, data_size, flat_positions, masked_rows, select_rows
 
 
@@ -187,7 +188,8 @@ def hollow_attention(
     score of its key, for the text and the window keys a query keeps, as a full layer adds it.
     stack_heads (the ONNX lowering sets it): the visual blocks' SDPA stacks the query heads of each
     key head as rows (GQA without repeating keys) instead of enable_gqa, which torch.onnx lowers
-    to an Expand of the blocks' keys and values to every query head and a transpose of the copy.
+    to an Expand of the blocks' keys and values to every query head and a transpose of the copy;
+    the text queries' SDPA is causal_attention.sdpa_decomposed (no NaN guard over its scores).
     """
     batch, heads, seq, _ = q.shape
     allowed = _allowed(attn_mask).expand(batch, 1, seq, seq)
@@ -195,8 +197,7 @@ def hollow_attention(
     def family_mask(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         return cols <= rows[..., None] if mask_is_causal else _mask_at(allowed, rows, cols)
 
-    # Output rows in [B * S, H, d] layout: what the graph reshapes the SDPA output into next.
-    out = q.new_empty(batch * seq, heads, v.shape[-1])
+    out = _OutputRows(batch, seq, q.device)
     sdpa = dict(scale=scale, enable_gqa=enable_gqa)
 
     def biased(allowed_keys: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -205,11 +206,6 @@ def hollow_attention(
             return allowed_keys
         bias = bias.to(q.dtype)
         return torch.where(allowed_keys, bias, torch.full_like(bias, torch.finfo(q.dtype).min))
-
-    def put(rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """Write rows [B, H, N, d] at positions [B, N] (valid ones only) into `out`."""
-        rows = masked_rows(rows.transpose(1, 2), valid)
-        out.index_copy_(0, masked_rows(flat_positions(positions, seq), valid.reshape(-1)), rows)
 
     # Text queries: unchanged, every key the mask allows. With an exactly causal mask the leading
     # text rows [0, P) see only keys before P: one causal SDPA over those (no S-wide scores for them).
@@ -227,20 +223,20 @@ def hollow_attention(
             lead = F.scaled_dot_product_attention(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix],
                                                   attn_mask=biased(causal, key_bias[:, None, None, :prefix]), **sdpa)
         if prefix:
-            out.view(batch, seq, heads, -1)[:, :prefix] = lead.transpose(1, 2)
+            out.put(lead, torch.arange(prefix, device=q.device).expand(batch, prefix))
             query_pos, query_valid = txt_pos[:, prefix:], txt_valid[:, prefix:]
     if _nonzero(query_pos.shape[1]):
         rows = family_mask(query_pos, torch.arange(seq, device=q.device).expand(batch, query_pos.shape[1], seq))
         rows = rows | ~query_valid[:, :, None]  # padded rows: any finite result, discarded below
         text_bias = None if key_bias is None else key_bias[:, None, None, :]
-        text_out = F.scaled_dot_product_attention(_gather_heads(q, query_pos), k, v,
-                                                  attn_mask=biased(rows[:, None], text_bias), **sdpa)
-        put(text_out, query_pos, query_valid)
+        # the lowering's form (stack_heads) decomposes this SDPA without torch.onnx's NaN guard
+        attend = sdpa_decomposed if stack_heads else F.scaled_dot_product_attention
+        text_out = attend(_gather_heads(q, query_pos), k, v, attn_mask=biased(rows[:, None], text_bias), **sdpa)
+        out.put(text_out, query_pos, query_valid)
 
-    result = out.view(batch, seq, heads, -1).transpose(1, 2)
     blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window, mask_is_causal, looks_ahead)
     if blk is None:
-        return result
+        return out.merged()
     block, blocks = blk.block, blk.blocks
     pos = torch.nn.functional.pad(vis_pos, (blk.lead, blk.trail))
     valid = torch.nn.functional.pad(vis_valid, (blk.lead, blk.trail))
@@ -302,8 +298,37 @@ def hollow_attention(
                 **sdpa,
             )
         vis_out = vis_out.view(batch, blocks, heads, block, -1).transpose(1, 2).reshape(batch, heads, blocks * block, -1)
-    put(vis_out[:, :, :vis_pos.shape[1]], vis_pos, vis_valid)
-    return result
+    out.put(vis_out[:, :, :vis_pos.shape[1]], vis_pos, vis_valid)
+    return out.merged()
+
+
+class _OutputRows:
+    """hollow_attention's output [B, H, S, d], from pieces of rows [B, H, N, d] and their positions:
+    one concatenation and one gather of whole rows over a source index at the end. (Writing each
+    piece into an output copy cost onnxruntime a ScatterND pass over the whole output per piece.)"""
+
+    def __init__(self, batch: int, seq: int, device: torch.device):
+        self.batch, self.seq = batch, seq
+        self.pieces: list[torch.Tensor] = []
+        self.rows = 0
+        # every position is written by one piece (text or visual); 0 keeps an index in range regardless
+        self.source = torch.zeros(batch * seq, dtype=torch.int64, device=device)
+
+    def put(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """The rows [B, H, N, d] belong at positions [B, N] (where valid)."""
+        flat = rows.transpose(1, 2).reshape(-1, rows.shape[1], rows.shape[3])  # [B * N, H, d]
+        index = torch.arange(flat.shape[0], device=flat.device) + self.rows
+        targets = flat_positions(positions, self.seq)
+        if valid is not None:
+            index, targets = masked_rows(index, valid.reshape(-1)), masked_rows(targets, valid.reshape(-1))
+        self.source.index_copy_(0, targets, index)
+        self.pieces.append(flat)
+        self.rows = self.rows + flat.shape[0]
+
+    def merged(self) -> torch.Tensor:
+        """[B, H, S, d], a transposed view of rows [B * S, H, d]: what the graph reshapes next."""
+        out = select_rows(torch.cat(self.pieces), self.source)
+        return out.view(self.batch, self.seq, *out.shape[1:]).transpose(1, 2)
 
 
 def _block_attention(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor, local_k: torch.Tensor,

@@ -6,8 +6,8 @@ from tiny_families import make_inputs
 
 import redlens_compile as rc
 from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
-from redlens_compile.exporters.onnx_lowering import LowerForOnnxPass, sdpa_masked
-from redlens_compile.ops.causal_attention import is_causal_mask, sdpa_causal_fast_path
+from redlens_compile.exporters.onnx_lowering import LowerForOnnxPass
+from redlens_compile.ops.causal_attention import is_causal_mask, sdpa_causal_fast_path, sdpa_decomposed
 from redlens_compile.ops.hollow_attention import hollow_attention
 from redlens_compile.passes.infra import run_passes
 from redlens_compile.passes.selectors import clone_graph_module
@@ -39,7 +39,7 @@ def test_causal_fast_path_becomes_a_masked_sdpa(identity_optimized):
     lowered, record = lower_and_compare(model, opt)
     assert record.causal_fast_path == fast
     assert targets(lowered, sdpa_causal_fast_path) == [] and targets(lowered, is_causal_mask) == []
-    assert len(targets(lowered, sdpa_masked)) == fast
+    assert len(targets(lowered, sdpa_decomposed)) == fast
 
 
 def test_causal_fast_path_becomes_query_chunks_where_the_example_sees_no_later_key(identity_optimized):
@@ -52,9 +52,50 @@ def test_causal_fast_path_becomes_query_chunks_where_the_example_sees_no_later_k
     fast = len(targets(opt.graph_module, sdpa_causal_fast_path))
     lowered, record = lower_and_compare(model, opt, example=make_inputs("llava", model))
     assert record.causal_chunks == record.causal_fast_path == fast
-    assert len(targets(lowered, sdpa_causal_chunks)) == fast and targets(lowered, sdpa_masked) == []
+    assert len(targets(lowered, sdpa_causal_chunks)) == fast and targets(lowered, sdpa_decomposed) == []
     lowered, record = lower_and_compare(model, opt, looks_ahead=True, example=make_inputs("llava", model))
-    assert record.causal_chunks == 0 and len(targets(lowered, sdpa_masked)) == fast
+    assert record.causal_chunks == 0 and len(targets(lowered, sdpa_decomposed)) == fast
+
+
+def test_decomposed_sdpa_equals_torch_sdpa_and_exports_without_a_nan_guard(tmp_path):
+    """GQA and plain heads, a mask per sample or per head, query rows with no allowed key (torch's
+    SDPA gives them 0), float16; in onnxruntime the same numbers, with no IsNaN and no Expand of keys."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 9, 8, generator=g)
+    k, v = torch.randn(2, 2, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g)
+    mask = torch.rand(2, 1, 9, 12, generator=g) > 0.4
+    mask[1, :, 3] = False  # a query that may attend no key
+    per_head = torch.rand(2, 6, 9, 12, generator=g) > 0.3
+    per_head[0, 4, 2] = False
+    for m in (mask, per_head):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+        assert (sdpa_decomposed(q, k, v, m, enable_gqa=True) - want).abs().max() <= 1e-6
+    assert sdpa_decomposed(q, k, v, mask, enable_gqa=True)[1, :, 3].abs().max() == 0
+    kk, vv = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=0.3)
+    assert (sdpa_decomposed(q, kk, vv, mask, scale=0.3) - want).abs().max() <= 1e-6
+    half = [x.half() for x in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*half, attn_mask=mask, enable_gqa=True).float()
+    got = sdpa_decomposed(*half, mask, enable_gqa=True).float()
+    assert torch.isfinite(got).all() and (got - want).abs().max() <= 2e-3
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return sdpa_decomposed(q, k, v, mask, enable_gqa=True)
+
+    path = tmp_path / "attention.onnx"
+    torch.onnx.export(Attention(), (q, k, v, mask), input_names=["q", "k", "v", "mask"], dynamo=True,
+                      optimize=True, verbose=False).save(str(path))
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "IsNaN" not in ops and "Expand" not in ops
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "mask": mask.numpy()})[0]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert np.abs(got - want.numpy()).max() <= 1e-5
 
 
 def test_causal_chunks_equal_the_masked_sdpa_and_a_look_ahead_mask_is_seen():
@@ -71,6 +112,7 @@ def test_causal_chunks_equal_the_masked_sdpa_and_a_look_ahead_mask_is_seen():
         assert sees_no_later_key(mask)
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         assert (sdpa_causal_chunks(q, k, v, mask) - want).abs().max() <= 1e-6
+        assert (sdpa_causal_chunks(q, k, v, mask, decomposed=True) - want).abs().max() <= 1e-6
     ahead = padded.clone()
     ahead[0, 0, 4, 6] = True  # an image token seeing a later one
     assert not sees_no_later_key(ahead)
