@@ -55,9 +55,10 @@ def sdpa_decomposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     QK product in onnxruntime's profile), and expands keys and values to every query head. Here
     blocked keys score the lowest finite value, and a query row that no key may be attended by is
     set to 0 after (what torch's SDPA returns for it), on its [B, H, S, d] output; the query heads
-    of each key head are rows of one product. A float mask is left to F.scaled_dot_product_attention.
+    of each key head are rows of one product. A float mask (or one not [B, H, S, T]) is left to
+    F.scaled_dot_product_attention.
     """
-    if attn_mask.dtype != torch.bool:
+    if attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or q.dim() != 4:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
     batch, heads, rows, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
