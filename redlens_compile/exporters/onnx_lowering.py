@@ -11,8 +11,8 @@ computation in exportable ops, and records what it did for the manifest:
   that call lets no query see a later key (causal, padded, sliding), `sdpa_causal_chunks`: query
   blocks against the keys up to their last row, 5/8 of the full S x S scores (onnxruntime computes
   every score of a masked SDPA, and the full mask's Add cost as much as the QK matmul in its profile).
-- `hollow_attention` keeps its blockwise computation; its two run-time decisions become static:
-  the mask is read entry by entry (no causal shortcut), and whether an image's tokens look
+- `hollow_attention` keeps its blockwise computation; the two run-time decisions of its
+  `hollow_plan` become static: the mask is read entry by entry (no causal shortcut), and whether an image's tokens look
   ahead is what the family's masks say (image blocks attending both ways, or causal), not a
   check of the data. Block sizes stay sizes read from data (ops/rows.py `data_size`), which
   the ONNX graph computes at run time. Its visual blocks stack the query heads of each key head
@@ -38,7 +38,7 @@ from torch import fx
 from ..ops import dynamic_ffn as ffn_ops
 from ..ops.causal_attention import (is_causal_mask, sdpa_causal_chunks, sdpa_causal_fast_path, sdpa_decomposed,
                                      sees_no_later_key)
-from ..ops.hollow_attention import hollow_attention, mask_looks_ahead
+from ..ops.hollow_attention import hollow_attention, hollow_plan, mask_looks_ahead
 from ..ops.token_pruning import key_biased_mask
 from ..passes.infra import RedLensPass, RedLensPassResult
 from ..passes.selectors import attr_value, call_like, nodes_graph
@@ -122,10 +122,13 @@ class LowerForOnnxPass(RedLensPass):
                 record.finite_key_bias += 1
                 modified = True
                 continue
-            elif node.target is hollow_attention and (node.kwargs.get("mask_is_causal") is not False
-                                                      or node.kwargs.get("looks_ahead") != self.looks_ahead
-                                                      or not node.kwargs.get("stack_heads")):
-                node.kwargs = dict(node.kwargs, mask_is_causal=False, looks_ahead=self.looks_ahead, stack_heads=True)
+            elif node.target is hollow_plan and (node.kwargs.get("mask_is_causal") is not False
+                                                 or node.kwargs.get("looks_ahead") != self.looks_ahead):
+                node.kwargs = dict(node.kwargs, mask_is_causal=False, looks_ahead=self.looks_ahead)
+                modified = True
+                continue
+            elif node.target is hollow_attention and not node.kwargs.get("stack_heads"):
+                node.kwargs = dict(node.kwargs, stack_heads=True)
                 record.hollow_blockwise += 1
                 modified = True
                 continue

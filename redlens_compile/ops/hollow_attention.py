@@ -8,6 +8,10 @@ the text keys before it, the blocks behind it that a window reaches and their ow
 as many ahead when the family lets image tokens look ahead), with the exact mask inside.
 Work per visual query: P + 1.5w keys instead of S. The FLOPs function counts exactly that.
 
+Where the queries and keys sit (positions, blocks, masks, the output's source rows) depends on the
+mask, the layout and the window only: `hollow_plan` computes it once per forward (a graph node) and
+each hollow layer's `hollow_attention` reads it.
+
 Text queries cost what they cost in the family's SDPA: a query sees itself and the keys before it
 (analysis/flops.py's convention for every decoder SDPA). When the mask is exactly causal the text
 rows every sample starts with (before its first image) run as one causal SDPA over their own
@@ -17,12 +21,13 @@ keys, as the unreduced layer's causal fast path runs them, instead of against al
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .causal_attention import sdpa_decomposed
-from .rows import counted, data_size, flat_positions, masked_rows, select_rows
+from .rows import counted, data_size, flat_positions, select_rows
 
 
 SMALL_BLOCK = 4  # query blocks of up to this many rows take _block_attention, larger ones SDPA
@@ -35,15 +40,15 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
     return mask > torch.finfo(mask.dtype).min / 2
 
 
-def _gather_heads(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, d] at positions [B, N] -> [B, H, N, d].
+def _gather_heads(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, d] at rows [B * N] of the flattened [B * S] rows -> [B, H, N, d].
 
     One index_select over whole rows of the [B * S, H, d] layout (the layout projections leave
     q, k and v in, so the reshape is a view): far faster than a gather with an expanded index.
     """
     batch, heads, seq, dim = x.shape
-    rows = select_rows(x.transpose(1, 2).reshape(batch * seq, heads, dim), flat_positions(positions, seq))
-    return rows.view(batch, -1, heads, dim).transpose(1, 2)
+    out = select_rows(x.transpose(1, 2).reshape(batch * seq, heads, dim), rows)
+    return out.view(batch, -1, heads, dim).transpose(1, 2)
 
 
 def _mask_at(allowed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -148,17 +153,144 @@ def text_query_pairs(txt_pos: torch.Tensor, txt_valid: torch.Tensor, seq: int) -
     return torch.where(txt_valid, txt_pos + 1, torch.full_like(txt_pos, seq)).sum()
 
 
-def _hollow_flops(q, k, v, attn_mask, visual_mask, vis_pos, vis_valid, txt_pos, txt_valid, window, scale=None,
-                  enable_gqa=False, mask_is_causal=False, looks_ahead=None, key_bias=None, stack_heads=False):
+class HollowPlan(NamedTuple):
+    """Where hollow attention's queries and keys sit. It is the same for every layer of a forward
+    that reads the same mask with the same window, so the graph computes it once (a `hollow_plan`
+    node, as `visual_layout` is) and each layer's `hollow_attention` reads it: the layers keep their
+    gathers and SDPAs, not the index arithmetic (profiled on a SmolVLM-sized decoder at 2 threads,
+    rebuilding it per layer was a third of a hollow layer's time). Rows are indices into the
+    flattened [B * S] rows."""
+
+    txt_pos: torch.Tensor  # [B, T] every sample's text rows (what the FLOPs count reads)
+    txt_valid: torch.Tensor
+    prefix: int  # rows [0, P) run as one causal SDPA over their own keys (0: they take the text SDPA)
+    text_rows: torch.Tensor | None  # [B * Nt] the other text queries (None: none)
+    text_allowed: torch.Tensor | None  # [B, 1, Nt, S] the keys they see (padded entries: every key)
+    blocks: BlockPlan | None  # None: no visual row
+    small: bool  # small blocks: _block_attention (text keys scored once); else an SDPA per block
+    query_rows: torch.Tensor | None  # [B * nb * c] the blocks' query rows, padded
+    key_pos: torch.Tensor | None  # [B, nb, T' + width] each block's keys, as positions (the key bias' index)
+    key_rows: torch.Tensor | None  # [B * nb * (T' + width)] the same keys as rows (SDPA blocks)
+    text_key_rows: torch.Tensor | None  # [B * T'] the text keys (small blocks)
+    local_rows: torch.Tensor | None  # [B * nb * width] each block's local visual keys (small blocks)
+    allowed: torch.Tensor | None  # [B, nb, c, T' + width] the keys each block query sees (padded rows: all)
+    source: torch.Tensor  # [B * S] each output row's row in cat(prefix rows, text rows, block rows)
+
+
+class _RowSource:
+    """The output's source index, from the pieces of rows in the order hollow_attention concatenates
+    them: one gather of whole rows at the end instead of a write of each piece into an output copy
+    (which cost onnxruntime a ScatterND pass over the whole output per piece)."""
+
+    def __init__(self, batch: int, seq: int, device: torch.device):
+        self.seq, self.rows = seq, 0
+        # every position is written by one piece (text or visual); 0 keeps an index in range regardless
+        self.source = torch.zeros(batch * seq, dtype=torch.int64, device=device)
+
+    def add(self, positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """The next piece's rows [B * N], in the order of positions [B, N], belong there (where valid)."""
+        targets = flat_positions(positions, self.seq)
+        index = torch.arange(targets.shape[0], device=targets.device)
+        if valid is not None:
+            index = valid.reshape(-1).nonzero().reshape(-1)
+            targets = select_rows(targets, index)
+        self.source.index_copy_(0, targets, index + self.rows)
+        self.rows = self.rows + positions.numel()
+
+
+def hollow_plan(attn_mask: torch.Tensor, visual_mask: torch.Tensor, vis_pos: torch.Tensor, vis_valid: torch.Tensor,
+                txt_pos: torch.Tensor, txt_valid: torch.Tensor, window: int, mask_is_causal: bool = False,
+                looks_ahead: bool | None = None) -> HollowPlan:
+    """The HollowPlan of a forward: attn_mask [B or 1, 1, S, S], visual_mask [B, S] and the layout rows.
+
+    mask_is_causal (checked once per forward by the graph): the mask is exactly causal, so its
+    entries are computed from positions instead of gathered from the S x S tensor, and the text
+    rows every sample starts with run as one causal SDPA over their own keys.
+    """
+    batch, seq = visual_mask.shape
+    device = visual_mask.device
+    allowed = _allowed(attn_mask).expand(batch, 1, seq, seq)
+
+    def family_mask(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return cols <= rows[..., None] if mask_is_causal else _mask_at(allowed, rows, cols)
+
+    source = _RowSource(batch, seq, device)
+    # Text queries: unchanged, every key the mask allows. With an exactly causal mask the leading
+    # text rows [0, P) see only keys before P: one causal SDPA over those (no S-wide scores for them).
+    # (Not under torch.compile: an SDPA over a data-sized prefix that may be empty guards on its size;
+    # there the text rows all take the next SDPA, a few rows against all S keys.)
+    prefix, query_pos, query_valid = 0, txt_pos, txt_valid
+    if mask_is_causal and txt_pos.shape[1] and not torch.compiler.is_compiling():
+        prefix = _size_min(text_prefix(vis_pos, vis_valid, seq), txt_pos.shape[1])
+        if prefix:
+            source.add(torch.arange(prefix, device=device).expand(batch, prefix))
+            query_pos, query_valid = txt_pos[:, prefix:], txt_valid[:, prefix:]
+    text_rows = text_allowed = None
+    if _nonzero(query_pos.shape[1]):
+        rows = family_mask(query_pos, torch.arange(seq, device=device).expand(batch, query_pos.shape[1], seq))
+        text_allowed = (rows | ~query_valid[:, :, None])[:, None]  # padded rows: any finite result, discarded
+        text_rows = flat_positions(query_pos, seq)
+        source.add(query_pos, query_valid)
+
+    blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window, mask_is_causal, looks_ahead)
+    if blk is None:
+        return HollowPlan(txt_pos, txt_valid, prefix, text_rows, text_allowed, None, False,
+                          None, None, None, None, None, None, source.source)
+    block, blocks = blk.block, blk.blocks
+    pos = torch.nn.functional.pad(vis_pos, (blk.lead, blk.trail))
+    valid = torch.nn.functional.pad(vis_valid, (blk.lead, blk.trail))
+    starts = torch.arange(blocks, device=device) * block
+    local = starts[:, None] + torch.arange(blk.width, device=device)[None, :]  # [nb, width]
+    text_keys = txt_pos[:, None, :blk.text_keys].expand(-1, blocks, -1)
+    key_pos = torch.cat([text_keys, pos[:, local]], dim=2)  # [B, nb, T' + width]
+    key_valid = torch.cat([txt_valid[:, None, :blk.text_keys].expand(-1, blocks, -1), valid[:, local]], dim=2)
+    key_visual = torch.zeros_like(key_valid)
+    key_visual[:, :, blk.text_keys:] = True
+
+    block_pos = pos[:, blk.lead:blk.lead + blocks * block].reshape(batch, blocks, block)
+    block_valid = valid[:, blk.lead:blk.lead + blocks * block].reshape(batch, blocks, block)
+    family = family_mask(block_pos.reshape(batch, -1),
+                         key_pos[:, :, None, :].expand(-1, -1, block, -1).reshape(batch, blocks * block, -1))
+    family = family.view(batch, blocks, block, -1)
+    near = (block_pos[..., None] - key_pos[:, :, None, :]).abs() < window
+    mask = family & key_valid[:, :, None, :] & (~key_visual[:, :, None, :] | near)
+    mask = mask | ~block_valid[..., None]  # padded query rows: any finite result, discarded
+    source.add(block_pos.reshape(batch, -1), block_valid.reshape(batch, -1))
+    small = (window + 1) // 2 <= SMALL_BLOCK
+    return HollowPlan(
+        txt_pos, txt_valid, prefix, text_rows, text_allowed, blk, small,
+        query_rows=flat_positions(block_pos.reshape(batch, -1), seq),
+        key_pos=key_pos,
+        key_rows=None if small else flat_positions(key_pos.reshape(batch, -1), seq),
+        text_key_rows=flat_positions(txt_pos[:, :blk.text_keys], seq) if small else None,
+        local_rows=flat_positions(pos[:, local].reshape(batch, -1), seq) if small else None,
+        allowed=mask,
+        source=source.source,
+    )
+
+
+def _hollow_flops(q, k, v, plan, scale=None, enable_gqa=False, key_bias=None, stack_heads=False):
     """Text queries at the pairs they see (as the unreduced SDPA is counted), each visual block
     against its text candidates and its local run (padded rows included: they are computed)."""
     batch, heads, seq, head_dim = q.shape
     per_pair = heads * (head_dim + v.shape[-1])
-    allowed = _allowed(attn_mask).expand(batch, 1, seq, seq)
-    text = float(text_query_pairs(txt_pos, txt_valid, seq)) * per_pair
-    blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window, mask_is_causal, looks_ahead)
+    text = float(text_query_pairs(plan.txt_pos, plan.txt_valid, seq)) * per_pair
+    blk = plan.blocks
     visual = 0 if blk is None else batch * blk.blocks * blk.block * (blk.text_keys + blk.width) * per_pair
     return float(visual), float(text)
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, d] -> rows [B * N, H, d] (a view where x is the transposed view SDPA returns)."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+
+
+def _biased(allowed_keys: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as SDPA takes it; with a key bias (broadcast to the mask), additive."""
+    if bias is None:
+        return allowed_keys
+    bias = bias.to(dtype)
+    return torch.where(allowed_keys, bias, torch.full_like(bias, torch.finfo(dtype).min))
 
 
 @counted(_hollow_flops)
@@ -166,24 +298,14 @@ def hollow_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    attn_mask: torch.Tensor,
-    visual_mask: torch.Tensor,
-    vis_pos: torch.Tensor,
-    vis_valid: torch.Tensor,
-    txt_pos: torch.Tensor,
-    txt_valid: torch.Tensor,
-    window: int,
+    plan: HollowPlan,
     scale: float | None = None,
     enable_gqa: bool = False,
-    mask_is_causal: bool = False,
-    looks_ahead: bool | None = None,
     key_bias: torch.Tensor | None = None,
     stack_heads: bool = False,
 ) -> torch.Tensor:
-    """SDPA with the hollow pattern. q [B, H, S, d]; k, v [B, H_kv, S, d]; attn_mask [B or 1, 1, S, S].
+    """SDPA with the hollow pattern of `plan` (hollow_plan). q [B, H, S, d]; k, v [B, H_kv, S, d].
 
-    mask_is_causal (checked once per forward by the graph): the mask is exactly causal, so its
-    entries are computed from positions instead of gathered from the S x S tensor.
     key_bias [B, S] (token pruning's proportional attention, passes/key_bias.py): added to every
     score of its key, for the text and the window keys a query keeps, as a full layer adds it.
     stack_heads (the ONNX lowering sets it): the visual blocks' SDPA stacks the query heads of each
@@ -192,143 +314,73 @@ def hollow_attention(
     the text queries' SDPA is causal_attention.sdpa_decomposed (no NaN guard over its scores).
     """
     batch, heads, seq, _ = q.shape
-    allowed = _allowed(attn_mask).expand(batch, 1, seq, seq)
-
-    def family_mask(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return cols <= rows[..., None] if mask_is_causal else _mask_at(allowed, rows, cols)
-
-    out = _OutputRows(batch, seq, q.device)
     sdpa = dict(scale=scale, enable_gqa=enable_gqa)
-
-    def biased(allowed_keys: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """A bool mask as SDPA takes it; with a key bias (broadcast to the mask), additive."""
-        if bias is None:
-            return allowed_keys
-        bias = bias.to(q.dtype)
-        return torch.where(allowed_keys, bias, torch.full_like(bias, torch.finfo(q.dtype).min))
-
-    # Text queries: unchanged, every key the mask allows. With an exactly causal mask the leading
-    # text rows [0, P) see only keys before P: one causal SDPA over those (no S-wide scores for them).
-    # (Not under torch.compile: an SDPA over a data-sized prefix that may be empty guards on its size;
-    # there the text rows all take the next SDPA, a few rows against all S keys.)
-    query_pos, query_valid = txt_pos, txt_valid
-    if mask_is_causal and txt_pos.shape[1] and not torch.compiler.is_compiling():
-        prefix = _size_min(text_prefix(vis_pos, vis_valid, seq), txt_pos.shape[1])
-        if prefix and key_bias is None:
-            lead = F.scaled_dot_product_attention(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix],
-                                                  is_causal=True, **sdpa)
-        elif prefix:  # the same causal rows, the bias on their keys
-            pos = torch.arange(prefix, device=q.device)
-            causal = (pos[None, :] <= pos[:, None])[None, None]
-            lead = F.scaled_dot_product_attention(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix],
-                                                  attn_mask=biased(causal, key_bias[:, None, None, :prefix]), **sdpa)
-        if prefix:
-            out.put(lead, torch.arange(prefix, device=q.device).expand(batch, prefix))
-            query_pos, query_valid = txt_pos[:, prefix:], txt_valid[:, prefix:]
-    if _nonzero(query_pos.shape[1]):
-        rows = family_mask(query_pos, torch.arange(seq, device=q.device).expand(batch, query_pos.shape[1], seq))
-        rows = rows | ~query_valid[:, :, None]  # padded rows: any finite result, discarded below
+    pieces = []
+    if plan.prefix:
+        lead = plan.prefix
+        causal = None
+        if key_bias is not None:  # the same causal rows, the bias on their keys
+            pos = torch.arange(lead, device=q.device)
+            causal = _biased((pos[None, :] <= pos[:, None])[None, None], key_bias[:, None, None, :lead], q.dtype)
+        pieces.append(_as_rows(F.scaled_dot_product_attention(
+            q[:, :, :lead], k[:, :, :lead], v[:, :, :lead], attn_mask=causal, is_causal=causal is None, **sdpa)))
+    if plan.text_rows is not None:
         text_bias = None if key_bias is None else key_bias[:, None, None, :]
         # the lowering's form (stack_heads) decomposes this SDPA without torch.onnx's NaN guard
         attend = sdpa_decomposed if stack_heads else F.scaled_dot_product_attention
-        text_out = attend(_gather_heads(q, query_pos), k, v, attn_mask=biased(rows[:, None], text_bias), **sdpa)
-        out.put(text_out, query_pos, query_valid)
-
-    blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window, mask_is_causal, looks_ahead)
-    if blk is None:
-        return out.merged()
-    block, blocks = blk.block, blk.blocks
-    pos = torch.nn.functional.pad(vis_pos, (blk.lead, blk.trail))
-    valid = torch.nn.functional.pad(vis_valid, (blk.lead, blk.trail))
-    starts = torch.arange(blocks, device=q.device) * block
-    local = starts[:, None] + torch.arange(blk.width, device=q.device)[None, :]  # [nb, width]
-    text_keys = txt_pos[:, None, :blk.text_keys].expand(-1, blocks, -1)
-    key_pos = torch.cat([text_keys, pos[:, local]], dim=2)  # [B, nb, T' + width]
-    key_valid = torch.cat([txt_valid[:, None, :blk.text_keys].expand(-1, blocks, -1), valid[:, local]], dim=2)
-    key_visual = torch.zeros_like(key_valid)
-    key_visual[:, :, blk.text_keys:] = True
-
-    query_pos = pos[:, blk.lead:blk.lead + blocks * block].reshape(batch, blocks, block)
-    query_valid = valid[:, blk.lead:blk.lead + blocks * block].reshape(batch, blocks, block)
-    family = family_mask(query_pos.reshape(batch, -1),
-                      key_pos[:, :, None, :].expand(-1, -1, block, -1).reshape(batch, blocks * block, -1))
-    family = family.view(batch, blocks, block, -1)
-    near = (query_pos[..., None] - key_pos[:, :, None, :]).abs() < window
-    mask = family & key_valid[:, :, None, :] & (~key_visual[:, :, None, :] | near)
-    mask = mask | ~query_valid[..., None]  # padded query rows: any finite result, discarded
-    # the key bias at each block's keys [B, nb, T' + width] (text keys and the window's visual keys)
-    key_bias_at = None if key_bias is None else key_bias.gather(1, key_pos.reshape(batch, -1)).view(key_pos.shape)
-
-    if (window + 1) // 2 <= SMALL_BLOCK:
-        # Small blocks: the text keys are scored once for all visual queries (measured ~35% faster
-        # than the flash kernel at w=8; slower from w=15 up, where the kernel's blocks pay off).
-        q_rows = _gather_heads(q, query_pos.reshape(batch, -1))  # [B, H, nb * block, d]
-        text_k, text_v = (_gather_heads(x, txt_pos[:, :blk.text_keys]) for x in (k, v))  # [B, H_kv, T', d]
-        local_pos = pos[:, local].reshape(batch, -1)
-        local_k, local_v = (_gather_heads(x, local_pos).view(batch, x.shape[1], blocks, blk.width, -1) for x in (k, v))
+        pieces.append(_as_rows(attend(_gather_heads(q, plan.text_rows), k, v,
+                                      attn_mask=_biased(plan.text_allowed, text_bias, q.dtype), **sdpa)))
+    if plan.blocks is not None:
         if not enable_gqa and k.shape[1] != heads:
             raise ValueError(f"{heads} query heads over {k.shape[1]} key heads need enable_gqa=True")
-        vis_out = _block_attention(q_rows, text_k, text_v, local_k, local_v, mask, scale, key_bias_at)
+        pieces.append(_visual_blocks(q, k, v, plan, scale, enable_gqa, key_bias, stack_heads))
+    out = select_rows(torch.cat(pieces), plan.source)
+    return out.view(batch, seq, *out.shape[1:]).transpose(1, 2)  # a transposed view: what the graph reshapes next
+
+
+def _visual_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HollowPlan, scale: float | None,
+                   enable_gqa: bool, key_bias: torch.Tensor | None, stack_heads: bool) -> torch.Tensor:
+    """The visual queries' output rows [B * nb * c, H, d], block by block."""
+    batch, heads = q.shape[:2]
+    blk, kv_heads = plan.blocks, k.shape[1]
+    blocks, block = blk.blocks, blk.block
+    # the key bias at each block's keys [B, nb, T' + width] (text keys and the window's visual keys)
+    key_bias_at = None if key_bias is None else \
+        key_bias.gather(1, plan.key_pos.reshape(batch, -1)).view(plan.key_pos.shape)
+    q_rows = _gather_heads(q, plan.query_rows)  # [B, H, nb * c, d]
+    if plan.small:
+        # Small blocks: the text keys are scored once for all visual queries (measured ~35% faster
+        # than the flash kernel at w=8; slower from w=15 up, where the kernel's blocks pay off).
+        text_k, text_v = (_gather_heads(x, plan.text_key_rows) for x in (k, v))  # [B, H_kv, T', d]
+        local_k, local_v = (_gather_heads(x, plan.local_rows).view(batch, kv_heads, blocks, blk.width, -1)
+                            for x in (k, v))
+        return _as_rows(_block_attention(q_rows, text_k, text_v, local_k, local_v, plan.allowed, scale, key_bias_at))
+    n_keys = plan.key_pos.shape[-1]
+    k_blk = _gather_heads(k, plan.key_rows).view(batch, kv_heads, blocks, n_keys, -1).transpose(1, 2)
+    v_blk = _gather_heads(v, plan.key_rows).view(batch, kv_heads, blocks, n_keys, -1).transpose(1, 2)
+    q_blk = q_rows.view(batch, heads, blocks, block, -1).transpose(1, 2)
+    mask = _biased(plan.allowed, None if key_bias_at is None else key_bias_at[:, :, None, :], q.dtype)
+    if (stack_heads or torch.compiler.is_compiling()) and kv_heads != heads:
+        # query head h reads key head h // G: the G heads of a key head as G * block rows
+        group = heads // kv_heads
+        out = F.scaled_dot_product_attention(
+            q_blk.reshape(batch * blocks, kv_heads, group * block, -1),
+            k_blk.reshape(batch * blocks, kv_heads, n_keys, -1),
+            v_blk.reshape(batch * blocks, kv_heads, n_keys, -1),
+            attn_mask=mask.reshape(batch * blocks, 1, 1, block, n_keys).expand(-1, -1, group, -1, -1)
+            .reshape(batch * blocks, 1, group * block, n_keys),
+            scale=scale,
+        )
     else:
-        n_keys = key_pos.shape[-1]
-        flat_keys = key_pos.reshape(batch, -1)
-        k_blk = _gather_heads(k, flat_keys).view(batch, k.shape[1], blocks, n_keys, -1).transpose(1, 2)
-        v_blk = _gather_heads(v, flat_keys).view(batch, v.shape[1], blocks, n_keys, -1).transpose(1, 2)
-        q_blk = _gather_heads(q, query_pos.reshape(batch, -1)).view(batch, heads, blocks, block, -1).transpose(1, 2)
-        kv_heads = k.shape[1]
-        mask = biased(mask, None if key_bias_at is None else key_bias_at[:, :, None, :])
-        if (stack_heads or torch.compiler.is_compiling()) and kv_heads != heads:
-            # query head h reads key head h // G: the G heads of a key head as G * block rows
-            group = heads // kv_heads
-            stacked = F.scaled_dot_product_attention(
-                q_blk.reshape(batch * blocks, kv_heads, group * block, -1),
-                k_blk.reshape(batch * blocks, kv_heads, n_keys, -1),
-                v_blk.reshape(batch * blocks, kv_heads, n_keys, -1),
-                attn_mask=mask.reshape(batch * blocks, 1, 1, block, n_keys).expand(-1, -1, group, -1, -1)
-                .reshape(batch * blocks, 1, group * block, n_keys),
-                scale=scale,
-            )
-            vis_out = stacked.reshape(batch * blocks, heads, block, -1)
-        else:
-            vis_out = F.scaled_dot_product_attention(
-                q_blk.reshape(batch * blocks, heads, block, -1),
-                k_blk.reshape(batch * blocks, kv_heads, n_keys, -1),
-                v_blk.reshape(batch * blocks, kv_heads, n_keys, -1),
-                attn_mask=mask.reshape(batch * blocks, 1, block, n_keys),
-                **sdpa,
-            )
-        vis_out = vis_out.view(batch, blocks, heads, block, -1).transpose(1, 2).reshape(batch, heads, blocks * block, -1)
-    out.put(vis_out[:, :, :vis_pos.shape[1]], vis_pos, vis_valid)
-    return out.merged()
-
-
-class _OutputRows:
-    """hollow_attention's output [B, H, S, d], from pieces of rows [B, H, N, d] and their positions:
-    one concatenation and one gather of whole rows over a source index at the end. (Writing each
-    piece into an output copy cost onnxruntime a ScatterND pass over the whole output per piece.)"""
-
-    def __init__(self, batch: int, seq: int, device: torch.device):
-        self.batch, self.seq = batch, seq
-        self.pieces: list[torch.Tensor] = []
-        self.rows = 0
-        # every position is written by one piece (text or visual); 0 keeps an index in range regardless
-        self.source = torch.zeros(batch * seq, dtype=torch.int64, device=device)
-
-    def put(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """The rows [B, H, N, d] belong at positions [B, N] (where valid)."""
-        flat = rows.transpose(1, 2).reshape(-1, rows.shape[1], rows.shape[3])  # [B * N, H, d]
-        index = torch.arange(flat.shape[0], device=flat.device) + self.rows
-        targets = flat_positions(positions, self.seq)
-        if valid is not None:
-            index, targets = masked_rows(index, valid.reshape(-1)), masked_rows(targets, valid.reshape(-1))
-        self.source.index_copy_(0, targets, index)
-        self.pieces.append(flat)
-        self.rows = self.rows + flat.shape[0]
-
-    def merged(self) -> torch.Tensor:
-        """[B, H, S, d], a transposed view of rows [B * S, H, d]: what the graph reshapes next."""
-        out = select_rows(torch.cat(self.pieces), self.source)
-        return out.view(self.batch, self.seq, *out.shape[1:]).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q_blk.reshape(batch * blocks, heads, block, -1),
+            k_blk.reshape(batch * blocks, kv_heads, n_keys, -1),
+            v_blk.reshape(batch * blocks, kv_heads, n_keys, -1),
+            attn_mask=mask.reshape(batch * blocks, 1, block, n_keys),
+            scale=scale, enable_gqa=enable_gqa,
+        )
+    # [B * nb, H, c, d] (stacked: [B * nb, H_kv, G * c, d], the same memory) -> rows in (b, block, row) order
+    return out.reshape(batch * blocks, heads, block, -1).transpose(1, 2).reshape(-1, heads, out.shape[-1])
 
 
 def _block_attention(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor, local_k: torch.Tensor,

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from ..ops.hollow_attention import hollow_attention, hollow_attention_masked, mask_looks_ahead
+from ..ops.hollow_attention import hollow_attention, hollow_attention_masked, hollow_plan, mask_looks_ahead
 from .infra import RedLensPass, RedLensPassResult
 from .selectors import (
     VISUAL_MASK_INPUT,
@@ -90,12 +90,8 @@ class HollowAttentionPass(RedLensPass):
                 else:
                     layout = layout_nodes(graph_module)
                     mask = placeholder(graph_module, VISUAL_MASK_INPUT)
-                    causal = causal_check(graph, args["attn_mask"])
-                    ahead = looks_ahead_check(graph, args["attn_mask"], mask)
-                    new = call_like(graph, node, hollow_attention,
-                                    (q, k, v, args["attn_mask"], mask, layout["vis_pos"], layout["vis_valid"],
-                                     layout["txt_pos"], layout["txt_valid"], window),
-                                    dict(common, mask_is_causal=causal, looks_ahead=ahead))
+                    plan = plan_node(graph, args["attn_mask"], mask, layout, window)
+                    new = call_like(graph, node, hollow_attention, (q, k, v, plan), common)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             modified = True
@@ -107,6 +103,20 @@ class HollowAttentionPass(RedLensPass):
         if modified:
             graph_module.recompile()
         return RedLensPassResult(graph_module, modified, {"fallback": fallback, "skipped": skipped})
+
+
+def plan_node(graph: fx.Graph, attn_mask: fx.Node, visual_mask: fx.Node, layout: dict[str, fx.Node],
+              window: int) -> fx.Node:
+    """The hollow_plan node of every layer reading `attn_mask` with this window: computed once per
+    forward (inserted at the first such layer, before it)."""
+    for user in attn_mask.users:
+        if user.target is hollow_plan and user.args[6] == window:
+            return user
+    causal = causal_check(graph, attn_mask)
+    ahead = looks_ahead_check(graph, attn_mask, visual_mask)
+    return call_like(graph, attn_mask, hollow_plan,
+                     (attn_mask, visual_mask, layout["vis_pos"], layout["vis_valid"], layout["txt_pos"],
+                      layout["txt_valid"], window), dict(mask_is_causal=causal, looks_ahead=ahead))
 
 
 def looks_ahead_check(graph: fx.Graph, attn_mask: fx.Node, visual_mask: fx.Node) -> fx.Node:

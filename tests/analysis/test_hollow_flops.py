@@ -7,7 +7,7 @@ from tiny_families import FIRST_FAMILIES, make_inputs
 
 import redlens_compile as rc
 from redlens_compile.analysis.flops import groups_total
-from redlens_compile.ops.hollow_attention import hollow_attention
+from redlens_compile.ops.hollow_attention import hollow_attention, hollow_plan
 from redlens_compile.ops.rows import visual_layout
 
 
@@ -75,10 +75,10 @@ def test_causal_text_rows_before_the_image_run_once_over_their_own_keys():
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None].expand(batch, 1, seq, seq)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal)
     layout = visual_layout(visual)
-    got = hollow_attention(q, k, v, causal, visual, *layout[:2], *layout[3:5], seq, mask_is_causal=True)
+    plan = hollow_plan(causal, visual, *layout[:2], *layout[3:5], seq, mask_is_causal=True)
+    got = hollow_attention(q, k, v, plan)
     assert (got - want).abs().max().item() <= 1e-5
-    visual_flops, text_flops = hollow_attention._redlens_flops(q, k, v, causal, visual, *layout[:2], *layout[3:5], seq,
-                                                                mask_is_causal=True)
+    visual_flops, text_flops = hollow_attention._redlens_flops(q, k, v, plan)
     keys_seen = sum(i + 1 for b in range(batch) for i in range(seq) if not visual[b, i])
     text_rows = (~visual).sum(1)
     padded = int((text_rows.max() - text_rows).sum())  # a sample's padded text entries run against all keys

@@ -8,7 +8,7 @@ import redlens_compile as rc
 from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
 from redlens_compile.exporters.onnx_lowering import LowerForOnnxPass
 from redlens_compile.ops.causal_attention import is_causal_mask, sdpa_causal_fast_path, sdpa_decomposed
-from redlens_compile.ops.hollow_attention import hollow_attention
+from redlens_compile.ops.hollow_attention import hollow_attention, hollow_plan
 from redlens_compile.passes.infra import run_passes
 from redlens_compile.passes.selectors import clone_graph_module
 
@@ -126,8 +126,9 @@ def test_hollow_attention_stays_blockwise_with_static_decisions(family_models):
     assert hollow == opt.num_layers
     lowered, record = lower_and_compare(model, opt)
     assert record.hollow_blockwise == hollow
-    assert all(n.kwargs["mask_is_causal"] is False and n.kwargs["looks_ahead"] is False
-               for n in targets(lowered, hollow_attention))
+    plans = targets(lowered, hollow_plan)
+    assert len(plans) == 1 and all(n.args[3] is plans[0] for n in targets(lowered, hollow_attention))
+    assert plans[0].kwargs["mask_is_causal"] is False and plans[0].kwargs["looks_ahead"] is False
 
 
 def test_key_bias_masks_get_a_finite_floor(family_models):

@@ -8,7 +8,7 @@ from conftest import ALL_FAMILIES
 from tiny_families import make_inputs
 
 from redlens_compile.capture.decoder_inputs import capture_decoder_inputs
-from redlens_compile.ops.hollow_attention import hollow_attention
+from redlens_compile.ops.hollow_attention import hollow_attention, hollow_plan
 from redlens_compile.ops.rows import visual_layout
 from redlens_compile.passes import DeadCodeEliminationPass, HollowAttentionPass, StripAssertsPass, run_passes
 from redlens_compile.passes.selectors import clone_graph_module
@@ -54,7 +54,7 @@ def test_blockwise_op_equals_masked_reference(window, bidirectional):
     q, k, v, family, visual = random_case(window, bidirectional)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=reference_mask(family, visual, window))
     layout = visual_layout(visual)
-    got = hollow_attention(q, k, v, family, visual, *layout[:2], *layout[3:5], window)
+    got = hollow_attention(q, k, v, hollow_plan(family, visual, *layout[:2], *layout[3:5], window))
     rows = family[:, 0].any(-1)  # fully masked (padding) rows are undefined in both
     assert (got - want).abs()[rows[:, None, :, None].expand_as(got)].max().item() <= TOL
 
@@ -105,7 +105,7 @@ def test_causal_shortcut_equals_masked_reference(window):
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None].expand(2, 1, seq, seq)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=reference_mask(causal.clone(), visual, window))
     layout = visual_layout(visual)
-    got = hollow_attention(q, k, v, causal, visual, *layout[:2], *layout[3:5], window, mask_is_causal=True)
+    got = hollow_attention(q, k, v, hollow_plan(causal, visual, *layout[:2], *layout[3:5], window, mask_is_causal=True))
     assert (got - want).abs().max().item() <= TOL
 
 

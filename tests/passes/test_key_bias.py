@@ -82,7 +82,7 @@ def test_hollow_op_with_key_bias_equals_an_additive_masked_reference(window, cau
     import torch.nn.functional as F
     from test_hollow_attention import random_case, reference_mask
 
-    from redlens_compile.ops.hollow_attention import hollow_attention, hollow_attention_masked
+    from redlens_compile.ops.hollow_attention import hollow_attention, hollow_attention_masked, hollow_plan
     from redlens_compile.ops.rows import visual_layout
 
     q, k, v, family, visual = random_case(window, bidirectional=False)
@@ -94,11 +94,11 @@ def test_hollow_op_with_key_bias_equals_an_additive_masked_reference(window, cau
     additive = torch.where(allowed, bias[:, None, None, :], torch.tensor(float("-inf")))
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=additive)
     layout = visual_layout(visual)
-    got = hollow_attention(q, k, v, family, visual, *layout[:2], *layout[3:5], window,
-                           mask_is_causal=causal_shortcut, key_bias=bias)
+    plan = hollow_plan(family, visual, *layout[:2], *layout[3:5], window, mask_is_causal=causal_shortcut)
+    got = hollow_attention(q, k, v, plan, key_bias=bias)
     masked = hollow_attention_masked(q, k, v, family, visual, window, key_bias=bias)
     rows = family[:, 0].any(-1)[:, None, :, None].expand_as(got)  # fully masked (padding) rows are undefined
     assert (got - want).abs()[rows].max().item() <= 1e-5
     assert (masked - want).abs()[rows].max().item() <= 1e-5
-    plain = hollow_attention(q, k, v, family, visual, *layout[:2], *layout[3:5], window, mask_is_causal=causal_shortcut)
+    plain = hollow_attention(q, k, v, plan)
     assert (plain - want).abs()[rows].max().item() > 1e-3
