@@ -12,9 +12,9 @@ computation in exportable ops, and records what it did for the manifest:
   blocks against the keys up to their last row, 5/8 of the full S x S scores (onnxruntime computes
   every score of a masked SDPA, and the full mask's Add cost as much as the QK matmul in its profile).
 - `hollow_attention` keeps its blockwise computation; the two run-time decisions of its
-  `hollow_plan` become static: the mask is read entry by entry (no causal shortcut), and whether an image's tokens look
-  ahead is what the family's masks say (image blocks attending both ways, or causal), not a
-  check of the data. Block sizes stay sizes read from data (ops/rows.py `data_size`), which
+  `hollow_plan` become static: the mask is read entry by entry (no causal shortcut), and
+  whether an image's tokens look ahead is what the family's masks say (image blocks attending
+  both ways, or causal), not a check of the data. Block sizes stay sizes read from data (ops/rows.py `data_size`), which
   the ONNX graph computes at run time. Its visual blocks stack the query heads of each key head
   as rows (`stack_heads`): torch.onnx lowers enable_gqa to an Expand of the blocks' keys and
   values to every query head and a transpose of that copy, which cost the layer's attention
