@@ -150,11 +150,35 @@ def merge_rows(
 
     text_rows [N, D]: the first len(txt_flat) rows are the text rows; with probe_index [B, M] (and
     probe_valid) the next B * M rows are each sample's probe rows, which take the place of its
-    visual rows at probe_index where valid (the routed probes' full FFN output). One concatenation
-    and one gather of whole rows by a source index computed on ints: writing the text rows, the
-    visual rows and the probes each into a copy of the output cost onnxruntime a pass over the
-    whole output per write (ScatterND copies its input).
+    visual rows at probe_index where valid (the routed probes' full FFN output); rows after those
+    (padding) are not read.
+
+    Eager torch writes each piece into the output (three row copies, no concatenation). A traced
+    graph (torch.compile, export) gathers instead: one concatenation and one gather of whole rows by
+    a source index computed on ints, because writing each piece into a copy of the output cost
+    onnxruntime a pass over the whole output per write (ScatterND copies its input).
     """
+    if torch.compiler.is_compiling():
+        return _merge_by_gather(like, text_rows, txt_flat, visual_rows, vis_valid, vis_flat, probe_index, probe_valid)
+    batch, vmax, width = visual_rows.shape
+    text, rows = txt_flat.shape[0], like.numel() // like.shape[-1]
+    device = txt_flat.device
+    # one spare row past the end takes every padded entry's write, and is dropped
+    out = torch.empty(rows + 1, text_rows.shape[-1], dtype=like.dtype, device=device)
+    out.index_copy_(0, txt_flat, text_rows[:text].to(like.dtype))
+    # each padded visual row's output row [B * Vmax]
+    target = torch.full((batch * vmax,), rows, dtype=torch.int64, device=device)
+    target.index_copy_(0, vis_valid.reshape(-1).nonzero().reshape(-1), vis_flat)
+    out.index_copy_(0, target, visual_rows.reshape(-1, width).to(like.dtype))
+    if probe_index is not None:
+        at = target.view(batch, vmax).gather(1, probe_index).reshape(-1)
+        at = torch.where(probe_valid.reshape(-1), at, torch.full_like(at, rows))
+        out.index_copy_(0, at, text_rows[text:text + probe_index.numel()].to(like.dtype))
+    return out[:rows].view(like.shape[:-1] + text_rows.shape[-1:])
+
+
+def _merge_by_gather(like, text_rows, txt_flat, visual_rows, vis_valid, vis_flat, probe_index=None, probe_valid=None):
+    """merge_rows as one gather of cat([text_rows, visual rows]) (graphs that are traced)."""
     batch, vmax, width = visual_rows.shape
     text, stacked = txt_flat.shape[0], text_rows.shape[0]
     device = txt_flat.device

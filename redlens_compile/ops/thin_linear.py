@@ -45,6 +45,21 @@ def output_major_mm(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.mm(weight, rows.t())[:, :count].t()
 
 
+def row_padding(rows: int, x: torch.Tensor) -> int:
+    """Zero rows to append to an operand of `rows` rows that thin linears will read, so that every
+    one of them runs output-major with no pad of its own: the pad is a copy per linear, and for a
+    column-major input (the output of an output-major linear, e.g. the FFN's hidden rows before
+    its down projection) a transposing one; an operand padded once serves all its linears.
+    0 where thin_linear takes F.linear (another device, too few or many rows) and under
+    torch.compile or export (no data-sized pad in a compiled or exported graph). fvcore's jit
+    trace gets the pad, so the FLOPs audit counts the rows that run."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return 0
+    if not THIN_ROWS[0] <= rows <= THIN_ROWS[1]:
+        return 0
+    return -rows % ROW_ALIGN
+
+
 def _plain_eager(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # Tracers (fvcore's jit trace, torch.export for ONNX) must see the plain op; autograd, too. The
     # rates above are MKL's on a CPU.
@@ -57,4 +72,4 @@ def _plain_eager(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
-__all__ = ["ROW_ALIGN", "THIN_ROWS", "output_major_mm", "thin_linear"]
+__all__ = ["ROW_ALIGN", "THIN_ROWS", "output_major_mm", "row_padding", "thin_linear"]
