@@ -334,13 +334,13 @@ def test_the_demo_speed_line_times_a_geometry_decoder():
     from redlens_compile.config import RedLensConfig
 
     tiny = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
-    speed = geometry_speed(RedLensConfig(hollow_window=8), "2b", layers=1, image_size=8, repeats=1, overrides=tiny)
+    speed = geometry_speed(RedLensConfig(hollow_window=8), "2b", layers=1, image_size=16, repeats=1, overrides=tiny)
     assert (speed["hidden_size"], speed["intermediate_size"], speed["layers"]) == (32, 64, 1)
-    assert speed["visual_tokens"] == 16 and speed["config"]["layers"] == "all"
+    assert speed["visual_tokens"] == 64 and speed["config"]["layers"] == "all"
     assert 0 < speed["flops_ratio"] < 1 and speed["latency_ratio"] > 0
     line = speed_line(speed)
     assert re.fullmatch(r"expected speed   Qwen2-VL-2B-geometry decoder \(hidden 32, FFN 64; random weights, 1 layer\(s\), "
-                        r"16 visual tokens, ffn_keep 0\.5, window 8 on every layer\): prefill ratio \d+\.\d{3} for "
+                        r"64 visual tokens, ffn_keep 0\.5, window 8 on every layer\): prefill ratio \d+\.\d{3} for "
                         r"FLOPs ratio 0\.\d{3} \(eager torch, this machine, median of 1 interleaved runs; .*\)", line), line
     assert f"FLOPs ratio {speed['flops_ratio']:.3f}" in line
     assert build_parser().parse_args(["demo", "--out", "x", "--speed-geometry", "none"]).speed_geometry == "none"
