@@ -6,8 +6,8 @@ For each row: held-out accuracy (overall and per question type) with greedy gene
 the decoder prefill FLOPs ratio from the audit (after/before, fvcore). Layers are ranked on
 --calibration training-split questions (one batch), never on the held-out ones. Also the image-blind
 baseline (the original model with a blank image). Prints JSON, then a markdown table, and
-draws accuracy against decoder FLOPs for every method into one plot per model (--plot; default
-benchmarks/results/quality_<model>.png): each method's rows joined by a line in FLOPs order, and
+draws accuracy against decoder FLOPs for every method into one plot (--plot FILE; none without it, so
+a run of a few configs leaves the recorded plot alone): each method's rows joined by a line in FLOPs order, and
 the frontier (the best accuracy reachable at or below each FLOPs ratio) as a step line. `--model`
 is a model directory or the name of one under redlens_compile/models/ (default: the bundled 4-layer
 proof model); `--replot RUN.txt` redraws the plot of a saved run (this script's output). Configs are preset names (RedLensConfig.preset, among
@@ -148,7 +148,10 @@ def main() -> None:
     parser.add_argument("--model", "--model-dir", dest="model", default=None,
                         help="a bundled model's name (proof_llava, proof_llava_12) or a model folder; default: the "
                         "bundled 4-layer proof model. The codebook presets use the codebook beside it when it has one")
-    parser.add_argument("--plot", default=None, help="default: benchmarks/results/quality_<model>.png")
+    parser.add_argument("--plot", default=None,
+                        help="draw the frontier plot here (a run draws none without it: a run of a few configs "
+                             "would replace the recorded plot of every method; --replot's default: "
+                             "benchmarks/results/quality_<model>.png)")
     parser.add_argument("--replot", default=None, help="redraw the plot of a saved run (this script's stdout) and stop")
     parser.add_argument("--onnx", action="store_true", help="also answer with the ONNX export of each config")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -216,8 +219,8 @@ def main() -> None:
     result = {"model_dir": str(model_dir), "dtype": args.dtype, "questions": len(items),
               "calibration_questions": args.calibration,
               "seconds": time.time() - start, "rows": rows}
-    plot(rows, Path(args.plot or f"benchmarks/results/quality_{model_dir.name}.png"),
-         f"{model_dir.name}, {len(items)} held-out questions")
+    if args.plot:
+        plot(rows, Path(args.plot), f"{model_dir.name}, {len(items)} held-out questions")
     print(json.dumps(result, indent=2))
     print()
     print(markdown(rows))
