@@ -180,6 +180,10 @@ class HollowPlan(NamedTuple):
     local_rows: torch.Tensor | None  # [B * nb * width] each block's local visual keys (small blocks)
     allowed: torch.Tensor | None  # [B, nb, c, T' + width] the keys each block query sees (padded rows: all)
     source: torch.Tensor  # [B * S] each output row's row in cat(prefix rows, text rows, block rows)
+    # `allowed` as the additive mask SDPA turns a bool mask into (0 / -inf, in the scores' dtype), for
+    # the eager SDPA blocks: made once per forward instead of inside every layer's SDPA call (measured
+    # ~9% of a window-112 layer's block SDPA at SmolVLM geometry, 2 threads; the same numbers, bit for bit)
+    block_scores: torch.Tensor | None = None
 
 
 class _RowSource:
@@ -206,12 +210,14 @@ class _RowSource:
 
 def hollow_plan(attn_mask: torch.Tensor, visual_mask: torch.Tensor, vis_pos: torch.Tensor, vis_valid: torch.Tensor,
                 txt_pos: torch.Tensor, txt_valid: torch.Tensor, window: int, mask_is_causal: bool = False,
-                looks_ahead: bool | None = None) -> HollowPlan:
+                looks_ahead: bool | None = None, score_dtype: torch.dtype | None = None) -> HollowPlan:
     """The HollowPlan of a forward: attn_mask [B or 1, 1, S, S], visual_mask [B, S] and the layout rows.
 
     mask_is_causal (checked once per forward by the graph): the mask is exactly causal, so its
     entries are computed from positions instead of gathered from the S x S tensor, and the text
     rows every sample starts with run as one causal SDPA over their own keys.
+    score_dtype (the queries' dtype, set by the pass): the eager SDPA blocks' mask is also made
+    additive in it once here (HollowPlan.block_scores).
     """
     batch, seq = visual_mask.shape
     device = visual_mask.device
@@ -263,6 +269,10 @@ def hollow_plan(attn_mask: torch.Tensor, visual_mask: torch.Tensor, vis_pos: tor
     mask = mask | ~block_valid[..., None]  # padded query rows: any finite result, discarded
     source.add(block_pos.reshape(batch, -1), block_valid.reshape(batch, -1))
     small = (window + 1) // 2 <= SMALL_BLOCK
+    block_scores = None
+    if not small and score_dtype is not None and score_dtype.is_floating_point and not torch.compiler.is_compiling():
+        # (traced graphs keep the bool mask: their SDPA lowerings take it as they are measured with it)
+        block_scores = torch.zeros(mask.shape, dtype=score_dtype, device=device).masked_fill_(~mask, float("-inf"))
     return HollowPlan(
         txt_pos, txt_valid, prefix, text_rows, text_allowed, blk, small,
         query_rows=flat_positions(block_pos.reshape(batch, -1), seq),
@@ -272,6 +282,7 @@ def hollow_plan(attn_mask: torch.Tensor, visual_mask: torch.Tensor, vis_pos: tor
         local_rows=flat_positions(pos[:, local].reshape(batch, -1), seq) if small else None,
         allowed=mask,
         source=source.source,
+        block_scores=block_scores,
     )
 
 
@@ -356,19 +367,29 @@ def _visual_blocks(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     key_bias_at = None if key_bias is None else \
         key_bias.gather(1, plan.key_pos.reshape(batch, -1)).view(plan.key_pos.shape)
     q_blocks = _gather_heads(q_rows, plan.query_rows, batch)  # [B, H, nb * c, d]
-    k_rows, v_rows = _head_rows(k), _head_rows(v)
     if plan.small:
         # Small blocks: the text keys are scored once for all visual queries (measured ~35% faster
         # than the flash kernel at w=8; slower from w=15 up, where the kernel's blocks pay off).
-        text_k, text_v = (_gather_heads(x, plan.text_key_rows, batch) for x in (k_rows, v_rows))  # [B, H_kv, T', d]
-        local_k, local_v = (_gather_heads(x, plan.local_rows, batch).view(batch, kv_heads, blocks, blk.width, -1)
-                            for x in (k_rows, v_rows))
-        return _as_rows(_block_attention(q_blocks, text_k, text_v, local_k, local_v, plan.allowed, scale, key_bias_at))
+        if torch.compiler.is_compiling():
+            k_rows, v_rows = _head_rows(k), _head_rows(v)
+            text_k, text_v = (_gather_heads(x, plan.text_key_rows, batch) for x in (k_rows, v_rows))  # [B, H_kv, T', d]
+            local_k, local_v = (_gather_heads(x, plan.local_rows, batch).view(batch, kv_heads, blocks, blk.width, -1)
+                                for x in (k_rows, v_rows))
+        else:
+            k_heads, v_heads = _head_major(k), _head_major(v)
+            text_k, text_v = (_gather_head_major(x, plan.text_key_rows, batch) for x in (k_heads, v_heads))
+            local_k, local_v = (_gather_head_major(x, plan.local_rows, batch).view(batch, kv_heads, blocks, blk.width, -1)
+                                for x in (k_heads, v_heads))
+        return _block_attention(q_blocks, text_k, text_v, local_k, local_v, plan.allowed, scale, key_bias_at)
+    k_rows, v_rows = _head_rows(k), _head_rows(v)
     n_keys = plan.key_pos.shape[-1]
     k_blk = _gather_heads(k_rows, plan.key_rows, batch).view(batch, kv_heads, blocks, n_keys, -1).transpose(1, 2)
     v_blk = _gather_heads(v_rows, plan.key_rows, batch).view(batch, kv_heads, blocks, n_keys, -1).transpose(1, 2)
     q_blk = q_blocks.view(batch, heads, blocks, block, -1).transpose(1, 2)
-    mask = _biased(plan.allowed, None if key_bias_at is None else key_bias_at[:, :, None, :], q_rows.dtype)
+    if key_bias_at is None and plan.block_scores is not None and plan.block_scores.dtype == q_rows.dtype:
+        mask = plan.block_scores
+    else:
+        mask = _biased(plan.allowed, None if key_bias_at is None else key_bias_at[:, :, None, :], q_rows.dtype)
     if (stack_heads or torch.compiler.is_compiling()) and kv_heads != heads:
         # query head h reads key head h // G: the G heads of a key head as G * block rows
         group = heads // kv_heads
@@ -392,36 +413,54 @@ def _visual_blocks(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     return out.reshape(batch * blocks, heads, block, -1).transpose(1, 2).reshape(-1, heads, out.shape[-1])
 
 
+def _head_major(x: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, d] as [H, B * S, d]: a view for one sample (as rotary and the projections leave
+    keys and values), one copy for more."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[3])
+
+
+def _gather_head_major(x: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tensor:
+    """x [H, B * S, d] (_head_major) at rows index [B * N] -> [B, H, N, d], each head's rows contiguous:
+    the small-block matmuls then read their keys as they are. Gathered row-major ([B * N, H, d]) the
+    matmuls copied the local keys and values first: 1.7 ms against 0.11 for the keys of a window-8
+    layer (SmolVLM geometry, 2 threads)."""
+    out = x.index_select(1, index)
+    return out.view(x.shape[0], batch, -1, x.shape[2]).transpose(0, 1)
+
+
 def _block_attention(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor, local_k: torch.Tensor,
                      local_v: torch.Tensor, allowed: torch.Tensor, scale: float | None,
                      key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of small query blocks over shared text keys and their block's local keys.
 
-    q [B, H, nb * c, d]; text_k/v [B, H_kv, T', d]; local_k/v [B, H_kv, nb, w, d]; allowed [B, nb, c, T' + w].
+    q [B, H, nb * c, d] (a transposed view of rows [B * nb * c, H, d]); text_k/v [B, H_kv, T', d];
+    local_k/v [B, H_kv, nb, w, d]; allowed [B, nb, c, T' + w] -> output rows [B * nb * c, H, d].
     One softmax over both key sets (exactly SDPA over the concatenated keys); key_bias [B, nb, T' + w]
-    is added to each block's scores at its keys. The query heads of a
-    key head are stacked into the rows of one matmul (GQA without repeating keys), and the text
-    scores are one matmul for all blocks instead of one gather of the text keys per block.
+    is added to each block's scores at its keys. The query heads of a key head are stacked into the
+    rows of one matmul (GQA without repeating keys), rows of a block in (query row, head) order, which
+    is the order the query rows hold them in: one copy in, one out. The text scores are one matmul for
+    all blocks instead of one gather of the text keys per block.
     """
     batch, heads, rows, dim = q.shape
     kv_heads, blocks, width = local_k.shape[1], local_k.shape[2], local_k.shape[3]
     group, block, n_text = heads // kv_heads, allowed.shape[2], text_k.shape[2]
-    grouped = q.reshape(batch, kv_heads, group, blocks, block, dim)
-    text_scores = torch.matmul(grouped.reshape(batch, kv_heads, group * rows, dim), text_k.transpose(-1, -2))
-    by_block = grouped.permute(0, 1, 3, 2, 4, 5).reshape(batch, kv_heads, blocks, group * block, dim)
-    local_scores = torch.matmul(by_block, local_k.transpose(-1, -2))  # [B, H_kv, nb, G * c, w]
-    local_scores = local_scores.view(batch, kv_heads, blocks, group, block, width).permute(0, 1, 3, 2, 4, 5)
-    scores = torch.cat([text_scores.view(batch, kv_heads, group, blocks, block, n_text), local_scores], dim=-1)
+    # [B, H_kv, nb, c * G, d]: block b's rows are (query row, head of the group)
+    by_block = q.transpose(1, 2).reshape(batch, blocks, block, kv_heads, group, dim).permute(0, 3, 1, 2, 4, 5) \
+        .reshape(batch, kv_heads, blocks, block * group, dim)
+    text_scores = torch.matmul(by_block.view(batch, kv_heads, rows * group, dim), text_k.transpose(-1, -2))
+    local_scores = torch.matmul(by_block, local_k.transpose(-1, -2))  # [B, H_kv, nb, c * G, w]
+    scores = torch.cat([text_scores.view(batch, kv_heads, blocks, block * group, n_text), local_scores], dim=-1)
     # the softmax in float32 (as the fused SDPA kernels accumulate it), back in the values' dtype
-    scores = scores.float() * (dim ** -0.5 if scale is None else scale)
-    if key_bias is not None:  # [B, nb, keys] onto [B, H_kv, G, nb, c, keys]
-        scores = scores + key_bias.float()[:, None, None, :, None, :]
-    probs = scores.masked_fill(~allowed[:, None, None], float("-inf")).softmax(dim=-1).to(text_v.dtype)
-    text_out = torch.matmul(probs[..., :n_text].reshape(batch, kv_heads, group * rows, n_text), text_v)
-    local_probs = probs[..., n_text:].permute(0, 1, 3, 2, 4, 5).reshape(batch, kv_heads, blocks, group * block, width)
-    local_out = torch.matmul(local_probs, local_v).view(batch, kv_heads, blocks, group, block, -1)
-    out = text_out.view(batch, kv_heads, group, blocks, block, -1) + local_out.permute(0, 1, 3, 2, 4, 5)
-    return out.reshape(batch, heads, rows, -1).to(q.dtype)
+    scores = (scores.float() * (dim ** -0.5 if scale is None else scale)).view(batch, kv_heads, blocks, block, group, -1)
+    if key_bias is not None:  # [B, nb, keys] onto [B, H_kv, nb, c, G, keys]
+        scores = scores + key_bias.float()[:, None, :, None, None, :]
+    probs = scores.masked_fill(~allowed[:, None, :, :, None, :], float("-inf")).softmax(dim=-1).to(text_v.dtype)
+    probs = probs.view(batch, kv_heads, blocks, block * group, -1)
+    text_out = torch.matmul(probs[..., :n_text].reshape(batch, kv_heads, rows * group, n_text), text_v)
+    out = text_out.view(batch, kv_heads, blocks, block * group, dim) + torch.matmul(probs[..., n_text:], local_v)
+    # -> rows (sample, block, query row) x heads (key head, head of the group)
+    return out.view(batch, kv_heads, blocks, block, group, dim).permute(0, 2, 3, 1, 4, 5) \
+        .reshape(-1, heads, dim).to(q.dtype)
 
 
 def _masked_flops(q, k, v, attn_mask, visual_mask, window, scale=None, enable_gqa=False, key_bias=None):

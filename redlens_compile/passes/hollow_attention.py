@@ -90,7 +90,7 @@ class HollowAttentionPass(RedLensPass):
                 else:
                     layout = layout_nodes(graph_module)
                     mask = placeholder(graph_module, VISUAL_MASK_INPUT)
-                    plan = plan_node(graph, args["attn_mask"], mask, layout, window)
+                    plan = plan_node(graph, args["attn_mask"], mask, layout, window, _dtype(q))
                     new = call_like(graph, node, hollow_attention, (q, k, v, plan), common)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
@@ -106,17 +106,24 @@ class HollowAttentionPass(RedLensPass):
 
 
 def plan_node(graph: fx.Graph, attn_mask: fx.Node, visual_mask: fx.Node, layout: dict[str, fx.Node],
-              window: int) -> fx.Node:
-    """The hollow_plan node of every layer reading `attn_mask` with this window: computed once per
-    forward (inserted at the first such layer, before it)."""
+              window: int, score_dtype: torch.dtype | None = None) -> fx.Node:
+    """The hollow_plan node of every layer reading `attn_mask` with this window (and queries of
+    score_dtype): computed once per forward (inserted at the first such layer, before it)."""
     for user in attn_mask.users:
-        if user.target is hollow_plan and user.args[6] == window:
+        if user.target is hollow_plan and user.args[6] == window and user.kwargs.get("score_dtype") == score_dtype:
             return user
     causal = causal_check(graph, attn_mask)
     ahead = looks_ahead_check(graph, attn_mask, visual_mask)
     return call_like(graph, attn_mask, hollow_plan,
                      (attn_mask, visual_mask, layout["vis_pos"], layout["vis_valid"], layout["txt_pos"],
-                      layout["txt_valid"], window), dict(mask_is_causal=causal, looks_ahead=ahead))
+                      layout["txt_valid"], window), dict(mask_is_causal=causal, looks_ahead=ahead,
+                                                          score_dtype=score_dtype))
+
+
+def _dtype(node) -> torch.dtype | None:
+    """The dtype a traced node's value has (its fake tensor), or None where the graph does not say."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return getattr(value, "dtype", None)
 
 
 def looks_ahead_check(graph: fx.Graph, attn_mask: fx.Node, visual_mask: fx.Node) -> fx.Node:

@@ -109,6 +109,54 @@ def test_causal_shortcut_equals_masked_reference(window):
     assert (got - want).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_additive_block_mask_gives_the_same_numbers(dtype, bidirectional):
+    """score_dtype (the pass sets it): the SDPA blocks read the plan's additive mask, made once, with
+    the same result bit for bit as SDPA's own conversion of the bool mask; no additive mask for the
+    small-block path (it masks its own scores) nor for another dtype's queries."""
+    q, k, v, family, visual = random_case(11, bidirectional)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    layout = visual_layout(visual)
+    window = 12  # blocks of 6 rows: the SDPA path
+    plain = hollow_plan(family, visual, *layout[:2], *layout[3:5], window)
+    scored = hollow_plan(family, visual, *layout[:2], *layout[3:5], window, score_dtype=dtype)
+    assert plain.block_scores is None and not scored.small
+    assert scored.block_scores.dtype == dtype
+    assert torch.equal(scored.block_scores == 0, scored.allowed)
+    assert torch.isneginf(scored.block_scores[~scored.allowed]).all()
+    assert torch.equal(hollow_attention(q, k, v, scored), hollow_attention(q, k, v, plain))
+    other = hollow_plan(family, visual, *layout[:2], *layout[3:5], window, score_dtype=torch.float16)
+    assert torch.equal(hollow_attention(q, k, v, other), hollow_attention(q, k, v, plain))
+    small = hollow_plan(family, visual, *layout[:2], *layout[3:5], 3, score_dtype=dtype)
+    assert small.small and small.block_scores is None
+
+
+@pytest.mark.parametrize("window", [3, 8])
+def test_small_blocks_gather_keys_head_major_with_the_same_numbers(window):
+    """Eager small blocks gather keys and values per head ([H_kv, B * S, d]); traced graphs keep the
+    row gathers (torch.compile's opaque select_rows): the same numbers, two samples, GQA, a key bias."""
+    from unittest import mock
+
+    q, k, v, family, visual = random_case(window, bidirectional=False)
+    k, v = k[:, :2], v[:, :2]  # 4 query heads over 2 key heads
+    layout = visual_layout(visual)
+    plan = hollow_plan(family, visual, *layout[:2], *layout[3:5], window)
+    assert plan.small
+    bias = torch.randn(visual.shape, generator=torch.Generator().manual_seed(1))
+    for key_bias in (None, bias):
+        eager = hollow_attention(q, k, v, plan, enable_gqa=True, key_bias=key_bias)
+        with mock.patch("torch.compiler.is_compiling", return_value=True):
+            traced = hollow_attention(q, k, v, plan, enable_gqa=True, key_bias=key_bias)
+        rows = family[:, 0].any(-1)[:, None, :, None].expand_as(eager)
+        assert (eager - traced).abs()[rows].max().item() <= 1e-6
+        want = F.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+            attn_mask=torch.where(reference_mask(family, visual, window), bias[:, None, None, :] if key_bias is not None
+                                  else torch.zeros(()), torch.tensor(float("-inf"))))
+        assert (eager - want).abs()[rows].max().item() <= TOL
+
+
 class _Attention(torch.nn.Module):
     def forward(self, q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
