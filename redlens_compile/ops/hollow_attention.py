@@ -56,6 +56,20 @@ def _gather_heads(rows: torch.Tensor, index: torch.Tensor, batch: int) -> torch.
     return out.view(batch, -1, *rows.shape[1:]).transpose(1, 2)
 
 
+def _row_source(x: torch.Tensor) -> torch.Tensor:
+    """What rows of x [B, H, S, d] are gathered from: per head ([H, B * S, d], _head_major) in eager
+    torch, whole rows ([B * S, H, d], _head_rows) in traced graphs (torch.compile's opaque select_rows
+    takes whole rows, and the ONNX export keeps the Gathers its records were measured with)."""
+    return _head_rows(x) if torch.compiler.is_compiling() else _head_major(x)
+
+
+def _gather(source: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tensor:
+    """_row_source(x) at rows index [B * N] -> [B, H, N, d]."""
+    if torch.compiler.is_compiling():
+        return _gather_heads(source, index, batch)
+    return _gather_head_major(source, index, batch)
+
+
 def _mask_at(allowed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """allowed [B, 1, S, S] at query positions rows [B, R] x key positions cols [B, R, C] -> [B, R, C]."""
     # one gather over each sample's flattened S x S mask (exports as a plain GatherElements)
@@ -184,6 +198,7 @@ class HollowPlan(NamedTuple):
     # the eager SDPA blocks: made once per forward instead of inside every layer's SDPA call (measured
     # ~9% of a window-112 layer's block SDPA at SmolVLM geometry, 2 threads; the same numbers, bit for bit)
     block_scores: torch.Tensor | None = None
+    text_scores: torch.Tensor | None = None  # text_allowed, additive in the same way (its SDPA: 12% less)
 
 
 class _RowSource:
@@ -243,11 +258,12 @@ def hollow_plan(attn_mask: torch.Tensor, visual_mask: torch.Tensor, vis_pos: tor
         text_allowed = (rows | ~query_valid[:, :, None])[:, None]  # padded rows: any finite result, discarded
         text_rows = flat_positions(query_pos, seq)
         source.add(query_pos, query_valid)
+    text_scores = None if text_allowed is None else _additive(text_allowed, score_dtype)
 
     blk = plan_blocks(allowed, visual_mask, vis_pos, txt_pos, window, mask_is_causal, looks_ahead)
     if blk is None:
         return HollowPlan(txt_pos, txt_valid, prefix, text_rows, text_allowed, None, False,
-                          None, None, None, None, None, None, source.source)
+                          None, None, None, None, None, None, source.source, text_scores=text_scores)
     block, blocks = blk.block, blk.blocks
     pos = torch.nn.functional.pad(vis_pos, (blk.lead, blk.trail))
     valid = torch.nn.functional.pad(vis_valid, (blk.lead, blk.trail))
@@ -269,10 +285,7 @@ def hollow_plan(attn_mask: torch.Tensor, visual_mask: torch.Tensor, vis_pos: tor
     mask = mask | ~block_valid[..., None]  # padded query rows: any finite result, discarded
     source.add(block_pos.reshape(batch, -1), block_valid.reshape(batch, -1))
     small = (window + 1) // 2 <= SMALL_BLOCK
-    block_scores = None
-    if not small and score_dtype is not None and score_dtype.is_floating_point and not torch.compiler.is_compiling():
-        # (traced graphs keep the bool mask: their SDPA lowerings take it as they are measured with it)
-        block_scores = torch.zeros(mask.shape, dtype=score_dtype, device=device).masked_fill_(~mask, float("-inf"))
+    block_scores = None if small else _additive(mask, score_dtype)  # small blocks mask their own scores
     return HollowPlan(
         txt_pos, txt_valid, prefix, text_rows, text_allowed, blk, small,
         query_rows=flat_positions(block_pos.reshape(batch, -1), seq),
@@ -283,7 +296,17 @@ def hollow_plan(attn_mask: torch.Tensor, visual_mask: torch.Tensor, vis_pos: tor
         allowed=mask,
         source=source.source,
         block_scores=block_scores,
+        text_scores=text_scores,
     )
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """A bool SDPA mask as the additive one SDPA itself would make of it (0 / -inf in `dtype`), for eager
+    torch; None where no dtype is known and in traced graphs, whose SDPA lowerings keep the bool mask
+    they were measured with."""
+    if dtype is None or not dtype.is_floating_point or torch.compiler.is_compiling():
+        return None
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def _hollow_flops(q, k, v, plan, scale=None, enable_gqa=False, key_bias=None, stack_heads=False):
@@ -295,6 +318,11 @@ def _hollow_flops(q, k, v, plan, scale=None, enable_gqa=False, key_bias=None, st
     blk = plan.blocks
     visual = 0 if blk is None else batch * blk.blocks * blk.block * (blk.text_keys + blk.width) * per_pair
     return float(visual), float(text)
+
+
+def _reads_scores(scores: torch.Tensor | None, key_bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Does an SDPA take the plan's additive mask as it is (made, no key bias to add, the queries' dtype)?"""
+    return scores is not None and key_bias is None and scores.dtype == dtype
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -333,8 +361,8 @@ def hollow_attention(
     batch, heads, seq, _ = q.shape
     sdpa = dict(scale=scale, enable_gqa=enable_gqa)
     pieces = []
-    # the text and the block queries are gathered from one contiguous copy (none for a prefix alone)
-    q_rows = _head_rows(q) if plan.text_rows is not None or plan.blocks is not None else None
+    # the text and the block queries are gathered from one source (none for a prefix alone)
+    q_rows = _row_source(q) if plan.text_rows is not None or plan.blocks is not None else None
     if plan.prefix:
         lead = plan.prefix
         causal = None
@@ -347,46 +375,42 @@ def hollow_attention(
         text_bias = None if key_bias is None else key_bias[:, None, None, :]
         # the lowering's form (stack_heads) decomposes this SDPA without torch.onnx's NaN guard
         attend = sdpa_decomposed if stack_heads else F.scaled_dot_product_attention
-        pieces.append(_as_rows(attend(_gather_heads(q_rows, plan.text_rows, batch), k, v,
-                                      attn_mask=_biased(plan.text_allowed, text_bias, q.dtype), **sdpa)))
+        text_mask = plan.text_scores if _reads_scores(plan.text_scores, key_bias, q.dtype) else \
+            _biased(plan.text_allowed, text_bias, q.dtype)
+        pieces.append(_as_rows(attend(_gather(q_rows, plan.text_rows, batch), k, v, attn_mask=text_mask, **sdpa)))
     if plan.blocks is not None:
         if not enable_gqa and k.shape[1] != heads:
             raise ValueError(f"{heads} query heads over {k.shape[1]} key heads need enable_gqa=True")
-        pieces.append(_visual_blocks(q_rows, k, v, plan, scale, enable_gqa, key_bias, stack_heads))
+        pieces.append(_visual_blocks(q_rows, heads, k, v, plan, scale, enable_gqa, key_bias, stack_heads))
     out = select_rows(torch.cat(pieces), plan.source)
     return out.view(batch, seq, *out.shape[1:]).transpose(1, 2)  # a transposed view: what the graph reshapes next
 
 
-def _visual_blocks(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: HollowPlan, scale: float | None,
-                   enable_gqa: bool, key_bias: torch.Tensor | None, stack_heads: bool) -> torch.Tensor:
-    """The visual queries' output rows [B * nb * c, H, d], block by block; q_rows: q as _head_rows."""
-    batch, heads = k.shape[0], q_rows.shape[1]
+def _visual_blocks(q_rows: torch.Tensor, heads: int, k: torch.Tensor, v: torch.Tensor, plan: HollowPlan,
+                   scale: float | None, enable_gqa: bool, key_bias: torch.Tensor | None, stack_heads: bool
+                   ) -> torch.Tensor:
+    """The visual queries' output rows [B * nb * c, H, d], block by block; q_rows: _row_source(q)."""
+    batch = k.shape[0]
     blk, kv_heads = plan.blocks, k.shape[1]
     blocks, block = blk.blocks, blk.block
     # the key bias at each block's keys [B, nb, T' + width] (text keys and the window's visual keys)
     key_bias_at = None if key_bias is None else \
         key_bias.gather(1, plan.key_pos.reshape(batch, -1)).view(plan.key_pos.shape)
-    q_blocks = _gather_heads(q_rows, plan.query_rows, batch)  # [B, H, nb * c, d]
+    q_blocks = _gather(q_rows, plan.query_rows, batch)  # [B, H, nb * c, d]
     if plan.small:
         # Small blocks: the text keys are scored once for all visual queries (measured ~35% faster
         # than the flash kernel at w=8; slower from w=15 up, where the kernel's blocks pay off).
-        if torch.compiler.is_compiling():
-            k_rows, v_rows = _head_rows(k), _head_rows(v)
-            text_k, text_v = (_gather_heads(x, plan.text_key_rows, batch) for x in (k_rows, v_rows))  # [B, H_kv, T', d]
-            local_k, local_v = (_gather_heads(x, plan.local_rows, batch).view(batch, kv_heads, blocks, blk.width, -1)
-                                for x in (k_rows, v_rows))
-        else:
-            k_heads, v_heads = _head_major(k), _head_major(v)
-            text_k, text_v = (_gather_head_major(x, plan.text_key_rows, batch) for x in (k_heads, v_heads))
-            local_k, local_v = (_gather_head_major(x, plan.local_rows, batch).view(batch, kv_heads, blocks, blk.width, -1)
-                                for x in (k_heads, v_heads))
+        k_rows, v_rows = _row_source(k), _row_source(v)
+        text_k, text_v = (_gather(x, plan.text_key_rows, batch) for x in (k_rows, v_rows))  # [B, H_kv, T', d]
+        local_k, local_v = (_gather(x, plan.local_rows, batch).view(batch, kv_heads, blocks, blk.width, -1)
+                            for x in (k_rows, v_rows))
         return _block_attention(q_blocks, text_k, text_v, local_k, local_v, plan.allowed, scale, key_bias_at)
-    k_rows, v_rows = _head_rows(k), _head_rows(v)
+    k_rows, v_rows = _row_source(k), _row_source(v)
     n_keys = plan.key_pos.shape[-1]
-    k_blk = _gather_heads(k_rows, plan.key_rows, batch).view(batch, kv_heads, blocks, n_keys, -1).transpose(1, 2)
-    v_blk = _gather_heads(v_rows, plan.key_rows, batch).view(batch, kv_heads, blocks, n_keys, -1).transpose(1, 2)
+    k_blk = _gather(k_rows, plan.key_rows, batch).view(batch, kv_heads, blocks, n_keys, -1).transpose(1, 2)
+    v_blk = _gather(v_rows, plan.key_rows, batch).view(batch, kv_heads, blocks, n_keys, -1).transpose(1, 2)
     q_blk = q_blocks.view(batch, heads, blocks, block, -1).transpose(1, 2)
-    if key_bias_at is None and plan.block_scores is not None and plan.block_scores.dtype == q_rows.dtype:
+    if _reads_scores(plan.block_scores, key_bias_at, q_rows.dtype):
         mask = plan.block_scores
     else:
         mask = _biased(plan.allowed, None if key_bias_at is None else key_bias_at[:, :, None, :], q_rows.dtype)
@@ -421,9 +445,10 @@ def _head_major(x: torch.Tensor) -> torch.Tensor:
 
 def _gather_head_major(x: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tensor:
     """x [H, B * S, d] (_head_major) at rows index [B * N] -> [B, H, N, d], each head's rows contiguous:
-    the small-block matmuls then read their keys as they are. Gathered row-major ([B * N, H, d]) the
-    matmuls copied the local keys and values first: 1.7 ms against 0.11 for the keys of a window-8
-    layer (SmolVLM geometry, 2 threads)."""
+    the small-block matmuls then read their keys as they are, and SDPA its blocks. Gathered as whole
+    rows ([B * N, H, d], from a contiguous copy of x) the small-block matmuls copied the local keys and
+    values again: 1.7 ms against 0.11 for the keys of a window-8 layer; a window-112 layer took ~1 ms
+    (~10%) less per head (SmolVLM geometry, 2 threads)."""
     out = x.index_select(1, index)
     return out.view(x.shape[0], batch, -1, x.shape[2]).transpose(0, 1)
 
@@ -433,7 +458,7 @@ def _block_attention(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor
                      key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of small query blocks over shared text keys and their block's local keys.
 
-    q [B, H, nb * c, d] (a transposed view of rows [B * nb * c, H, d]); text_k/v [B, H_kv, T', d];
+    q [B, H, nb * c, d] (gathered per head, or a transposed view of rows); text_k/v [B, H_kv, T', d];
     local_k/v [B, H_kv, nb, w, d]; allowed [B, nb, c, T' + w] -> output rows [B * nb * c, H, d].
     One softmax over both key sets (exactly SDPA over the concatenated keys); key_bias [B, nb, T' + w]
     is added to each block's scores at its keys. The query heads of a key head are stacked into the
@@ -445,7 +470,8 @@ def _block_attention(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor
     kv_heads, blocks, width = local_k.shape[1], local_k.shape[2], local_k.shape[3]
     group, block, n_text = heads // kv_heads, allowed.shape[2], text_k.shape[2]
     # [B, H_kv, nb, c * G, d]: block b's rows are (query row, head of the group)
-    by_block = q.transpose(1, 2).reshape(batch, blocks, block, kv_heads, group, dim).permute(0, 3, 1, 2, 4, 5) \
+    # (the first reshape is a view of q gathered either way, per head or as whole rows; the last one copies)
+    by_block = q.reshape(batch, kv_heads, group, blocks, block, dim).permute(0, 1, 3, 4, 2, 5) \
         .reshape(batch, kv_heads, blocks, block * group, dim)
     text_scores = torch.matmul(by_block.view(batch, kv_heads, rows * group, dim), text_k.transpose(-1, -2))
     local_scores = torch.matmul(by_block, local_k.transpose(-1, -2))  # [B, H_kv, nb, c * G, w]

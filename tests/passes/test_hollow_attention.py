@@ -112,9 +112,10 @@ def test_causal_shortcut_equals_masked_reference(window):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_additive_block_mask_gives_the_same_numbers(dtype, bidirectional):
-    """score_dtype (the pass sets it): the SDPA blocks read the plan's additive mask, made once, with
-    the same result bit for bit as SDPA's own conversion of the bool mask; no additive mask for the
-    small-block path (it masks its own scores) nor for another dtype's queries."""
+    """score_dtype (the pass sets it): the SDPA blocks and the text queries read the plan's additive
+    masks, made once, with the same result bit for bit as SDPA's own conversion of the bool mask (left
+    padding included: its rows see no key); no additive block mask for the small-block path (it masks
+    its own scores); queries of another dtype take the bool masks."""
     q, k, v, family, visual = random_case(11, bidirectional)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     layout = visual_layout(visual)
@@ -125,11 +126,14 @@ def test_additive_block_mask_gives_the_same_numbers(dtype, bidirectional):
     assert scored.block_scores.dtype == dtype
     assert torch.equal(scored.block_scores == 0, scored.allowed)
     assert torch.isneginf(scored.block_scores[~scored.allowed]).all()
+    assert plain.text_scores is None and torch.equal(scored.text_scores == 0, scored.text_allowed)
     assert torch.equal(hollow_attention(q, k, v, scored), hollow_attention(q, k, v, plain))
     other = hollow_plan(family, visual, *layout[:2], *layout[3:5], window, score_dtype=torch.float16)
     assert torch.equal(hollow_attention(q, k, v, other), hollow_attention(q, k, v, plain))
     small = hollow_plan(family, visual, *layout[:2], *layout[3:5], 3, score_dtype=dtype)
-    assert small.small and small.block_scores is None
+    assert small.small and small.block_scores is None and small.text_scores is not None
+    assert torch.equal(hollow_attention(q, k, v, small),
+                       hollow_attention(q, k, v, hollow_plan(family, visual, *layout[:2], *layout[3:5], 3)))
 
 
 @pytest.mark.parametrize("window", [3, 8])
