@@ -231,8 +231,8 @@ def hollow_plan(attn_mask: torch.Tensor, visual_mask: torch.Tensor, vis_pos: tor
     mask_is_causal (checked once per forward by the graph): the mask is exactly causal, so its
     entries are computed from positions instead of gathered from the S x S tensor, and the text
     rows every sample starts with run as one causal SDPA over their own keys.
-    score_dtype (the queries' dtype, set by the pass): the eager SDPA blocks' mask is also made
-    additive in it once here (HollowPlan.block_scores).
+    score_dtype (the queries' dtype, set by the pass): the masks of the eager SDPA blocks and text
+    queries are also made additive in it, once here (HollowPlan.block_scores, text_scores).
     """
     batch, seq = visual_mask.shape
     device = visual_mask.device
@@ -447,8 +447,8 @@ def _gather_head_major(x: torch.Tensor, index: torch.Tensor, batch: int) -> torc
     """x [H, B * S, d] (_head_major) at rows index [B * N] -> [B, H, N, d], each head's rows contiguous:
     the small-block matmuls then read their keys as they are, and SDPA its blocks. Gathered as whole
     rows ([B * N, H, d], from a contiguous copy of x) the small-block matmuls copied the local keys and
-    values again: 1.7 ms against 0.11 for the keys of a window-8 layer; a window-112 layer took ~1 ms
-    (~10%) less per head (SmolVLM geometry, 2 threads)."""
+    values again: 1.7 ms against 0.11 for the keys of a window-8 layer; a window-112 layer's hollow
+    attention took 10.0-10.3 ms with whole-row gathers, 8.0-8.2 ms per head (SmolVLM geometry, 2 threads)."""
     out = x.index_select(1, index)
     return out.view(x.shape[0], batch, -1, x.shape[2]).transpose(0, 1)
 
@@ -467,7 +467,7 @@ def _block_attention(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor
     all blocks instead of one gather of the text keys per block.
     """
     batch, heads, rows, dim = q.shape
-    kv_heads, blocks, width = local_k.shape[1], local_k.shape[2], local_k.shape[3]
+    kv_heads, blocks = local_k.shape[1], local_k.shape[2]
     group, block, n_text = heads // kv_heads, allowed.shape[2], text_k.shape[2]
     # [B, H_kv, nb, c * G, d]: block b's rows are (query row, head of the group)
     # (the first reshape is a view of q gathered either way, per head or as whole rows; the last one copies)
