@@ -25,12 +25,6 @@ def is_causal_mask(mask: torch.Tensor) -> bool:
         return False
     seq = mask.shape[-1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril_()
-    if mask.is_contiguous() and (seq * seq) % 8 == 0 and mask.storage_offset() % 8 == 0 and not torch.jit.is_tracing():
-        # the same bytes compared 8 at a time: torch.equal over bool took 0.8-1.1 ms for S = 1088
-        # (2 threads; the int64 comparison 0.14 ms), paid once per forward by every rewritten graph
-        # (not under jit tracing, fvcore's FLOPs count: it records the sizes of the views as tensors)
-        words = mask.view(mask.shape[0], -1).view(torch.int64)
-        return not bool((words != causal.view(1, -1).view(torch.int64)).any())
     return bool(torch.equal(mask, causal.expand_as(mask)))
 
 

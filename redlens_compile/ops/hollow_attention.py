@@ -56,34 +56,18 @@ def _gather_heads(rows: torch.Tensor, index: torch.Tensor, batch: int) -> torch.
     return out.view(batch, -1, *rows.shape[1:]).transpose(1, 2)
 
 
-class _Rows(NamedTuple):
-    """What rows of x [B, H, S, d] are gathered from: `rows` [B * S, H, d] (whole rows, _head_rows) or,
-    where `per_head`, [H, B * S, d] (_head_major)."""
-
-    rows: torch.Tensor
-    per_head: bool
-
-
-def _row_source(x: torch.Tensor) -> _Rows:
-    """Where rows of x [B, H, S, d] are gathered from. Traced graphs take whole rows (torch.compile's
-    opaque select_rows takes whole rows, and the ONNX export keeps the Gathers its records were
-    measured with). Eager torch gathers in the layout x is in, so that one sample's x is not copied
-    first: per head where x is [B, H, S, d]-major (keys and values, after the cache's concatenation),
-    whole rows where it is [B, S, H, d]-major (queries: rotary keeps the transposed projection's
-    layout). Copying the queries to per-head layout took 0.37 ms of a window-112 layer at SmolVLM
-    geometry (2 threads); SDPA reads the row-gathered blocks as they are."""
-    if torch.compiler.is_compiling():
-        return _Rows(_head_rows(x), False)
-    if not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
-        return _Rows(x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3]), False)  # a view
-    return _Rows(_head_major(x), True)
+def _row_source(x: torch.Tensor) -> torch.Tensor:
+    """What rows of x [B, H, S, d] are gathered from: per head ([H, B * S, d], _head_major) in eager
+    torch, whole rows ([B * S, H, d], _head_rows) in traced graphs (torch.compile's opaque select_rows
+    takes whole rows, and the ONNX export keeps the Gathers its records were measured with)."""
+    return _head_rows(x) if torch.compiler.is_compiling() else _head_major(x)
 
 
-def _gather(source: _Rows, index: torch.Tensor, batch: int) -> torch.Tensor:
+def _gather(source: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tensor:
     """_row_source(x) at rows index [B * N] -> [B, H, N, d]."""
-    if source.per_head:
-        return _gather_head_major(source.rows, index, batch)
-    return _gather_heads(source.rows, index, batch)
+    if torch.compiler.is_compiling():
+        return _gather_heads(source, index, batch)
+    return _gather_head_major(source, index, batch)
 
 
 def _mask_at(allowed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -402,7 +386,7 @@ def hollow_attention(
     return out.view(batch, seq, *out.shape[1:]).transpose(1, 2)  # a transposed view: what the graph reshapes next
 
 
-def _visual_blocks(q_rows: _Rows, heads: int, k: torch.Tensor, v: torch.Tensor, plan: HollowPlan,
+def _visual_blocks(q_rows: torch.Tensor, heads: int, k: torch.Tensor, v: torch.Tensor, plan: HollowPlan,
                    scale: float | None, enable_gqa: bool, key_bias: torch.Tensor | None, stack_heads: bool
                    ) -> torch.Tensor:
     """The visual queries' output rows [B * nb * c, H, d], block by block; q_rows: _row_source(q)."""
@@ -426,10 +410,10 @@ def _visual_blocks(q_rows: _Rows, heads: int, k: torch.Tensor, v: torch.Tensor, 
     k_blk = _gather(k_rows, plan.key_rows, batch).view(batch, kv_heads, blocks, n_keys, -1).transpose(1, 2)
     v_blk = _gather(v_rows, plan.key_rows, batch).view(batch, kv_heads, blocks, n_keys, -1).transpose(1, 2)
     q_blk = q_blocks.view(batch, heads, blocks, block, -1).transpose(1, 2)
-    if _reads_scores(plan.block_scores, key_bias_at, q_rows.rows.dtype):
+    if _reads_scores(plan.block_scores, key_bias_at, q_rows.dtype):
         mask = plan.block_scores
     else:
-        mask = _biased(plan.allowed, None if key_bias_at is None else key_bias_at[:, :, None, :], q_rows.rows.dtype)
+        mask = _biased(plan.allowed, None if key_bias_at is None else key_bias_at[:, :, None, :], q_rows.dtype)
     if (stack_heads or torch.compiler.is_compiling()) and kv_heads != heads:
         # query head h reads key head h // G: the G heads of a key head as G * block rows
         group = heads // kv_heads

@@ -128,32 +128,12 @@ def flat_positions(positions: torch.Tensor, seq: int) -> torch.Tensor:
     return (positions + torch.arange(positions.shape[0], device=positions.device)[:, None] * seq).reshape(-1)
 
 
-def contiguous_run(flat: torch.Tensor) -> int | None:
-    """The first row where the row indices `flat` [N] are exactly start, start + 1, ..., start + N - 1
-    (one image between text rows: the common prompt), else None; None as well in traced graphs, which
-    cannot branch on data (torch.compile, export, fvcore's jit trace). Eager row ops then slice where
-    they would gather or scatter: at SmolVLM geometry (2 threads) index_copy_ of 1024 rows of 576
-    took 0.27 ms where a copy of them took 0.05."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: no size is read while tracing
-        return None
-    if flat.dim() != 1 or flat.numel() == 0:
-        return None
-    start = int(flat[0])
-    run = torch.arange(start, start + flat.numel(), dtype=flat.dtype, device=flat.device)
-    return start if torch.equal(flat, run) else None
-
-
 def gather_padded(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Rows of x [B, S, ...] at positions [B, N] -> [B, N, ...]: one select of whole rows of the
-    flattened [B * S] rows (a gather with an index expanded over D cost 10x more, profiled); in eager
-    torch, where the rows are one run (contiguous_run), a view of them."""
+    flattened [B * S] rows (a gather with an index expanded over D cost 10x more, profiled)."""
     batch, seq = x.shape[:2]
-    flat = flat_positions(positions, seq)
-    rows = x.reshape(batch * seq, *x.shape[2:])
-    start = contiguous_run(flat)
-    if start is not None:
-        return rows[start:start + flat.shape[0]].view(*positions.shape, *x.shape[2:])
-    return select_rows(rows, flat).view(*positions.shape, *x.shape[2:])
+    rows = select_rows(x.reshape(batch * seq, *x.shape[2:]), flat_positions(positions, seq))
+    return rows.view(*positions.shape, *x.shape[2:])
 
 
 def merge_rows(
@@ -173,8 +153,7 @@ def merge_rows(
     visual rows at probe_index where valid (the routed probes' full FFN output); rows after those
     (padding) are not read.
 
-    Eager torch writes each piece into the output (three row copies, no concatenation), or where the
-    visual rows are one run of rows (contiguous_run) concatenates text before, visual, text after. A traced
+    Eager torch writes each piece into the output (three row copies, no concatenation). A traced
     graph (torch.compile, export) gathers instead: one concatenation and one gather of whole rows by
     a source index computed on ints, because writing each piece into a copy of the output cost
     onnxruntime a pass over the whole output per write (ScatterND copies its input).
@@ -184,10 +163,6 @@ def merge_rows(
     batch, vmax, width = visual_rows.shape
     text, rows = txt_flat.shape[0], like.numel() // like.shape[-1]
     device = txt_flat.device
-    # every padded visual row is real and they are one run of rows: text before, visual, text after
-    start = contiguous_run(vis_flat) if vis_flat.shape[0] == batch * vmax else None
-    if start is not None:
-        return _merge_run(like, text_rows, text, start, visual_rows, probe_index, probe_valid)
     # one spare row past the end takes every padded entry's write, and is dropped
     out = torch.empty(rows + 1, text_rows.shape[-1], dtype=like.dtype, device=device)
     out.index_copy_(0, txt_flat, text_rows[:text].to(like.dtype))
@@ -200,19 +175,6 @@ def merge_rows(
         at = torch.where(probe_valid.reshape(-1), at, torch.full_like(at, rows))
         out.index_copy_(0, at, text_rows[text:text + probe_index.numel()].to(like.dtype))
     return out[:rows].view(like.shape[:-1] + text_rows.shape[-1:])
-
-
-def _merge_run(like, text_rows, text, start, visual_rows, probe_index=None, probe_valid=None):
-    """merge_rows where the visual rows are rows [start, start + B * Vmax) of the flattened output:
-    one concatenation, then the valid probes' rows written over theirs."""
-    width = visual_rows.shape[-1]
-    out = torch.cat([text_rows[:start].to(like.dtype), visual_rows.reshape(-1, width).to(like.dtype),
-                     text_rows[start:text].to(like.dtype)])
-    if probe_index is not None:
-        keep = probe_valid.reshape(-1).nonzero().reshape(-1)
-        at = select_rows(flat_positions(probe_index, visual_rows.shape[1]), keep) + start
-        out.index_copy_(0, at, select_rows(text_rows[text:text + probe_index.numel()], keep).to(like.dtype))
-    return out.view(like.shape[:-1] + text_rows.shape[-1:])
 
 
 def _merge_by_gather(like, text_rows, txt_flat, visual_rows, vis_valid, vis_flat, probe_index=None, probe_valid=None):

@@ -161,25 +161,6 @@ def test_small_blocks_gather_keys_head_major_with_the_same_numbers(window):
         assert (eager - want).abs()[rows].max().item() <= TOL
 
 
-@pytest.mark.parametrize("window", [3, 12])  # small blocks, SDPA blocks
-def test_queries_in_projection_layout_give_the_same_numbers(window):
-    """Queries laid out [B, S, H, d] (as rotary leaves the transposed projection) are gathered as whole
-    rows without a copy first; contiguous ones per head: the same numbers, GQA, two samples."""
-    from redlens_compile.ops.hollow_attention import _row_source
-
-    q, k, v, family, visual = random_case(window, bidirectional=False)
-    k, v = k[:, :2], v[:, :2]
-    q_rows_major = q.transpose(1, 2).contiguous().transpose(1, 2)
-    assert not _row_source(q_rows_major).per_head and _row_source(q).per_head
-    assert _row_source(q_rows_major).rows.data_ptr() == q_rows_major.data_ptr()  # a view, no copy
-    layout = visual_layout(visual)
-    plan = hollow_plan(family, visual, *layout[:2], *layout[3:5], window, score_dtype=q.dtype)
-    got = hollow_attention(q_rows_major, k, v, plan, enable_gqa=True)
-    want = hollow_attention(q, k, v, plan, enable_gqa=True)
-    rows = family[:, 0].any(-1)[:, None, :, None].expand_as(got)
-    assert (got - want).abs()[rows].max().item() <= 1e-6
-
-
 class _Attention(torch.nn.Module):
     def forward(self, q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
